@@ -1,0 +1,1 @@
+"""layertrack HTTP side: API, storage, client and CLI (no torch imports here)."""

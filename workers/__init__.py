@@ -1,0 +1,1 @@
+"""layertrack compute side: checkpoint loading, probe corpus, metric engine, scoring."""

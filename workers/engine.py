@@ -1,0 +1,312 @@
+"""The metric engine: streamed sufficient statistics and exact per-layer scores.
+
+Pure functions and one accumulator class over tensors; no I/O, no model. DESIGN §1 defines
+the metrics. For hidden states h_0 … h_L (each n × d over the n probe tokens kept) and every
+consecutive pair X = h_i, Y = h_{i+1}:
+
+    linearity        1 − min_A ‖X̃A − Ỹ‖²_F, X̃, Ỹ centred and Frobenius-normalised
+                     = tr(C_yx C_xx⁺ C_xy) / tr(C_yy)               (C = centred Gram)
+    linearity_nores  the same with Y replaced by D = Y − X
+    cosine           mean over tokens of cos(x_t, y_t)
+    norm_ratio       ‖Y − X‖_F / ‖X‖_F
+
+and per hidden state i: ``anisotropy`` = λ_max(C_xx) / tr(C_xx).
+
+Nothing of size n is kept. Per hidden state the accumulator keeps a pivot p (the mean of
+the first batch), Σ(x − p) and Σ(x − p)(x − p)ᵀ; per pair, with D = Y − X formed token by
+token in float64, Σ(d − q), Σ(x − p)(d − q)ᵀ and Σ‖d − q‖². Accumulating D directly is what
+keeps ``linearity_nores`` exact when a block barely changes the stream (Y ≈ X): C_xy is then
+recovered as C_xx + C_xd, a sum, never a difference of nearly equal terms. The pivots remove
+the large means of massive-activation dimensions before anything is squared.
+
+Memory: (2·H − 1)·d² float64 numbers for H hidden states (H = L + 1), i.e.
+``stats_bytes(H, d)``; independent of n. When that does not fit, ``plan_layer_groups``
+splits the layers into groups that are accumulated in separate passes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+PAIR_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio")
+LAYER_METRICS = ("anisotropy",)
+ALL_METRICS = PAIR_METRICS + LAYER_METRICS
+
+#: Eigenvalues of the centred Gram matrix below RANK_RTOL · λ_max count as zero. Float64
+#: round-off in an exactly rank-deficient Gram sits near 1e-16 · λ_max; real directions of
+#: hidden states sit far above 1e-12 · λ_max.
+RANK_RTOL = 1e-12
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    rank_rtol: float = RANK_RTOL
+    #: refuse to score when n_tokens < min_tokens_per_dim · d (the fit would be trivial)
+    min_tokens_per_dim: float = 2.0
+    #: warn when n_tokens < warn_tokens_per_dim · d (chance level still high)
+    warn_tokens_per_dim: float = 8.0
+
+
+@dataclass
+class PairScores:
+    """Scores of the map from hidden state ``layer`` to hidden state ``layer + 1``."""
+
+    layer: int
+    linearity: float
+    linearity_nores: float
+    cosine: float
+    norm_ratio: float
+    #: True for the last pair when the last hidden state has the model's final norm applied
+    final_norm: bool = False
+
+
+@dataclass
+class LayerScores:
+    layer: int
+    anisotropy: float
+
+
+@dataclass
+class Scores:
+    n_tokens: int
+    d: int
+    chance: float
+    pairs: list[PairScores]
+    layers: list[LayerScores]
+    warnings: list[str] = field(default_factory=list)
+
+    def metric(self, name: str) -> list[float]:
+        """One metric as a list indexed by layer (pairs are indexed by their first layer)."""
+        if name in PAIR_METRICS:
+            return [getattr(p, name) for p in self.pairs]
+        if name in LAYER_METRICS:
+            return [getattr(s, name) for s in self.layers]
+        raise KeyError(f"unknown metric {name!r}; known: {', '.join(ALL_METRICS)}")
+
+    def to_dict(self) -> dict:
+        return {
+            "n_tokens": self.n_tokens,
+            "d": self.d,
+            "chance": self.chance,
+            "warnings": list(self.warnings),
+            "pairs": [vars(p).copy() for p in self.pairs],
+            "layers": [vars(s).copy() for s in self.layers],
+        }
+
+
+def stats_bytes(n_hidden: int, d: int) -> int:
+    """Bytes of float64 statistics for ``n_hidden`` consecutive hidden states of width d."""
+    return (2 * n_hidden - 1) * d * d * 8 + 8 * d * (2 * n_hidden + 2)
+
+
+def plan_layer_groups(n_hidden: int, d: int, budget_bytes: int | None) -> list[tuple[int, int]]:
+    """Split hidden states 0 … n_hidden−1 into groups (first, last) that each fit the budget.
+
+    Consecutive groups share one hidden state, so every pair belongs to exactly one group.
+    A group holds at least two hidden states (one pair), whatever the budget.
+    """
+    if n_hidden < 2:
+        raise ValueError("need at least two hidden states (one block) to score")
+    if budget_bytes is None or stats_bytes(n_hidden, d) <= budget_bytes:
+        return [(0, n_hidden - 1)]
+    per_group = 2
+    while per_group < n_hidden and stats_bytes(per_group + 1, d) <= budget_bytes:
+        per_group += 1
+    groups, first = [], 0
+    while first < n_hidden - 1:
+        last = min(first + per_group - 1, n_hidden - 1)
+        groups.append((first, last))
+        first = last
+    return groups
+
+
+class StreamingStats:
+    """Accumulates the sufficient statistics of hidden states ``first … last``, batch by batch.
+
+    Per batch, call ``add(i, h_i)`` for i = first, …, last in order, each h_i an (n_b, d)
+    tensor over the same n_b kept tokens; then ``end_batch()``. ``scores()`` solves.
+    """
+
+    def __init__(
+        self,
+        d: int,
+        first: int,
+        last: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float64,
+    ):
+        if last <= first:
+            raise ValueError("a group needs at least two hidden states")
+        self.d, self.first, self.last = d, first, last
+        self.device, self.dtype = torch.device(device), dtype
+        n_h = last - first + 1
+
+        def zeros(*shape):
+            return torch.zeros(*shape, device=self.device, dtype=dtype)
+
+        self.n = 0
+        # per hidden state (index j = i − first)
+        self.pivot: list[torch.Tensor | None] = [None] * n_h
+        self.sum_x = zeros(n_h, d)  # Σ (x − p)
+        self.gram_x = [zeros(d, d) for _ in range(n_h)]  # Σ (x − p)(x − p)ᵀ
+        self.sq_x = zeros(n_h)  # Σ ‖x‖²  (uncentred, for norm_ratio)
+        # per pair (index j = i − first, pair i → i + 1)
+        self.pivot_d: list[torch.Tensor | None] = [None] * (n_h - 1)
+        self.sum_d = zeros(n_h - 1, d)  # Σ (d − q)
+        self.cross_xd = [zeros(d, d) for _ in range(n_h - 1)]  # Σ (x − p)(d − q)ᵀ
+        self.sq_dc = zeros(n_h - 1)  # Σ ‖d − q‖²
+        self.sq_d = zeros(n_h - 1)  # Σ ‖d‖²  (uncentred)
+        self.cos_sum = zeros(n_h - 1)  # Σ cos(x_t, y_t)
+        self._prev: torch.Tensor | None = None  # (n_b, d) float64: hidden state i − 1
+        self._prev_c: torch.Tensor | None = None  # the same, minus its pivot
+        self._next = first
+        self._n_batch: int | None = None
+
+    def add(self, layer: int, h: torch.Tensor) -> None:
+        if layer != self._next:
+            raise ValueError(f"hidden states must arrive in order: expected {self._next}, got {layer}")
+        if h.ndim != 2 or h.shape[1] != self.d:
+            raise ValueError(f"expected an (n, {self.d}) tensor, got {tuple(h.shape)}")
+        if self._n_batch is None:
+            self._n_batch = h.shape[0]
+        elif h.shape[0] != self._n_batch:
+            raise ValueError("every hidden state of a batch must cover the same tokens")
+        j = layer - self.first
+        x = h.to(device=self.device, dtype=self.dtype)  # (n_b, d)
+        if self.pivot[j] is None:
+            self.pivot[j] = x.mean(0)
+        xc = x - self.pivot[j]
+        self.sum_x[j] += xc.sum(0)
+        self.gram_x[j].addmm_(xc.T, xc)
+        self.sq_x[j] += x.square().sum()
+        if self._prev is not None:
+            prev, prev_c = self._prev, self._prev_c
+            k = j - 1
+            delta = x - prev  # D = Y − X, formed in float64 token by token
+            if self.pivot_d[k] is None:
+                self.pivot_d[k] = delta.mean(0)
+            dc = delta - self.pivot_d[k]
+            self.sum_d[k] += dc.sum(0)
+            self.cross_xd[k].addmm_(prev_c.T, dc)
+            self.sq_dc[k] += dc.square().sum()
+            self.sq_d[k] += delta.square().sum()
+            tiny = torch.finfo(self.dtype).tiny
+            cos = (prev * x).sum(1) / (prev.norm(dim=1) * x.norm(dim=1)).clamp_min(tiny)
+            self.cos_sum[k] += cos.sum()
+        self._prev, self._prev_c = x, xc
+        self._next = layer + 1
+        if layer == self.last:
+            self.end_batch()
+
+    def end_batch(self) -> None:
+        if self._next not in (self.first, self.last + 1):
+            raise ValueError(f"batch ended after hidden state {self._next - 1}, expected {self.last}")
+        if self._n_batch is not None:
+            self.n += self._n_batch
+        self._prev = self._prev_c = None
+        self._next = self.first
+        self._n_batch = None
+
+    def scores(self, config: EngineConfig = EngineConfig()) -> tuple[list[PairScores], list[LayerScores]]:
+        """Solve every pair of the group in float64 (one eigendecomposition per hidden state)."""
+        n = self.n
+        if n < 2:
+            raise ValueError("no tokens were accumulated")
+        eig: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        layers: list[LayerScores] = []
+        for j, gram in enumerate(self.gram_x):
+            s = self.sum_x[j]
+            cxx = gram - torch.outer(s, s) / n
+            cxx = (cxx + cxx.T) / 2
+            trace = float(torch.diagonal(cxx).sum())
+            lam, vec = torch.linalg.eigh(cxx)
+            lam_max = float(lam[-1])
+            anis = lam_max / trace if trace > 0 else float("nan")
+            layers.append(LayerScores(layer=self.first + j, anisotropy=anis))
+            eig.append((lam, vec, trace))
+        pairs: list[PairScores] = []
+        for k in range(len(self.cross_xd)):
+            lam, vec, tr_xx = eig[k]
+            tr_yy = eig[k + 1][2]
+            cxd = self.cross_xd[k] - torch.outer(self.sum_x[k], self.sum_d[k]) / n
+            cxx = self.gram_x[k] - torch.outer(self.sum_x[k], self.sum_x[k]) / n
+            cxy = cxx + cxd
+            tr_dd = float(self.sq_dc[k] - self.sum_d[k].square().sum() / n)
+            keep = lam > config.rank_rtol * max(float(lam[-1]), 0.0)
+            if float(lam[-1]) <= 0:
+                keep = torch.zeros_like(keep)
+            vk, lk = vec[:, keep], lam[keep]
+            lin = _explained(vk, lk, cxy, tr_yy)
+            nores = _explained(vk, lk, cxd, tr_dd)
+            sq_x = float(self.sq_x[k])
+            pairs.append(
+                PairScores(
+                    layer=self.first + k,
+                    linearity=lin,
+                    linearity_nores=nores,
+                    cosine=float(self.cos_sum[k]) / n,
+                    norm_ratio=math.sqrt(float(self.sq_d[k])) / math.sqrt(sq_x) if sq_x > 0 else float("nan"),
+                )
+            )
+        return pairs, layers
+
+
+def _explained(vk: torch.Tensor, lk: torch.Tensor, cxt: torch.Tensor, tr_tt: float) -> float:
+    """tr(C_tx C_xx⁺ C_xt) / tr(C_tt): the share of the target's variance a linear map explains."""
+    if not tr_tt > 0:
+        return float("nan")  # the target does not vary: the score is undefined
+    if lk.numel() == 0:
+        return 0.0
+    w = vk.T @ cxt  # (k, d_t)
+    explained = float((w.square().sum(1) / lk).sum())
+    return min(max(explained / tr_tt, 0.0), 1.0)
+
+
+def check_token_count(n_tokens: int, d: int, config: EngineConfig = EngineConfig()) -> list[str]:
+    """Refuse a probe too small for width d; return warnings when it is only small."""
+    from .errors import TooFewTokens
+
+    if n_tokens < config.min_tokens_per_dim * d:
+        need = math.ceil(config.min_tokens_per_dim * d)
+        raise TooFewTokens(
+            f"only {n_tokens} probe tokens for hidden size d={d}: a linear fit of d dimensions "
+            f"needs n_tokens >= {config.min_tokens_per_dim:g}*d = {need} to mean anything "
+            f"(chance level d/(n-1) = {d / max(n_tokens - 1, 1):.3f}). Raise --max-tokens or "
+            f"use a longer probe; {math.ceil(config.warn_tokens_per_dim * d)} tokens or more "
+            "is recommended."
+        )
+    if n_tokens < config.warn_tokens_per_dim * d:
+        return [
+            f"n_tokens={n_tokens} is below {config.warn_tokens_per_dim:g}*d="
+            f"{math.ceil(config.warn_tokens_per_dim * d)}: random data would already score "
+            f"{d / (n_tokens - 1):.3f} (chance); read the linearity scores against that."
+        ]
+    return []
+
+
+def score_hidden_states(
+    hidden_states: Sequence[torch.Tensor],
+    *,
+    config: EngineConfig = EngineConfig(),
+    final_norm: bool = False,
+    device: torch.device | str | None = None,
+) -> Scores:
+    """Score a list of hidden states (each (n, d), all in memory) with the streaming engine.
+
+    A convenience for tests and small inputs: the statistics are accumulated in one batch.
+    """
+    if len(hidden_states) < 2:
+        raise ValueError("need at least two hidden states")
+    n, d = hidden_states[0].shape
+    warnings = check_token_count(n, d, config)
+    stats = StreamingStats(d, 0, len(hidden_states) - 1, device=device or hidden_states[0].device)
+    for i, h in enumerate(hidden_states):
+        stats.add(i, h)
+    pairs, layers = stats.scores(config)
+    pairs[-1].final_norm = final_norm
+    return Scores(n_tokens=n, d=d, chance=d / (n - 1), pairs=pairs, layers=layers, warnings=warnings)

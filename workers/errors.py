@@ -1,0 +1,77 @@
+"""Errors raised by the compute side.
+
+Every error a user can cause has its own class and a stable ``code`` (stored with a
+failed job and shown by the API), and a message that says what was wrong and what to do.
+This module imports nothing heavy, so the API side can use the codes too.
+
+    LayertrackError
+    ├── CheckpointError
+    │   ├── CheckpointNotFound        code "checkpoint_not_found"
+    │   ├── CheckpointOutsideRoots    code "checkpoint_outside_roots"
+    │   ├── InvalidCheckpointURI      code "invalid_uri"
+    │   ├── NotAModelDirectory        code "not_a_model_directory"
+    │   ├── NoSafetensorsWeights      code "no_safetensors_weights"
+    │   ├── NotACausalLM              code "not_a_causal_lm"
+    │   └── TokenizerMissing          code "tokenizer_missing"
+    ├── ProbeError                    code "invalid_probe"
+    ├── TooFewTokens                  code "too_few_tokens"
+    └── OutOfMemory                   code "out_of_memory"
+"""
+
+from __future__ import annotations
+
+
+class LayertrackError(Exception):
+    """Base class: a problem with the user's input or environment, with a clear message."""
+
+    code = "error"
+    #: True when trying again later may succeed (used by the job queue's retry policy).
+    transient = False
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class CheckpointError(LayertrackError):
+    code = "checkpoint_error"
+
+
+class CheckpointNotFound(CheckpointError):
+    code = "checkpoint_not_found"
+
+
+class CheckpointOutsideRoots(CheckpointError):
+    code = "checkpoint_outside_roots"
+
+
+class InvalidCheckpointURI(CheckpointError):
+    code = "invalid_uri"
+
+
+class NotAModelDirectory(CheckpointError):
+    code = "not_a_model_directory"
+
+
+class NoSafetensorsWeights(CheckpointError):
+    code = "no_safetensors_weights"
+
+
+class NotACausalLM(CheckpointError):
+    code = "not_a_causal_lm"
+
+
+class TokenizerMissing(CheckpointError):
+    code = "tokenizer_missing"
+
+
+class ProbeError(LayertrackError):
+    code = "invalid_probe"
+
+
+class TooFewTokens(LayertrackError):
+    code = "too_few_tokens"
+
+
+class OutOfMemory(LayertrackError):
+    code = "out_of_memory"

@@ -1,0 +1,75 @@
+"""Plain float64 reference for the metric engine, written straight from DESIGN §1.
+
+All hidden states in memory, one least-squares solve per pair. Slow and memory-hungry on
+purpose: it is the oracle the streaming engine is tested against, not a code path jobs use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .engine import RANK_RTOL
+
+
+def _centred_normalised(m: torch.Tensor) -> torch.Tensor:
+    m = m.to(torch.float64).cpu()
+    mc = m - m.mean(0, keepdim=True)
+    return mc / torch.linalg.matrix_norm(mc)
+
+
+def linearity(x: torch.Tensor, y: torch.Tensor, *, rank_rtol: float = RANK_RTOL) -> float:
+    """1 − min_A ‖X̃A − Ỹ‖²_F with X̃, Ỹ centred and divided by their Frobenius norms.
+
+    Least squares through the SVD of X̃ with singular values below √rank_rtol · σ_max
+    dropped (the same cut-off as the engine's on the eigenvalues of X̃ᵀX̃).
+    """
+    xn, yn = _centred_normalised(x), _centred_normalised(y)
+    u, s, vh = torch.linalg.svd(xn, full_matrices=False)
+    keep = s > (rank_rtol**0.5) * s[0]
+    a = vh[keep].T @ ((u[:, keep].T @ yn) / s[keep, None])  # pinv(X̃) Ỹ
+    residual = xn @ a - yn
+    return float(1.0 - residual.square().sum())
+
+
+def linearity_lstsq(x: torch.Tensor, y: torch.Tensor, *, rank_rtol: float = RANK_RTOL) -> float:
+    """The same score through LAPACK's gelsd (a second, independent solver)."""
+    xn, yn = _centred_normalised(x), _centred_normalised(y)
+    a = torch.linalg.lstsq(xn, yn, rcond=rank_rtol**0.5, driver="gelsd").solution
+    return float(1.0 - (xn @ a - yn).square().sum())
+
+
+def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.to(torch.float64).cpu(), y.to(torch.float64).cpu()
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=1, eps=1e-300).mean())
+
+
+def norm_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.to(torch.float64).cpu(), y.to(torch.float64).cpu()
+    return float(torch.linalg.matrix_norm(y - x) / torch.linalg.matrix_norm(x))
+
+
+def anisotropy(x: torch.Tensor) -> float:
+    x = x.to(torch.float64).cpu()
+    xc = x - x.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(xc)
+    return float(s[0] ** 2 / s.square().sum())
+
+
+def score_pairs(hidden_states: Sequence[torch.Tensor], *, rank_rtol: float = RANK_RTOL) -> dict:
+    """Every metric for every pair / hidden state, as {metric: [value per layer]}."""
+    hs = [h.to(torch.float64).cpu() for h in hidden_states]
+    out: dict[str, list[float]] = {
+        "linearity": [],
+        "linearity_nores": [],
+        "cosine": [],
+        "norm_ratio": [],
+        "anisotropy": [anisotropy(h) for h in hs],
+    }
+    for x, y in zip(hs[:-1], hs[1:]):
+        out["linearity"].append(linearity(x, y, rank_rtol=rank_rtol))
+        out["linearity_nores"].append(linearity(x, y - x, rank_rtol=rank_rtol))
+        out["cosine"].append(cosine(x, y))
+        out["norm_ratio"].append(norm_ratio(x, y))
+    return out

@@ -1,0 +1,303 @@
+"""Load → tokenise the probe → one batched forward pass → streamed statistics → scores.
+
+Hidden states are taken with hooks, in the same order and with the same meaning as the
+model's own ``output_hidden_states=True``: h_0 is the input of the first block (embedding
+output), h_i the output of block i − 1, and h_L the model's ``last_hidden_state`` (with the
+final norm applied in every supported family; that last pair is flagged ``final_norm``).
+Each hidden state is folded into the statistics as soon as the block produces it and then
+dropped, so memory holds one block's activations plus the statistics, whatever n is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .engine import EngineConfig, PairScores, Scores, StreamingStats, check_token_count
+from .engine import plan_layer_groups, stats_bytes
+from .errors import OutOfMemory
+from .probe import Probe, ProbeTokens, load_probe, tokenize_probe
+
+#: default number of tokens per forward batch
+BATCH_TOKENS = 4096
+#: default token budget: at least this many, and at least 8·d
+DEFAULT_MIN_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    max_tokens: int | None = None  # None: max(16384, 8·d), capped by the probe
+    seq_len: int = 512
+    drop_first_token: bool = False
+    batch_size: int | None = None  # sequences per forward; None: about 4096 tokens
+    dtype: str | None = None  # float32 | bfloat16 | float16; None: per device
+    device: str | None = None  # None: cuda when present, else cpu
+    stats_memory_budget: int | None = None  # bytes for statistics; None: automatic
+    seed: int = 0
+    allow_pickle: bool = False
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def public(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("engine")
+        return d
+
+
+@dataclass
+class ScoreResult:
+    scores: Scores
+    model_type: str
+    n_layers: int
+    dtype: str
+    device: str
+    seq_len: int
+    n_sequences: int
+    n_passes: int
+    probe_name: str
+    probe_sha256: str
+    tokenizer_fingerprint: str
+    checkpoint_fingerprint: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in vars(self).items() if k != "scores"}
+        out.update(self.scores.to_dict())
+        return out
+
+
+class _StopForward(Exception):
+    """Raised from a hook once a pass has everything it needs (skips the later blocks)."""
+
+
+def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks (``layers``, ``h``, ``decoder.layers``, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"could not find the {n} transformer blocks of {type(model).__name__}")
+
+
+def _auto_stats_budget(device: torch.device) -> int:
+    """Half of the memory that is free now (CUDA: on the device; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) // 2
+
+
+def default_max_tokens(d: int) -> int:
+    return max(DEFAULT_MIN_TOKENS, 8 * d)
+
+
+def score_model(
+    model: torch.nn.Module,
+    tokens: ProbeTokens,
+    *,
+    config: ScoreConfig = ScoreConfig(),
+    progress: Callable[[int, int], None] | bool = False,
+) -> tuple[Scores, int]:
+    """Run the probe through a loaded base model and score every block; (scores, passes)."""
+    device = next(model.parameters()).device
+    d = model.config.hidden_size
+    blocks = find_blocks(model)
+    n_hidden = len(blocks) + 1
+    warnings = check_token_count(tokens.n_tokens, d, config.engine)
+    stats_device = device
+    budget = config.stats_memory_budget
+    if budget is None:
+        budget = _auto_stats_budget(stats_device)
+    groups = plan_layer_groups(n_hidden, d, budget)
+    if stats_bytes(min(n_hidden, 2), d) > budget:
+        raise OutOfMemory(
+            f"the statistics of one block pair need {stats_bytes(2, d) / 2**30:.2f} GiB "
+            f"(hidden size {d}) and only {budget / 2**30:.2f} GiB is available for them"
+        )
+
+    ids = torch.tensor(tokens.input_ids, dtype=torch.long)
+    attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
+    keep = torch.tensor(tokens.score_mask, dtype=torch.bool)
+    bs = config.batch_size or max(1, BATCH_TOKENS // tokens.seq_len)
+    n_seq = ids.shape[0]
+    batches = [(s, min(s + bs, n_seq)) for s in range(0, n_seq, bs)]
+
+    bar = None
+    report: Callable[[int, int], None] | None = None
+    total = len(groups) * tokens.n_tokens
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="forward", leave=False)
+        report = lambda done, _total: bar.update(done - bar.n)  # noqa: E731
+    elif callable(progress):
+        report = progress
+
+    pairs: list[PairScores] = []
+    layer_scores = []
+    final_norm = False
+    done = 0
+    try:
+        for first, last in groups:
+            stats = StreamingStats(d, first, last, device=stats_device)
+            state: dict[str, Any] = {}
+
+            def feed(i: int, h: torch.Tensor, stats=stats, first=first, last=last, state=state):
+                if first <= i <= last:
+                    stats.add(i, h[state["keep"]])
+                if i >= last and last < n_hidden - 1:
+                    raise _StopForward
+
+            def pre_hook(_module, args, kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                feed(0, h)
+
+            def make_hook(i: int):
+                def hook(_module, _args, output):
+                    h = output[0] if isinstance(output, tuple) else output
+                    if i == n_hidden - 1:  # the last block's own output (before the final norm)
+                        state["last_block"] = h
+                        return
+                    feed(i, h)
+
+                return hook
+
+            handles = [blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+            handles += [blk.register_forward_hook(make_hook(j + 1)) for j, blk in enumerate(blocks)]
+            try:
+                for start, stop in batches:
+                    state["keep"] = keep[start:stop].to(device)
+                    with ckpt.translate_oom(
+                        "running the forward pass",
+                        "Lower --batch-size or --seq-len, or use --dtype bfloat16.",
+                    ), torch.inference_mode():
+                        try:
+                            out = model(
+                                input_ids=ids[start:stop].to(device),
+                                attention_mask=attn[start:stop].to(device),
+                                use_cache=False,
+                            )
+                        except _StopForward:
+                            out = None
+                        if out is not None and last == n_hidden - 1:
+                            h_last = out.last_hidden_state
+                            if "final_norm" not in state:
+                                state["final_norm"] = not torch.equal(state["last_block"], h_last)
+                            feed(n_hidden - 1, h_last)
+                        state.pop("last_block", None)
+                    done += int(keep[start:stop].sum())
+                    if report:
+                        report(done, total)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            with ckpt.translate_oom("solving the statistics", "Set a smaller stats memory budget."):
+                group_pairs, group_layers = stats.scores(config.engine)
+            pairs += group_pairs
+            # a hidden state shared by two groups is scored in both; keep the first
+            seen = {s.layer for s in layer_scores}
+            layer_scores += [s for s in group_layers if s.layer not in seen]
+            final_norm = final_norm or bool(state.get("final_norm", False))
+            del stats
+    finally:
+        if bar is not None:
+            bar.close()
+    pairs[-1].final_norm = final_norm
+    n = tokens.n_tokens
+    return (
+        Scores(n_tokens=n, d=d, chance=d / (n - 1), pairs=pairs, layers=layer_scores, warnings=warnings),
+        len(groups),
+    )
+
+
+def max_positions(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def score_checkpoint(
+    uri: str,
+    *,
+    probe: Probe | str | Path | None = None,
+    config: ScoreConfig = ScoreConfig(),
+    roots: list[str | Path] | None = None,
+    tokenizer_path: str | Path | None = None,
+    progress: Callable[[int, int], None] | bool = False,
+) -> ScoreResult:
+    """Score every block of the checkpoint at ``uri`` on the probe (default: built-in)."""
+    t0 = time.perf_counter()
+    path = ckpt.resolve_checkpoint_path(uri, roots)
+    info = ckpt.inspect_checkpoint(path, allow_pickle=config.allow_pickle)
+    if not isinstance(probe, Probe):
+        probe = load_probe(probe)
+    tokenizer = ckpt.load_tokenizer(path, tokenizer_path)
+    device = ckpt.pick_device(config.device)
+    dtype = ckpt.pick_dtype(config.dtype, device)
+    model = ckpt.load_model(info, device=device, dtype=dtype)
+    t_load = time.perf_counter()
+
+    d = model.config.hidden_size
+    seq_len = config.seq_len
+    limit = max_positions(model.config)
+    warnings: list[str] = []
+    if limit is not None and seq_len > limit:
+        warnings.append(f"seq_len {seq_len} exceeds the model's {limit} positions; using {limit}")
+        seq_len = limit
+    max_tokens = config.max_tokens if config.max_tokens is not None else default_max_tokens(d)
+    tokens = tokenize_probe(
+        probe,
+        tokenizer,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        drop_first_token=config.drop_first_token,
+        seed=config.seed,
+    )
+    if tokens.n_tokens < max_tokens:
+        warnings.append(
+            f"the probe holds only {tokens.n_available} scorable tokens at seq_len {seq_len}; "
+            f"scoring {tokens.n_tokens} instead of the {max_tokens} asked for"
+        )
+    t_tok = time.perf_counter()
+    scores, n_passes = score_model(model, tokens, config=config, progress=progress)
+    t_done = time.perf_counter()
+    scores.warnings = warnings + scores.warnings
+    return ScoreResult(
+        scores=scores,
+        model_type=info.model_type,
+        n_layers=len(scores.pairs),
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        seq_len=seq_len,
+        n_sequences=len(tokens.input_ids),
+        n_passes=n_passes,
+        probe_name=probe.name,
+        probe_sha256=probe.sha256,
+        tokenizer_fingerprint=tokens.tokenizer_fingerprint,
+        checkpoint_fingerprint=info.fingerprint,
+        timings={
+            "load_s": t_load - t0,
+            "tokenize_s": t_tok - t_load,
+            "score_s": t_done - t_tok,
+            "total_s": t_done - t0,
+        },
+    )
+
+
+__all__ = ["ScoreConfig", "ScoreResult", "find_blocks", "score_checkpoint", "score_model"]
