@@ -101,10 +101,12 @@ def build_checkpoint(
         cfg.pad_token_id = tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_config(cfg)
     directory.mkdir(parents=True, exist_ok=True)
-    kwargs = {"safe_serialization": safe}
-    if max_shard_size:
-        kwargs["max_shard_size"] = max_shard_size
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
+    if not safe:  # transformers 5 always writes safetensors: make a pickle checkpoint by hand
+        for f in directory.glob("*.safetensors"):
+            f.unlink()
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
