@@ -10,6 +10,7 @@ loaded (``AutoModel``): the LM head is never run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -194,9 +195,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    text = str(exc).lower()
+    return any(
+        s in text
+        for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
     )
 
 

@@ -19,6 +19,10 @@ keeps ``linearity_nores`` exact when a block barely changes the stream (Y ≈ X)
 recovered as C_xx + C_xd, a sum, never a difference of nearly equal terms. The pivots remove
 the large means of massive-activation dimensions before anything is squared.
 
+Precision: everything is accumulated, multiplied and solved in float64 by default. An
+opt-in ``EngineConfig(gemm_precision="float32")`` runs the per-batch products in float32
+(faster, notably on GPUs without fast float64) at a documented cost in accuracy.
+
 Memory: (2·H − 1)·d² float64 numbers for H hidden states (H = L + 1), i.e.
 ``stats_bytes(H, d)``; independent of n. When that does not fit, ``plan_layer_groups``
 splits the layers into groups that are accumulated in separate passes.
@@ -45,6 +49,12 @@ RANK_RTOL = 1e-12
 @dataclass(frozen=True)
 class EngineConfig:
     rank_rtol: float = RANK_RTOL
+    #: dtype of the per-batch Gram products. "float64" (default) is exact to the oracle.
+    #: "float32" runs them in float32 on pivot-centred values (still accumulated and solved
+    #: in float64): about 1.5x faster on a CPU and far faster on most GPUs, but float32
+    #: rounding lifts near-null directions of X above the rank cut-off, so scores can move
+    #: by ~1e-5 on ill-conditioned hidden states (measured in tests/test_engine.py).
+    gemm_precision: str = "float64"
     #: refuse to score when n_tokens < min_tokens_per_dim · d (the fit would be trivial)
     min_tokens_per_dim: float = 2.0
     #: warn when n_tokens < warn_tokens_per_dim · d (chance level still high)
@@ -139,10 +149,20 @@ class StreamingStats:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float64,
+        gemm_precision: str = "float64",
+        gram_blocks: int | None = None,
     ):
+        if gemm_precision not in ("float32", "float64"):
+            raise ValueError(f"gemm_precision must be float64 or float32, not {gemm_precision!r}")
+        self.gemm_precision = gemm_precision
         if last <= first:
             raise ValueError("a group needs at least two hidden states")
         self.d, self.first, self.last = d, first, last
+        # X̃ᵀX̃ is symmetric: only block rows of its upper triangle are multiplied (3 blocks
+        # save a quarter of those flops); the lower triangle is filled in at solve time.
+        b = gram_blocks or min(3, max(1, d // 128))
+        edges = [round(i * d / b) for i in range(b + 1)]
+        self._blocks = list(zip(edges[:-1], edges[1:]))
         self.device, self.dtype = torch.device(device), dtype
         n_h = last - first + 1
 
@@ -160,10 +180,10 @@ class StreamingStats:
         self.sum_d = zeros(n_h - 1, d)  # Σ (d − q)
         self.cross_xd = [zeros(d, d) for _ in range(n_h - 1)]  # Σ (x − p)(d − q)ᵀ
         self.sq_dc = zeros(n_h - 1)  # Σ ‖d − q‖²
-        self.sq_d = zeros(n_h - 1)  # Σ ‖d‖²  (uncentred)
         self.cos_sum = zeros(n_h - 1)  # Σ cos(x_t, y_t)
         self._prev: torch.Tensor | None = None  # (n_b, d) float64: hidden state i − 1
-        self._prev_c: torch.Tensor | None = None  # the same, minus its pivot
+        self._prev_c: torch.Tensor | None = None  # the same, minus its pivot, in GEMM dtype
+        self._prev_norms: torch.Tensor | None = None
         self._next = first
         self._n_batch: int | None = None
 
@@ -182,33 +202,47 @@ class StreamingStats:
             self.pivot[j] = x.mean(0)
         xc = x - self.pivot[j]
         self.sum_x[j] += xc.sum(0)
-        self.gram_x[j].addmm_(xc.T, xc)
-        self.sq_x[j] += x.square().sum()
+        xg = xc.to(self._gemm_dtype)
+        gram = self.gram_x[j]
+        for s, e in self._blocks:
+            if xg.dtype == gram.dtype:
+                gram[s:e, s:].addmm_(xg[:, s:e].T, xg[:, s:])
+            else:
+                gram[s:e, s:] += xg[:, s:e].T @ xg[:, s:]
+        norms = torch.linalg.vector_norm(x, dim=1)  # (n_b,) per-token norms, reused below
+        self.sq_x[j] += torch.dot(norms, norms)
         if self._prev is not None:
-            prev, prev_c = self._prev, self._prev_c
+            prev, prev_g, prev_norms = self._prev, self._prev_c, self._prev_norms
             k = j - 1
-            delta = x - prev  # D = Y − X, formed in float64 token by token
             if self.pivot_d[k] is None:
-                self.pivot_d[k] = delta.mean(0)
-            dc = delta - self.pivot_d[k]
+                self.pivot_d[k] = (x - prev).mean(0)
+            dc = torch.sub(x, prev).sub_(self.pivot_d[k])  # D − q, D = Y − X formed in float64
             self.sum_d[k] += dc.sum(0)
-            self.cross_xd[k].addmm_(prev_c.T, dc)
-            self.sq_dc[k] += dc.square().sum()
-            self.sq_d[k] += delta.square().sum()
+            if xg.dtype == self.dtype:
+                self.cross_xd[k].addmm_(prev_g.T, dc)
+            else:
+                self.cross_xd[k] += prev_g.T @ dc.to(xg.dtype)
+            flat = dc.view(-1)
+            self.sq_dc[k] += torch.dot(flat, flat)
+            dots = torch.einsum("td,td->t", prev, x)
             tiny = torch.finfo(self.dtype).tiny
-            cos = (prev * x).sum(1) / (prev.norm(dim=1) * x.norm(dim=1)).clamp_min(tiny)
-            self.cos_sum[k] += cos.sum()
-        self._prev, self._prev_c = x, xc
+            self.cos_sum[k] += (dots / (prev_norms * norms).clamp_min(tiny)).sum()
+        self._prev_norms = norms
+        self._prev, self._prev_c = x, xg
         self._next = layer + 1
         if layer == self.last:
             self.end_batch()
+
+    @property
+    def _gemm_dtype(self) -> torch.dtype:
+        return torch.float32 if self.gemm_precision == "float32" else torch.float64
 
     def end_batch(self) -> None:
         if self._next not in (self.first, self.last + 1):
             raise ValueError(f"batch ended after hidden state {self._next - 1}, expected {self.last}")
         if self._n_batch is not None:
             self.n += self._n_batch
-        self._prev = self._prev_c = None
+        self._prev = self._prev_c = self._prev_norms = None
         self._next = self.first
         self._n_batch = None
 
@@ -219,7 +253,8 @@ class StreamingStats:
             raise ValueError("no tokens were accumulated")
         eig: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         layers: list[LayerScores] = []
-        for j, gram in enumerate(self.gram_x):
+        grams = [torch.triu(g) + torch.triu(g, 1).T for g in self.gram_x]
+        for j, gram in enumerate(grams):
             s = self.sum_x[j]
             cxx = gram - torch.outer(s, s) / n
             cxx = (cxx + cxx.T) / 2
@@ -234,7 +269,7 @@ class StreamingStats:
             lam, vec, tr_xx = eig[k]
             tr_yy = eig[k + 1][2]
             cxd = self.cross_xd[k] - torch.outer(self.sum_x[k], self.sum_d[k]) / n
-            cxx = self.gram_x[k] - torch.outer(self.sum_x[k], self.sum_x[k]) / n
+            cxx = grams[k] - torch.outer(self.sum_x[k], self.sum_x[k]) / n
             cxy = cxx + cxd
             tr_dd = float(self.sq_dc[k] - self.sum_d[k].square().sum() / n)
             keep = lam > config.rank_rtol * max(float(lam[-1]), 0.0)
@@ -244,13 +279,16 @@ class StreamingStats:
             lin = _explained(vk, lk, cxy, tr_yy)
             nores = _explained(vk, lk, cxd, tr_dd)
             sq_x = float(self.sq_x[k])
+            # Σ‖d‖² = Σ‖d − q‖² + 2 qᵀΣ(d − q) + n‖q‖²  (all terms well conditioned)
+            q = self.pivot_d[k]
+            sq_d = float(self.sq_dc[k] + 2 * torch.dot(q, self.sum_d[k]) + n * torch.dot(q, q))
             pairs.append(
                 PairScores(
                     layer=self.first + k,
                     linearity=lin,
                     linearity_nores=nores,
                     cosine=float(self.cos_sum[k]) / n,
-                    norm_ratio=math.sqrt(float(self.sq_d[k])) / math.sqrt(sq_x) if sq_x > 0 else float("nan"),
+                    norm_ratio=math.sqrt(max(sq_d, 0.0) / sq_x) if sq_x > 0 else float("nan"),
                 )
             )
         return pairs, layers
@@ -304,7 +342,11 @@ def score_hidden_states(
         raise ValueError("need at least two hidden states")
     n, d = hidden_states[0].shape
     warnings = check_token_count(n, d, config)
-    stats = StreamingStats(d, 0, len(hidden_states) - 1, device=device or hidden_states[0].device)
+    stats = StreamingStats(
+        d, 0, len(hidden_states) - 1,
+        device=device or hidden_states[0].device,
+        gemm_precision=config.gemm_precision,
+    )
     for i, h in enumerate(hidden_states):
         stats.add(i, h)
     pairs, layers = stats.scores(config)

@@ -26,8 +26,13 @@ from .engine import plan_layer_groups, stats_bytes
 from .errors import OutOfMemory
 from .probe import Probe, ProbeTokens, load_probe, tokenize_probe
 
-#: default number of tokens per forward batch
-BATCH_TOKENS = 4096
+#: default tokens per forward batch. On CPU a bigger batch is no faster (measured: batch 1
+#: to 8 sequences of 512 within 10 %) and only costs memory; on CUDA it buys throughput.
+BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
+
+
+def batch_tokens(device: torch.device) -> int:
+    return BATCH_TOKENS.get(device.type, BATCH_TOKENS["cpu"])
 #: default token budget: at least this many, and at least 8·d
 DEFAULT_MIN_TOKENS = 16384
 
@@ -37,7 +42,7 @@ class ScoreConfig:
     max_tokens: int | None = None  # None: max(16384, 8·d), capped by the probe
     seq_len: int = 512
     drop_first_token: bool = False
-    batch_size: int | None = None  # sequences per forward; None: about 4096 tokens
+    batch_size: int | None = None  # sequences per forward; None: 2048 tokens (CPU), 16384 (CUDA)
     dtype: str | None = None  # float32 | bfloat16 | float16; None: per device
     device: str | None = None  # None: cuda when present, else cpu
     stats_memory_budget: int | None = None  # bytes for statistics; None: automatic
@@ -132,7 +137,7 @@ def score_model(
     ids = torch.tensor(tokens.input_ids, dtype=torch.long)
     attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
     keep = torch.tensor(tokens.score_mask, dtype=torch.bool)
-    bs = config.batch_size or max(1, BATCH_TOKENS // tokens.seq_len)
+    bs = config.batch_size or max(1, batch_tokens(device) // tokens.seq_len)
     n_seq = ids.shape[0]
     batches = [(s, min(s + bs, n_seq)) for s in range(0, n_seq, bs)]
 
@@ -153,7 +158,9 @@ def score_model(
     done = 0
     try:
         for first, last in groups:
-            stats = StreamingStats(d, first, last, device=stats_device)
+            stats = StreamingStats(
+                d, first, last, device=stats_device, gemm_precision=config.engine.gemm_precision
+            )
             state: dict[str, Any] = {}
 
             def feed(i: int, h: torch.Tensor, stats=stats, first=first, last=last, state=state):
