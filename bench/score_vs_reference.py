@@ -14,6 +14,7 @@ SmolLM-135M shape: d=576, 30 blocks, 134.5M parameters) and the same probe token
   bare       the same batched forward, nothing computed or kept
   oracle     (for accuracy only, not timed) the float64 oracle of tests/ on all hidden states
 
+All three call the model the same way: no attention mask for a batch without padding.
 Printed per pipeline: wall time of the work after loading, peak RSS above the RSS right after
 loading (VmHWM reset through /proc/self/clear_refs), and max |Δscore| vs the oracle over
 linearity and linearity_nores of every pair. Model loading is excluded from all of them.
@@ -92,7 +93,7 @@ def child(mode: str, ckpt: Path, n_tokens: int) -> dict:
     from layertrack.workers import checkpoint as C
     from layertrack.workers import reference
     from layertrack.workers.probe import default_probe, tokenize_probe
-    from layertrack.workers.scoring import ScoreConfig, batch_tokens, score_model
+    from layertrack.workers.scoring import ScoreConfig, _mask_or_none, batch_tokens, score_model
 
     info = C.inspect_checkpoint(ckpt)
     model = C.load_model(info, device=torch.device("cpu"), dtype=torch.float32)
@@ -124,12 +125,14 @@ def child(mode: str, ckpt: Path, n_tokens: int) -> dict:
     elif mode == "bare":
         with torch.inference_mode():
             for s in range(0, ids.shape[0], bs):
-                model(input_ids=ids[s : s + bs], attention_mask=attn[s : s + bs], use_cache=False)
+                model(input_ids=ids[s : s + bs], attention_mask=_mask_or_none(attn[s : s + bs], "cpu"),
+                      use_cache=False)
     elif mode == "reference":
         kept: list[list[torch.Tensor]] | None = None
         with torch.inference_mode():
             for s in range(ids.shape[0]):  # batch 1, all hidden states kept
-                o = model(input_ids=ids[s : s + 1], attention_mask=attn[s : s + 1], output_hidden_states=True)
+                o = model(input_ids=ids[s : s + 1], attention_mask=_mask_or_none(attn[s : s + 1], "cpu"),
+                          output_hidden_states=True)
                 if kept is None:
                     kept = [[] for _ in o.hidden_states]
                 for i, h in enumerate(o.hidden_states):
@@ -152,7 +155,8 @@ def child(mode: str, ckpt: Path, n_tokens: int) -> dict:
         chunks: list[list[torch.Tensor]] = []
         with torch.inference_mode():
             for s in range(0, ids.shape[0], bs):
-                o = model(input_ids=ids[s : s + bs], attention_mask=attn[s : s + bs], output_hidden_states=True)
+                o = model(input_ids=ids[s : s + bs], attention_mask=_mask_or_none(attn[s : s + bs], "cpu"),
+                          output_hidden_states=True)
                 chunks.append([h[keep[s : s + bs]].double() for h in o.hidden_states])
         states = [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
         del chunks

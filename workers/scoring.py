@@ -91,6 +91,11 @@ def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise ValueError(f"could not find the {n} transformer blocks of {type(model).__name__}")
 
 
+def _mask_or_none(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """No mask for a batch without padding: attention can then take its causal fast path."""
+    return None if bool(mask.all()) else mask.to(device)
+
+
 def _auto_stats_budget(device: torch.device) -> int:
     """Half of the memory that is free now (CUDA: on the device; CPU: MemAvailable)."""
     if device.type == "cuda":
@@ -195,7 +200,7 @@ def score_model(
                         try:
                             out = model(
                                 input_ids=ids[start:stop].to(device),
-                                attention_mask=attn[start:stop].to(device),
+                                attention_mask=_mask_or_none(attn[start:stop], device),
                                 use_cache=False,
                             )
                         except _StopForward:
