@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens to score (default: max(16384, 8*d), capped by the probe)",
     )
     score.add_argument("--seq-len", type=_positive_int, default=512, metavar="N", help="tokens per sequence (512)")
-    score.add_argument("--batch-size", type=_positive_int, metavar="N", help="sequences per forward pass (CPU: 2048 tokens)")
+    score.add_argument("--batch-size", type=_positive_int, metavar="N", help="sequences per forward pass (CPU: 1024 tokens)")
     score.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (CPU: float32, CUDA: bfloat16)")
     score.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     score.add_argument("--drop-first-token", action="store_true", help="do not score the first token of each sequence (attention sink)")
@@ -63,6 +63,54 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=cmd_score)
+
+    up = sub.add_parser("up", help="start the API and one worker on this machine (no servers needed)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8321)
+    up.add_argument("--no-worker", action="store_true", help="start only the API")
+    up.set_defaults(func=cmd_up)
+
+    sub_ = sub.add_parser("submit", help="submit a checkpoint for scoring")
+    sub_.add_argument("run", help="run name")
+    sub_.add_argument("step", type=int, help="training step")
+    sub_.add_argument("uri", help="checkpoint directory or file:// URI (as the service sees it)")
+    sub_.add_argument("--phase", choices=("pretrain", "finetune"))
+    sub_.add_argument("--parent-run")
+    sub_.add_argument("--parent-step", type=int)
+    sub_.add_argument("--max-tokens", type=_positive_int)
+    sub_.add_argument("--seq-len", type=_positive_int)
+    sub_.add_argument("--drop-first-token", action="store_true")
+    sub_.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    sub_.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    sub_.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="show a job")
+    status.add_argument("job_id")
+    status.set_defaults(func=cmd_status)
+
+    wait = sub.add_parser("wait", help="wait until a job has finished; exit 0 if it succeeded")
+    wait.add_argument("job_id")
+    wait.add_argument("--timeout", type=float, default=3600.0)
+    wait.set_defaults(func=cmd_wait)
+
+    trend = sub.add_parser("trend", help="print a run's layer-mean trend per step")
+    trend.add_argument("run")
+    trend.add_argument("--metric", default="linearity")
+    trend.add_argument("--json", action="store_true")
+    trend.set_defaults(func=cmd_trend)
+
+    token = sub.add_parser("token", help="create, list or revoke API tokens (talks to the database)")
+    tsub = token.add_subparsers(dest="token_command", metavar="ACTION")
+    tsub.required = True
+    tc = tsub.add_parser("create", help="create a token and print it (shown once)")
+    tc.add_argument("name")
+    tc.set_defaults(func=cmd_token_create)
+    tsub.add_parser("list", help="list tokens").set_defaults(func=cmd_token_list)
+    tr = tsub.add_parser("revoke", help="revoke a token by id")
+    tr.add_argument("id", type=int)
+    tr.set_defaults(func=cmd_token_revoke)
+
+    sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=cmd_migrate)
     return parser
 
 
@@ -153,10 +201,205 @@ def _finite(value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------------ service commands
+def _client():
+    from .client import Client
+
+    return Client()
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    line = f"job {job['id']}  {job['status']}  run {job['run']} step {job['step']}"
+    if job.get("worker"):
+        line += f"  worker {job['worker']}"
+    if job.get("duration_s") is not None:
+        line += f"  {job['duration_s']:.1f} s"
+    print(line)
+    if job.get("error"):
+        print(f"  error ({job.get('error_code')}): {job['error']}")
+
+
+def _api_call(fn) -> int:
+    from .client import ApiError
+
+    try:
+        return fn()
+    except ApiError as e:
+        print(f"error: {e.detail}" + (f" (HTTP {e.status})" if e.status else ""), file=sys.stderr)
+        return EXIT_INPUT
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            config = {k: v for k, v in {
+                "max_tokens": args.max_tokens, "seq_len": args.seq_len, "dtype": args.dtype,
+                "drop_first_token": args.drop_first_token or None}.items() if v is not None}
+            job = c.submit(run=args.run, step=args.step, uri=args.uri, phase=args.phase,
+                           parent_run=args.parent_run, parent_step=args.parent_step, config=config or None)
+            _print_job(job)
+            if args.wait:
+                job = c.wait(job["id"])
+                _print_job(job)
+                return 0 if job["status"] == "succeeded" else 1
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            _print_job(c.job(args.job_id))
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            job = c.wait(args.job_id, timeout=args.timeout)
+        _print_job(job)
+        return 0 if job["status"] == "succeeded" else 1
+
+    return _api_call(go)
+
+
+def cmd_trend(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            t = c.trend(args.run, metric=args.metric)
+        if args.json:
+            print(json.dumps(t, indent=2))
+            return 0
+        print(f"run {args.run}  metric {args.metric} (layer mean, final-norm pair left out)")
+        print(f"{'step':>10} {'value':>10}")
+        for step, value in zip(t["steps"], t["values"], strict=True):
+            print(f"{step:>10} {_fmt(value)}")
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from .db import upgrade
+    from .settings import get_settings
+
+    s = get_settings()
+    upgrade(s.db_url)
+    print(f"database at {_safe_url(s.db_url)} is up to date")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _session():
+    from .db import session_scope
+    from .settings import get_settings
+
+    return session_scope(get_settings().db_url)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from .auth import create_token
+
+    with _session() as s:
+        row, secret = create_token(s, args.name)
+        print(f"token {row.id} ({row.name}): {secret}")
+    print("keep it: it is not shown again", file=sys.stderr)
+    return 0
+
+
+def cmd_token_list(_args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from .models import ApiToken
+
+    with _session() as s:
+        for t in s.scalars(select(ApiToken).order_by(ApiToken.id)):
+            state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
+            print(f"{t.id:>4}  {t.name:<24} {t.prefix}...  created {t.created_at:%Y-%m-%d %H:%M}  {state}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from .auth import revoke
+
+    with _session() as s:
+        row = revoke(s, args.id)
+        if row is None:
+            print(f"error: no token with id {args.id}", file=sys.stderr)
+            return EXIT_INPUT
+    print(f"token {args.id} revoked")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import subprocess
+
+    import uvicorn
+    from sqlalchemy import func, select
+
+    from .app import create_app
+    from .auth import create_token
+    from .db import session_scope, upgrade
+    from .models import ApiToken
+    from .settings import get_settings
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    upgrade(settings.db_url)
+    url = f"http://{args.host}:{args.port}"
+    cfile = settings.data_dir / "client.json"
+    with session_scope(settings.db_url) as s:
+        if not s.scalar(select(func.count(ApiToken.id))):
+            _row, secret = create_token(s, "default")
+            cfile.write_text(json.dumps({"url": url, "token": secret}))
+            os.chmod(cfile, 0o600)
+        elif cfile.is_file():
+            saved = json.loads(cfile.read_text())
+            saved["url"] = url
+            cfile.write_text(json.dumps(saved))
+    worker = None
+    if not args.no_worker:
+        worker = subprocess.Popen([
+            sys.executable, "-m", "celery", "-A", "layertrack.workers.celery_app", "worker",
+            "-Q", "gpu", "-c", "1", "--prefetch-multiplier", "1", "-n", "embedded@%h", "--loglevel", "INFO",
+        ])
+    print(f"layertrack is up at {url}  (API docs: {url}/docs)")
+    print(f"database {_safe_url(settings.db_url)}; broker {settings.broker}")
+    print(f"checkpoint roots: {', '.join(map(str, settings.roots))}")
+    print(f"API token for the CLI and client: {cfile}" if cfile.is_file() else
+          "no saved token: create one with 'layertrack token create NAME'")
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

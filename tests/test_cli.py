@@ -52,7 +52,8 @@ def test_score_errors_are_one_clear_line(tmp_path, checkpoints):
 
 
 def test_api_side_imports_no_torch():
-    code = "import sys, layertrack.service, layertrack.service.cli, layertrack.workers.errors; " \
-           "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = ("import sys, layertrack.service.cli, layertrack.service.app, layertrack.service.client, "
+            "layertrack.workers.celery_app; app = layertrack.service.app.create_app(); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -99,8 +99,14 @@ def _is_causal_lm(config: dict[str, Any]) -> bool:
     return not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def inspect_checkpoint(path: Path, *, allow_pickle: bool = False) -> CheckpointInfo:
-    """Check that ``path`` is a causal-LM checkpoint directory with loadable weights."""
+def inspect_checkpoint(
+    path: Path, *, allow_pickle: bool = False, check_causal_lm: bool = True
+) -> CheckpointInfo:
+    """Check that ``path`` is a causal-LM checkpoint directory with loadable weights.
+
+    ``check_causal_lm=False`` skips the one check that imports transformers (the API side
+    validates and fingerprints a submission without it; the worker checks again).
+    """
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise NotAModelDirectory(
@@ -118,7 +124,7 @@ def inspect_checkpoint(path: Path, *, allow_pickle: bool = False) -> CheckpointI
     model_type = config.get("model_type")
     if not model_type:
         raise NotAModelDirectory(f"{str(cfg_file)!r} has no \"model_type\"; is it a transformers config?")
-    if not _is_causal_lm(config):
+    if check_causal_lm and not _is_causal_lm(config):
         archs = ", ".join(config.get("architectures") or []) or model_type
         raise NotACausalLM(
             f"checkpoint {str(path)!r} is not a causal language model ({archs}); layertrack "

@@ -186,6 +186,8 @@ class StreamingStats:
         self._prev_norms: torch.Tensor | None = None
         self._next = first
         self._n_batch: int | None = None
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._slot = 0
 
     def add(self, layer: int, h: torch.Tensor) -> None:
         if layer != self._next:
@@ -197,10 +199,13 @@ class StreamingStats:
         elif h.shape[0] != self._n_batch:
             raise ValueError("every hidden state of a batch must cover the same tokens")
         j = layer - self.first
-        x = h.to(device=self.device, dtype=self.dtype)  # (n_b, d)
+        n_b = h.shape[0]
+        slot = self._slot = 1 - self._slot  # this layer's buffers; the other slot holds layer − 1
+        x = self._buffer("x", slot, n_b)  # (n_b, d) float64
+        x.copy_(h)
         if self.pivot[j] is None:
             self.pivot[j] = x.mean(0)
-        xc = x - self.pivot[j]
+        xc = torch.sub(x, self.pivot[j], out=self._buffer("xc", slot, n_b))
         self.sum_x[j] += xc.sum(0)
         xg = xc.to(self._gemm_dtype)
         gram = self.gram_x[j]
@@ -216,7 +221,8 @@ class StreamingStats:
             k = j - 1
             if self.pivot_d[k] is None:
                 self.pivot_d[k] = (x - prev).mean(0)
-            dc = torch.sub(x, prev).sub_(self.pivot_d[k])  # D − q, D = Y − X formed in float64
+            dc = torch.sub(x, prev, out=self._buffer("dc", 0, n_b))  # D = Y − X formed in float64
+            dc.sub_(self.pivot_d[k])  # D − q
             self.sum_d[k] += dc.sum(0)
             if xg.dtype == self.dtype:
                 self.cross_xd[k].addmm_(prev_g.T, dc)
@@ -232,6 +238,14 @@ class StreamingStats:
         self._next = layer + 1
         if layer == self.last:
             self.end_batch()
+
+    def _buffer(self, name: str, slot: int, n: int) -> torch.Tensor:
+        """Work buffers reused from batch to batch (no allocator churn, flat peak memory)."""
+        key = (name, slot)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < n:
+            buf = self._buffers[key] = torch.empty(n, self.d, device=self.device, dtype=self.dtype)
+        return buf[:n]
 
     @property
     def _gemm_dtype(self) -> torch.dtype:
@@ -251,6 +265,7 @@ class StreamingStats:
         n = self.n
         if n < 2:
             raise ValueError("no tokens were accumulated")
+        self._buffers.clear()
         eig: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         layers: list[LayerScores] = []
         grams = [torch.triu(g) + torch.triu(g, 1).T for g in self.gram_x]

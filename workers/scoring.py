@@ -26,9 +26,9 @@ from .engine import plan_layer_groups, stats_bytes
 from .errors import OutOfMemory
 from .probe import Probe, ProbeTokens, load_probe, tokenize_probe
 
-#: default tokens per forward batch. On CPU a bigger batch is no faster (measured: batch 1
-#: to 8 sequences of 512 within 10 %) and only costs memory; on CUDA it buys throughput.
-BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
+#: default tokens per forward batch. On CPU a bigger batch is no faster (measured: 1 to 8
+#: sequences of 512 within 10 %) and only costs memory; on CUDA it buys throughput.
+BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}
 
 
 def batch_tokens(device: torch.device) -> int:
@@ -42,7 +42,7 @@ class ScoreConfig:
     max_tokens: int | None = None  # None: max(16384, 8·d), capped by the probe
     seq_len: int = 512
     drop_first_token: bool = False
-    batch_size: int | None = None  # sequences per forward; None: 2048 tokens (CPU), 16384 (CUDA)
+    batch_size: int | None = None  # sequences per forward; None: 1024 tokens (CPU), 16384 (CUDA)
     dtype: str | None = None  # float32 | bfloat16 | float16; None: per device
     device: str | None = None  # None: cuda when present, else cpu
     stats_memory_budget: int | None = None  # bytes for statistics; None: automatic

@@ -1,0 +1,307 @@
+"""The life of a job: submit → enqueue → claim → heartbeat → succeed | fail; sweep, cancel, retry.
+
+The database row is the truth and every transition is one conditional UPDATE, so a task
+delivered twice, a sweeper racing a worker, or a worker that died mid-job all end with the
+job done once and one set of scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .db import get_sessionmaker, session_scope
+from .models import Checkpoint, Job, JobStatus, Phase, Probe, Run, Score
+
+log = logging.getLogger("layertrack.jobs")
+
+KNOWN_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy")
+PAIR_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def canonical_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class Submission:
+    run: str
+    step: int
+    uri: str
+    fingerprint: str
+    phase: Phase | None
+    parent_run: str | None
+    parent_step: int | None
+    probe: str
+    config: dict[str, Any]
+
+
+class SubmitConflict(Exception):
+    """The request contradicts what is stored (a run's parent, an Idempotency-Key's body)."""
+
+
+def probe_row(session: Session, name: str) -> Probe:
+    from layertrack.workers.probe import default_probe  # stdlib only, no torch
+
+    if name != "default":
+        raise ValueError(name)
+    p = default_probe()
+    row = session.scalar(select(Probe).where(Probe.sha256 == p.sha256))
+    if row is None:
+        row = Probe(name=p.name, sha256=p.sha256, n_chars=p.n_chars)
+        session.add(row)
+        try:
+            session.flush()
+        except IntegrityError:
+            session.rollback()
+            row = session.scalar(select(Probe).where(Probe.sha256 == p.sha256))
+    return row
+
+
+def _run_row(session: Session, sub: Submission) -> Run:
+    run = session.scalar(select(Run).where(Run.name == sub.run))
+    parent = None
+    if sub.parent_run is not None:
+        parent = session.scalar(select(Run).where(Run.name == sub.parent_run))
+        if parent is None:
+            raise LookupError(f"parent run {sub.parent_run!r} does not exist; submit its checkpoints first")
+    if run is None:
+        phase = sub.phase or (Phase.finetune if parent else Phase.pretrain)
+        run = Run(
+            name=sub.run,
+            phase=phase,
+            parent_run_id=parent.id if parent else None,
+            parent_step=sub.parent_step,
+            meta={},
+        )
+        session.add(run)
+        session.flush()
+    elif parent is not None and run.parent_run_id not in (None, parent.id):
+        raise SubmitConflict(f"run {sub.run!r} already has another parent run")
+    elif parent is not None and run.parent_run_id is None:
+        run.parent_run_id, run.parent_step = parent.id, sub.parent_step
+    return run
+
+
+def submit(
+    session: Session, sub: Submission, *, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Store a job for this checkpoint, or return the existing one; (job, created)."""
+    request_hash = canonical_hash(vars(sub))
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise SubmitConflict(
+                    "this Idempotency-Key was already used with a different request; "
+                    "use a new key for a new submission"
+                )
+            return existing, False
+    run = _run_row(session, sub)
+    probe = probe_row(session, sub.probe)
+    ckpt = session.scalar(
+        select(Checkpoint).where(
+            Checkpoint.run_id == run.id, Checkpoint.step == sub.step, Checkpoint.fingerprint == sub.fingerprint
+        )
+    )
+    if ckpt is None:
+        ckpt = Checkpoint(
+            run_id=run.id, step=sub.step, phase=sub.phase or run.phase, uri=sub.uri, fingerprint=sub.fingerprint
+        )
+        session.add(ckpt)
+        session.flush()
+    config_hash = canonical_hash(sub.config)
+    job = session.scalar(
+        select(Job).where(
+            Job.checkpoint_id == ckpt.id, Job.probe_id == probe.id, Job.config_hash == config_hash
+        )
+    )
+    if job is not None:
+        return job, False
+    job = Job(
+        checkpoint_id=ckpt.id,
+        probe_id=probe.id,
+        run_id=run.id,
+        config=sub.config,
+        config_hash=config_hash,
+        status=JobStatus.queued,
+        attempts=0,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        queued_at=now(),
+    )
+    session.add(job)
+    session.flush()
+    return job, True
+
+
+def enqueue(db_url: str, job_id: str) -> bool:
+    """Send the job to the broker; record when. False (and the job stays queued) on failure."""
+    from layertrack.workers.celery_app import GPU_QUEUE, SCORE_TASK, app
+
+    try:
+        app.send_task(SCORE_TASK, args=[job_id], queue=GPU_QUEUE, retry=False)
+    except Exception as e:  # broker down: the sweeper sends it later
+        log.warning("could not enqueue job %s (%s: %s); the sweeper will retry", job_id, type(e).__name__, e)
+        return False
+    with session_scope(db_url) as s:
+        s.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.queued).values(enqueued_at=now())
+        )
+    return True
+
+
+def sweep(db_url: str, *, stale_after_s: float, requeue_after_s: float) -> dict[str, int]:
+    """Re-queue jobs whose worker vanished; (re-)send queued jobs never or long ago sent."""
+    t = now()
+    with session_scope(db_url) as s:
+        stale = s.execute(
+            update(Job)
+            .where(
+                Job.status == JobStatus.running,
+                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < t - timedelta(seconds=stale_after_s)),
+                or_(Job.started_at.is_(None), Job.started_at < t - timedelta(seconds=stale_after_s)),
+            )
+            .values(status=JobStatus.queued, worker=None, enqueued_at=None)
+            .returning(Job.id)
+        ).scalars().all()
+        pending = s.scalars(
+            select(Job.id).where(
+                Job.status == JobStatus.queued,
+                or_(Job.enqueued_at.is_(None), Job.enqueued_at < t - timedelta(seconds=requeue_after_s)),
+            )
+        ).all()
+    if stale:
+        log.warning("re-queued %d job(s) whose worker stopped sending heartbeats: %s", len(stale), stale)
+    sent = sum(enqueue(db_url, job_id) for job_id in pending)
+    return {"stale_requeued": len(stale), "pending": len(pending), "sent": sent}
+
+
+def cancel(session: Session, job: Job) -> Job:
+    if job.status in (JobStatus.queued, JobStatus.running):
+        job.status = JobStatus.cancelled
+        job.finished_at = now()
+    return job
+
+
+def retry(session: Session, job: Job) -> Job:
+    if job.status in (JobStatus.failed, JobStatus.cancelled):
+        job.status = JobStatus.queued
+        job.error = job.error_code = None
+        job.worker = None
+        job.enqueued_at = None
+        job.started_at = job.finished_at = job.heartbeat_at = None
+        job.queued_at = now()
+    return job
+
+
+# ------------------------------------------------------------------ worker side
+@dataclass
+class ClaimedJob:
+    id: str
+    uri: str
+    run_id: int
+    step: int
+    config: dict[str, Any]
+    attempts: int
+
+
+def claim(db_url: str, job_id: str, worker: str) -> ClaimedJob | None:
+    """Take a queued job (atomically); None when it is not queued (done, taken, cancelled)."""
+    t = now()
+    with session_scope(db_url) as s:
+        got = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued)
+            .values(status=JobStatus.running, worker=worker, started_at=t, heartbeat_at=t,
+                    attempts=Job.attempts + 1, error=None, error_code=None)
+            .returning(Job.id)
+        ).first()
+        if got is None:
+            return None
+        job = s.get(Job, job_id)
+        return ClaimedJob(
+            id=job.id, uri=job.checkpoint.uri, run_id=job.run_id, step=job.checkpoint.step,
+            config=dict(job.config), attempts=job.attempts,
+        )
+
+
+def heartbeat(db_url: str, job_id: str, worker: str) -> bool:
+    """Refresh the heartbeat; False when the job is no longer this worker's (cancelled...)."""
+    with session_scope(db_url) as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
+            .values(heartbeat_at=now())
+        )
+        return res.rowcount == 1
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metrics: list[str]) -> bool:
+    """Store the scores and mark the job succeeded, in one transaction. Idempotent: the
+    step's previous scores are replaced. False (nothing written) if the job is not ours."""
+    t = now()
+    with get_sessionmaker(db_url)() as s, s.begin():
+        job = s.scalar(
+            select(Job).where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
+            .with_for_update()
+        )
+        if job is None:
+            return False
+        step = job.checkpoint.step
+        s.execute(delete(Score).where(Score.run_id == job.run_id, Score.step == step, Score.metric.in_(metrics)))
+        rows = []
+        for p in result["pairs"]:
+            for m in metrics:
+                if m in PAIR_METRICS:
+                    rows.append(dict(job_id=job_id, run_id=job.run_id, step=step, layer=p["layer"], metric=m,
+                                     value=_finite(p[m]), final_norm=bool(p.get("final_norm"))))
+        for layer in result["layers"]:
+            if "anisotropy" in metrics:
+                rows.append(dict(job_id=job_id, run_id=job.run_id, step=step, layer=layer["layer"],
+                                 metric="anisotropy", value=_finite(layer["anisotropy"]), final_norm=False))
+        if rows:
+            s.execute(Score.__table__.insert(), rows)
+        job.status = JobStatus.succeeded
+        job.finished_at = t
+        job.result = {k: v for k, v in result.items() if k not in ("pairs", "layers")}
+        job.error = job.error_code = None
+    return True
+
+
+def fail(db_url: str, job_id: str, worker: str, code: str, message: str) -> bool:
+    with session_scope(db_url) as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
+            .values(status=JobStatus.failed, error_code=code, error=message[:4000], finished_at=now())
+        )
+        return res.rowcount == 1
+
+
+def release(db_url: str, job_id: str, worker: str) -> bool:
+    """Give a running job back to the queue (a transient failure that will be retried)."""
+    with session_scope(db_url) as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
+            .values(status=JobStatus.queued, worker=None, enqueued_at=now())
+        )
+        return res.rowcount == 1

@@ -1,0 +1,131 @@
+"""Read side: score series, layer-mean trends, heatmaps and exports (keyword-only helpers)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from .models import Score
+
+
+def downsample(points: Sequence[tuple[int, float | None]], max_points: int) -> list[tuple[int, float | None]]:
+    """At most ``max_points`` points of a step-ordered series, keeping the extremes.
+
+    The steps are cut into max_points/2 buckets of equal count; each keeps its smallest and
+    largest value (in step order), so spikes survive downsampling. First and last points
+    are always kept.
+    """
+    n = len(points)
+    if max_points <= 0 or n <= max_points:
+        return list(points)
+    if max_points < 4:
+        return [points[0], points[-1]][:max_points]
+    buckets = (max_points - 2) // 2
+    out = [points[0]]
+    inner = points[1:-1]
+    size = len(inner) / buckets
+    for b in range(buckets):
+        chunk = inner[int(b * size) : int((b + 1) * size)]
+        real = [p for p in chunk if p[1] is not None]
+        if not real:
+            continue
+        lo = min(real, key=lambda p: p[1])
+        hi = max(real, key=lambda p: p[1])
+        out.extend(sorted({lo, hi}, key=lambda p: p[0]))
+    out.append(points[-1])
+    return out
+
+
+def _step_filter(stmt, from_step: int | None, to_step: int | None):
+    if from_step is not None:
+        stmt = stmt.where(Score.step >= from_step)
+    if to_step is not None:
+        stmt = stmt.where(Score.step <= to_step)
+    return stmt
+
+
+def series(
+    session: Session,
+    *,
+    run_id: int,
+    metric: str,
+    layer: int | None = None,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    max_points: int = 500,
+) -> list[dict]:
+    """One step-ordered series per layer: [{layer, final_norm, steps, values}]."""
+    stmt = select(Score.layer, Score.step, Score.value, Score.final_norm).where(
+        Score.run_id == run_id, Score.metric == metric
+    )
+    if layer is not None:
+        stmt = stmt.where(Score.layer == layer)
+    stmt = _step_filter(stmt, from_step, to_step).order_by(Score.layer, Score.step)
+    by_layer: dict[int, list[tuple[int, float | None]]] = defaultdict(list)
+    flagged: dict[int, bool] = {}
+    for lay, step, value, fn in session.execute(stmt):
+        by_layer[lay].append((step, value))
+        flagged[lay] = flagged.get(lay, False) or fn
+    out = []
+    for lay in sorted(by_layer):
+        pts = downsample(by_layer[lay], max_points)
+        out.append({"layer": lay, "final_norm": flagged[lay], "steps": [p[0] for p in pts],
+                    "values": [p[1] for p in pts]})
+    return out
+
+
+def trend(
+    session: Session,
+    *,
+    run_id: int,
+    metric: str,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    max_points: int = 500,
+) -> dict:
+    """Layer mean per step (the pair into the final-norm output left out)."""
+    stmt = (
+        select(Score.step, func.avg(Score.value), func.count(Score.value))
+        .where(Score.run_id == run_id, Score.metric == metric, Score.final_norm.is_(False))
+        .group_by(Score.step)
+        .order_by(Score.step)
+    )
+    rows = session.execute(_step_filter(stmt, from_step, to_step)).all()
+    pts = downsample([(s, None if v is None else float(v)) for s, v, _ in rows], max_points)
+    return {"steps": [p[0] for p in pts], "values": [p[1] for p in pts], "n_steps": len(rows)}
+
+
+def heatmap(session: Session, *, run_id: int, metric: str, max_steps: int = 200) -> dict:
+    """step × layer matrix; at most ``max_steps`` steps, evenly spread, first and last kept."""
+    steps = session.scalars(
+        select(Score.step).where(Score.run_id == run_id, Score.metric == metric).distinct().order_by(Score.step)
+    ).all()
+    if len(steps) > max_steps > 1:
+        idx = sorted({round(i * (len(steps) - 1) / (max_steps - 1)) for i in range(max_steps)})
+        steps = [steps[i] for i in idx]
+    if not steps:
+        return {"steps": [], "layers": [], "values": []}
+    rows = session.execute(
+        select(Score.step, Score.layer, Score.value).where(
+            Score.run_id == run_id, Score.metric == metric, Score.step.in_(steps)
+        )
+    ).all()
+    layers = sorted({r[1] for r in rows})
+    col = {lay: j for j, lay in enumerate(layers)}
+    row_of = {s: i for i, s in enumerate(steps)}
+    values: list[list[float | None]] = [[None] * len(layers) for _ in steps]
+    for s, lay, v in rows:
+        values[row_of[s]][col[lay]] = v
+    return {"steps": list(steps), "layers": layers, "values": values}
+
+
+def export_rows(session: Session, *, run_id: int, metric: str | None = None) -> Iterator[tuple]:
+    stmt = select(Score.step, Score.layer, Score.metric, Score.value, Score.final_norm, Score.job_id).where(
+        Score.run_id == run_id
+    )
+    if metric:
+        stmt = stmt.where(Score.metric == metric)
+    yield from session.execute(stmt.order_by(Score.step, Score.metric, Score.layer)).yield_per(5000)

@@ -1,0 +1,183 @@
+"""The HTTP API over a real socket, on SQLite and on PostgreSQL: tokens, validation,
+idempotent submission, job state changes. (Scoring itself: tests/test_end_to_end.py.)"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from layertrack.service.auth import create_token, revoke
+from layertrack.service.db import session_scope
+from layertrack.service.models import Checkpoint, Job, Run, Score
+
+
+@pytest.fixture(scope="module")
+def ckpt(api_service, tmp_path_factory, tokenizer):
+    from tiny_models import build_checkpoint
+
+    return build_checkpoint(api_service.roots / "run-a" / "step-10", "llama", tokenizer)
+
+
+def counts(svc) -> tuple[int, int, int, int]:
+    with session_scope(svc.db_url) as s:
+        return tuple(s.scalar(select(func.count()).select_from(t)) for t in (Run, Checkpoint, Job, Score))
+
+
+def body(ckpt, **over):
+    b = {"run": f"run-{uuid.uuid4().hex[:8]}", "step": 10, "uri": str(ckpt),
+         "config": {"max_tokens": 600, "seq_len": 64}}
+    b.update(over)
+    return b
+
+
+def test_health_and_readiness_need_no_token(api_service):
+    assert httpx.get(api_service.url + "/healthz").json() == {"status": "ok"}
+    r = httpx.get(api_service.url + "/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["checks"] == {"database": "ok", "broker": "ok"}
+
+
+def test_every_other_endpoint_needs_a_valid_token(api_service, ckpt):
+    from layertrack.service.app import create_app
+
+    routes = [(m, r.path) for r in create_app().routes for m in getattr(r, "methods", ())
+              if m in ("GET", "POST") and r.path not in ("/healthz", "/readyz")
+              and not r.path.startswith(("/docs", "/redoc", "/openapi"))]
+    assert len(routes) >= 14
+    with session_scope(api_service.db_url) as s:
+        row, revoked_secret = create_token(s, "to-revoke")
+    with session_scope(api_service.db_url) as s:
+        revoke(s, row.id)
+    before = counts(api_service)
+    for headers, message in [
+        ({}, "missing API token"),
+        ({"Authorization": "Bearer lt_not-a-real-token"}, "unknown or revoked API token"),
+        ({"Authorization": f"Bearer {revoked_secret}"}, "unknown or revoked API token"),
+        ({"Authorization": f"Basic {api_service.token}"}, "must be 'Bearer <token>'"),
+    ]:
+        for method, path in routes:
+            url = api_service.url + path.replace("{job_id}", "x").replace("{run}", "x")
+            r = httpx.request(method, url, headers=headers, json=body(ckpt) if method == "POST" else None)
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert message in r.json()["detail"], (path, r.json())
+    assert counts(api_service) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "needle"),
+    [
+        ({"uri": "s3://bucket/ckpt"}, 422, "unsupported URI scheme 's3'"),
+        ({"uri": ""}, 422, "uri"),
+        ({"uri": None}, 422, "uri"),
+        ({"uri": "/etc"}, 422, "outside the allowed checkpoint roots"),
+        ({"uri": "{root}/../../etc"}, 422, "outside the allowed checkpoint roots"),
+        ({"uri": "{root}/missing"}, 422, "does not exist"),
+        ({"step": -1}, 422, "step: Input should be greater than or equal to 0"),
+        ({"step": "ten"}, 422, "step: Input should be a valid integer"),
+        ({"run": ""}, 422, "run: String should have at least 1 character"),
+        ({"run": "bad name!"}, 422, "run: String should match pattern"),
+        ({"metrics": ["linearity", "vibes"]}, 422, "unknown metric(s) vibes"),
+        ({"config": {"seq_len": 1}}, 422, "config.seq_len"),
+        ({"config": {"dtype": "int8"}}, 422, "config.dtype"),
+        ({"surprise": 1}, 422, "surprise: Extra inputs are not permitted"),
+        ({"probe": "other"}, 422, "unknown probe 'other'"),
+        ({"parent_run": "no-such-run"}, 422, "parent run 'no-such-run' does not exist"),
+    ],
+)
+def test_bad_submissions_get_a_clear_4xx_and_change_nothing(api_service, ckpt, change, status, needle):
+    b = body(ckpt)
+    for k, v in change.items():
+        if v is None:
+            b.pop(k)
+        else:
+            b[k] = v.replace("{root}", str(api_service.roots)) if isinstance(v, str) else v
+    before = counts(api_service)
+    with api_service.http() as h:
+        r = h.post("/v1/checkpoints", json=b)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert needle in r.json()["detail"], r.json()
+    assert counts(api_service) == before
+
+
+def test_not_json_oversized_and_unknown_things(api_service, ckpt):
+    before = counts(api_service)
+    with api_service.http() as h:
+        r = h.post("/v1/checkpoints", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "JSON decode error" in r.json()["detail"]
+        r = h.post("/v1/checkpoints", json=body(ckpt, run="x" * 100_000))
+        assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["detail"]
+        r = h.get("/v1/jobs/00000000-0000-0000-0000-000000000000")
+        assert r.status_code == 404 and "no job with id" in r.json()["detail"]
+        for path in ("/v1/runs/nope", "/v1/runs/nope/scores", "/v1/runs/nope/trend", "/v1/runs/nope/heatmap",
+                     "/v1/runs/nope/export", "/v1/compare?runs=nope"):
+            r = h.get(path)
+            assert r.status_code == 404 and "no run named 'nope'" in r.json()["detail"], path
+        r = h.get("/v1/jobs", params={"status": "sleeping"})
+        assert r.status_code == 422
+    assert counts(api_service) == before
+
+
+def test_the_same_checkpoint_twice_is_one_job(api_service, ckpt):
+    b = body(ckpt)
+    with api_service.http() as h:
+        first = h.post("/v1/checkpoints", json=b)
+        assert first.status_code == 202, first.text
+        job = first.json()
+        assert job["status"] == "queued" and job["status_url"] == f"/v1/jobs/{job['id']}"
+        assert first.headers["Location"] == job["status_url"]
+        again = h.post("/v1/checkpoints", json=b)
+        assert again.status_code == 200 and again.json()["id"] == job["id"]
+        # a different config is a different job for the same checkpoint
+        other = h.post("/v1/checkpoints", json={**b, "config": {"max_tokens": 700, "seq_len": 64}})
+        assert other.status_code == 202 and other.json()["id"] != job["id"]
+        assert h.get(job["status_url"]).json()["run"] == b["run"]
+        listed = h.get("/v1/jobs", params={"run": b["run"]}).json()
+        assert {j["id"] for j in listed} == {job["id"], other.json()["id"]}
+        run = h.get(f"/v1/runs/{b['run']}").json()
+        assert run["n_checkpoints"] == 1 and run["jobs"]["queued"] == 2 and run["phase"] == "pretrain"
+
+
+def test_idempotency_key(api_service, ckpt):
+    key = uuid.uuid4().hex
+    b = body(ckpt)
+    with api_service.http() as h:
+        r1 = h.post("/v1/checkpoints", json=b, headers={"Idempotency-Key": key})
+        r2 = h.post("/v1/checkpoints", json=b, headers={"Idempotency-Key": key})
+        assert r1.status_code == 202 and r2.status_code == 200 and r1.json()["id"] == r2.json()["id"]
+        r3 = h.post("/v1/checkpoints", json={**b, "step": 11}, headers={"Idempotency-Key": key})
+        assert r3.status_code == 409 and "already used with a different request" in r3.json()["detail"]
+
+
+def test_cancel_retry_and_finetune_runs(api_service, ckpt, tmp_path):
+    parent = body(ckpt)
+    with api_service.http() as h:
+        pj = h.post("/v1/checkpoints", json=parent).json()
+        ft_ckpt = api_service.roots / f"ft-{uuid.uuid4().hex[:6]}"
+        shutil.copytree(ckpt, ft_ckpt)
+        child = h.post("/v1/checkpoints", json=body(ft_ckpt, parent_run=parent["run"], parent_step=10))
+        assert child.status_code == 202, child.text
+        run = h.get(f"/v1/runs/{child.json()['run']}").json()
+        assert run["phase"] == "finetune" and run["parent_run"] == parent["run"] and run["parent_step"] == 10
+        r = h.post(f"/v1/jobs/{pj['id']}/retry")
+        assert r.status_code == 409 and "only failed or cancelled jobs can be retried" in r.json()["detail"]
+        r = h.post(f"/v1/jobs/{pj['id']}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        r = h.post(f"/v1/jobs/{pj['id']}/cancel")
+        assert r.status_code == 409
+        r = h.post(f"/v1/jobs/{pj['id']}/retry")
+        assert r.status_code == 200 and r.json()["status"] == "queued"
+        names = [x["name"] for x in h.get("/v1/runs", params={"name": parent["run"][4:]}).json()]
+        assert names == [parent["run"]]
+
+
+def test_metrics_endpoint_counts_jobs(api_service):
+    with api_service.http() as h:
+        r = h.get("/metrics")
+    assert r.status_code == 200
+    assert 'layertrack_jobs{status="queued"}' in r.text
