@@ -44,10 +44,9 @@ def prepare(workdir: Path) -> Path:
     if (ckpt / "config.json").is_file() and (ckpt / "tokenizer.json").is_file():
         return ckpt
     import torch
+    from layertrack.workers.probe import default_probe
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from layertrack.workers.probe import default_probe
 
     log(f"building the benchmark model in {ckpt} ...")
     torch.manual_seed(0)
@@ -89,7 +88,6 @@ def reset_peak() -> None:
 # ---------------------------------------------------------------- one pipeline per process
 def child(mode: str, ckpt: Path, n_tokens: int) -> dict:
     import torch
-
     from layertrack.workers import checkpoint as C
     from layertrack.workers import reference
     from layertrack.workers.probe import default_probe, tokenize_probe

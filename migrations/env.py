@@ -2,9 +2,8 @@
 ``alembic`` command line, from LAYERTRACK_DATABASE_URL (default: the embedded SQLite file)."""
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
-
 from layertrack.service.models import Base
+from sqlalchemy import engine_from_config, pool
 
 config = context.config
 target_metadata = Base.metadata

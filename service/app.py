@@ -10,16 +10,15 @@ from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from layertrack.workers import checkpoint as ckpt_files  # stdlib only: no torch
+from layertrack.workers.errors import LayertrackError
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from layertrack.workers import checkpoint as ckpt_files  # stdlib only: no torch
-from layertrack.workers.errors import LayertrackError
 
 from . import auth, jobs, queries
 from .db import get_sessionmaker
@@ -214,7 +213,8 @@ def list_jobs(
 def cancel_job(job_id: str, session: SessionDep) -> JobOut:
     job = get_job(session, job_id)
     if job.status not in (JobStatus.queued, JobStatus.running):
-        raise Problem(409, "Conflict", f"job {job_id} is {job.status.value}; only queued or running jobs can be cancelled")
+        raise Problem(409, "Conflict",
+                      f"job {job_id} is {job.status.value}; only queued or running jobs can be cancelled")
     jobs.cancel(session, job)
     session.commit()
     return job_out(job)
@@ -224,7 +224,8 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
 def retry_job(job_id: str, session: SessionDep, settings: SettingsDep) -> JobOut:
     job = get_job(session, job_id)
     if job.status not in (JobStatus.failed, JobStatus.cancelled):
-        raise Problem(409, "Conflict", f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried")
+        raise Problem(409, "Conflict",
+                      f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried")
     jobs.retry(session, job)
     session.commit()
     jobs.enqueue(settings.db_url, job.id)
@@ -385,7 +386,7 @@ def readyz(settings: SettingsDep) -> JSONResponse:
         from layertrack.workers.celery_app import app as celery_app
 
         with celery_app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
         checks["broker"] = "ok"
     except Exception as e:
         checks["broker"] = f"unreachable: {type(e).__name__}"
@@ -443,14 +444,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             return problem_response(413, "Request too large",
                                     f"the request body is larger than {settings.max_body_bytes} bytes")
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > settings.max_body_bytes:
-                    return problem_response(413, "Request too large",
-                                            f"the request body is larger than {settings.max_body_bytes} bytes")
-            request._body = body  # starlette reads it from here
+        chunked = length is None and request.method in ("POST", "PUT", "PATCH")
+        if chunked and len(await request.body()) > settings.max_body_bytes:  # starlette replays it
+            return problem_response(413, "Request too large",
+                                    f"the request body is larger than {settings.max_body_bytes} bytes")
         return await call_next(request)
 
     install_error_handlers(app)

@@ -52,13 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=_positive_int, metavar="N",
         help="tokens to score (default: max(16384, 8*d), capped by the probe)",
     )
-    score.add_argument("--seq-len", type=_positive_int, default=512, metavar="N", help="tokens per sequence (512)")
-    score.add_argument("--batch-size", type=_positive_int, metavar="N", help="sequences per forward pass (CPU: 1024 tokens)")
-    score.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (CPU: float32, CUDA: bfloat16)")
+    score.add_argument("--seq-len", type=_positive_int, default=512, metavar="N",
+                       help="tokens per sequence (512)")
+    score.add_argument("--batch-size", type=_positive_int, metavar="N",
+                       help="sequences per forward pass (CPU: 1024 tokens)")
+    score.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="model dtype (CPU: float32, CUDA: bfloat16)")
     score.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
-    score.add_argument("--drop-first-token", action="store_true", help="do not score the first token of each sequence (attention sink)")
+    score.add_argument("--drop-first-token", action="store_true",
+                       help="do not score the first token of each sequence (attention sink)")
     score.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, when the checkpoint has none")
-    score.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin weights (loaded with weights_only=True)")
+    score.add_argument("--allow-pickle", action="store_true",
+                       help="allow pytorch_model.bin weights (loaded with weights_only=True)")
     score.add_argument("--seed", type=int, default=0, help="seed of the probe's document order (0)")
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.add_argument("--quiet", action="store_true", help="no progress bar")

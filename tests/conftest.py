@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tiny_models import build_checkpoint, train_tokenizer
 
 

@@ -8,6 +8,7 @@ processes they are in production. When PostgreSQL or Redis is missing the tests 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -168,10 +169,8 @@ class Service:
 
     def stop(self) -> None:
         for name in list(self.workers):
-            try:
+            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
                 self.kill_worker(name, signal.SIGTERM)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
         if self.api is not None:
             try:
                 os.killpg(self.api.pid, signal.SIGTERM)

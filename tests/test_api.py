@@ -8,11 +8,10 @@ import uuid
 
 import httpx
 import pytest
-from sqlalchemy import func, select
-
 from layertrack.service.auth import create_token, revoke
 from layertrack.service.db import session_scope
 from layertrack.service.models import Checkpoint, Job, Run, Score
+from sqlalchemy import func, select
 
 
 @pytest.fixture(scope="module")

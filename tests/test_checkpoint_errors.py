@@ -9,12 +9,11 @@ import sys
 import textwrap
 
 import pytest
-from tiny_models import build_checkpoint
-from transformers import BertConfig, BertForMaskedLM
-
 from layertrack.workers import errors
 from layertrack.workers.checkpoint import inspect_checkpoint, resolve_checkpoint_path
 from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+from tiny_models import build_checkpoint
+from transformers import BertConfig, BertForMaskedLM
 
 SMALL = ScoreConfig(max_tokens=600, seq_len=64)
 
@@ -36,7 +35,7 @@ def test_a_file_is_not_a_model_directory(tmp_path):
 
 
 def test_directory_without_config(tmp_path):
-    with pytest.raises(errors.NotAModelDirectory, match="it has no config.json"):
+    with pytest.raises(errors.NotAModelDirectory, match=r"it has no config\.json"):
         score(tmp_path)
 
 
@@ -48,7 +47,7 @@ def test_config_that_is_not_json(tmp_path):
 
 def test_config_without_weights(tmp_path, checkpoints):
     (tmp_path / "config.json").write_bytes((checkpoints("llama") / "config.json").read_bytes())
-    with pytest.raises(errors.NoSafetensorsWeights, match="has config.json but no weights"):
+    with pytest.raises(errors.NoSafetensorsWeights, match=r"has config\.json but no weights"):
         score(tmp_path)
 
 
@@ -78,7 +77,7 @@ def test_not_a_causal_lm(tmp_path, tokenizer):
 
 def test_tokenizer_missing_and_given_separately(tmp_path, tokenizer, checkpoints):
     path = build_checkpoint(tmp_path / "notok", "qwen2", None)
-    with pytest.raises(errors.TokenizerMissing, match="no tokenizer files in .*pass --tokenizer"):
+    with pytest.raises(errors.TokenizerMissing, match=r"no tokenizer files in .*pass --tokenizer"):
         score(path)
     result = score(path, tokenizer_path=checkpoints("qwen2"))
     assert result.scores.n_tokens == 600
@@ -87,7 +86,7 @@ def test_tokenizer_missing_and_given_separately(tmp_path, tokenizer, checkpoints
 def test_unsupported_uri_schemes(tmp_path):
     with pytest.raises(errors.InvalidCheckpointURI, match="unsupported URI scheme 's3'"):
         score("s3://bucket/ckpt")
-    with pytest.raises(errors.InvalidCheckpointURI, match="names host 'example.com'"):
+    with pytest.raises(errors.InvalidCheckpointURI, match=r"names host 'example\.com'"):
         score("file://example.com/tmp/x")
     with pytest.raises(errors.InvalidCheckpointURI, match="empty"):
         score("  ")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from layertrack.workers.scoring import ScoreConfig, score_checkpoint
 
 EXE = shutil.which("layertrack") or pytest.fail("the layertrack console script is not installed")

@@ -12,17 +12,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import httpx
 import pytest
-from sqlalchemy import func, select
-
 from layertrack.service.db import session_scope
 from layertrack.service.models import Job, Score
 from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+from sqlalchemy import func, select
 
 CFG = {"max_tokens": 600, "seq_len": 64}
 ROWS_PER_TINY_JOB = 3 * 4 + 4  # 3 pairs × 4 pair metrics + 4 hidden states × anisotropy

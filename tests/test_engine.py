@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from layertrack.workers import engine, reference
 from layertrack.workers.errors import TooFewTokens
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
-
 from layertrack.service.db import downgrade, upgrade
 from layertrack.service.models import Base
+from sqlalchemy import create_engine, inspect
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,7 +7,6 @@ import json
 from importlib import resources
 
 import pytest
-
 from layertrack.workers.errors import ProbeError
 from layertrack.workers.probe import default_probe, load_probe, tokenize_probe
 

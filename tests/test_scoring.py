@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, build_checkpoint
-
 from layertrack.workers import checkpoint as ckpt
 from layertrack.workers import engine, reference
 from layertrack.workers.probe import default_probe, tokenize_probe
 from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+from tiny_models import FAMILIES, build_checkpoint
 
 TOL = 1e-6
 SMALL = ScoreConfig(max_tokens=1200, seq_len=64)

@@ -13,7 +13,6 @@ task only says "look at job X", so running it twice is harmless.
 from __future__ import annotations
 
 from celery import Celery
-
 from layertrack.service.settings import get_settings
 
 SCORE_TASK = "layertrack.score"

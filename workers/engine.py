@@ -30,6 +30,7 @@ splits the layers into groups that are accumulated in separate passes.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ class StreamingStats:
         # save a quarter of those flops); the lower triangle is filled in at solve time.
         b = gram_blocks or min(3, max(1, d // 128))
         edges = [round(i * d / b) for i in range(b + 1)]
-        self._blocks = list(zip(edges[:-1], edges[1:]))
+        self._blocks = list(itertools.pairwise(edges))
         self.device, self.dtype = torch.device(device), dtype
         n_h = last - first + 1
 
@@ -261,52 +262,60 @@ class StreamingStats:
         self._n_batch = None
 
     def scores(self, config: EngineConfig = EngineConfig()) -> tuple[list[PairScores], list[LayerScores]]:
-        """Solve every pair of the group in float64 (one eigendecomposition per hidden state)."""
+        """Solve every pair of the group in float64 (one eigendecomposition per hidden state).
+
+        Consumes the statistics: each hidden state's matrices are freed as soon as its pair
+        is solved, so the solve never needs more memory than the accumulation did.
+        """
         n = self.n
         if n < 2:
             raise ValueError("no tokens were accumulated")
         self._buffers.clear()
-        eig: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        # tr(C_xx) of every hidden state, from the diagonals (complete in the stored triangle)
+        traces = [
+            float(torch.diagonal(g).sum() - self.sum_x[j].square().sum() / n) for j, g in enumerate(self.gram_x)
+        ]
         layers: list[LayerScores] = []
-        grams = [torch.triu(g) + torch.triu(g, 1).T for g in self.gram_x]
-        for j, gram in enumerate(grams):
+        pairs: list[PairScores] = []
+        for j in range(len(self.gram_x)):
+            gram = self.gram_x[j]
+            gram.triu_()
+            gram += gram.triu(1).T  # the lower triangle, from the upper one
             s = self.sum_x[j]
-            cxx = gram - torch.outer(s, s) / n
-            cxx = (cxx + cxx.T) / 2
-            trace = float(torch.diagonal(cxx).sum())
+            cxx = gram.sub_(torch.outer(s, s), alpha=1.0 / n)  # centred, in place
             lam, vec = torch.linalg.eigh(cxx)
             lam_max = float(lam[-1])
-            anis = lam_max / trace if trace > 0 else float("nan")
+            anis = lam_max / traces[j] if traces[j] > 0 else float("nan")
             layers.append(LayerScores(layer=self.first + j, anisotropy=anis))
-            eig.append((lam, vec, trace))
-        pairs: list[PairScores] = []
-        for k in range(len(self.cross_xd)):
-            lam, vec, tr_xx = eig[k]
-            tr_yy = eig[k + 1][2]
-            cxd = self.cross_xd[k] - torch.outer(self.sum_x[k], self.sum_d[k]) / n
-            cxx = grams[k] - torch.outer(self.sum_x[k], self.sum_x[k]) / n
-            cxy = cxx + cxd
-            tr_dd = float(self.sq_dc[k] - self.sum_d[k].square().sum() / n)
-            keep = lam > config.rank_rtol * max(float(lam[-1]), 0.0)
-            if float(lam[-1]) <= 0:
-                keep = torch.zeros_like(keep)
-            vk, lk = vec[:, keep], lam[keep]
-            lin = _explained(vk, lk, cxy, tr_yy)
-            nores = _explained(vk, lk, cxd, tr_dd)
-            sq_x = float(self.sq_x[k])
-            # Σ‖d‖² = Σ‖d − q‖² + 2 qᵀΣ(d − q) + n‖q‖²  (all terms well conditioned)
-            q = self.pivot_d[k]
-            sq_d = float(self.sq_dc[k] + 2 * torch.dot(q, self.sum_d[k]) + n * torch.dot(q, q))
-            pairs.append(
-                PairScores(
-                    layer=self.first + k,
-                    linearity=lin,
-                    linearity_nores=nores,
-                    cosine=float(self.cos_sum[k]) / n,
-                    norm_ratio=math.sqrt(max(sq_d, 0.0) / sq_x) if sq_x > 0 else float("nan"),
-                )
-            )
+            if j < len(self.cross_xd):
+                pairs.append(self._solve_pair(j, cxx, lam, vec, traces[j + 1], config))
+                self.cross_xd[j] = None  # type: ignore[call-overload]
+            self.gram_x[j] = None  # type: ignore[call-overload]
+            del gram, cxx, lam, vec
         return pairs, layers
+
+    def _solve_pair(self, k: int, cxx, lam, vec, tr_yy: float, config: EngineConfig) -> PairScores:
+        n = self.n
+        cxd = self.cross_xd[k].sub_(torch.outer(self.sum_x[k], self.sum_d[k]), alpha=1.0 / n)
+        cxy = cxx + cxd
+        tr_dd = float(self.sq_dc[k] - self.sum_d[k].square().sum() / n)
+        keep = lam > config.rank_rtol * max(float(lam[-1]), 0.0)
+        if float(lam[-1]) <= 0:
+            keep = torch.zeros_like(keep)
+        vk, lk = vec[:, keep], lam[keep]
+        lin = _explained(vk, lk, cxy, tr_yy)
+        nores = _explained(vk, lk, cxd, tr_dd)
+        sq_x = float(self.sq_x[k])
+        # Σ‖d‖² = Σ‖d − q‖² + 2 qᵀΣ(d − q) + n‖q‖²  (all terms well conditioned)
+        q = self.pivot_d[k]
+        sq_d = float(self.sq_dc[k] + 2 * torch.dot(q, self.sum_d[k]) + n * torch.dot(q, q))
+        return PairScores(
+            layer=self.first + k,
+            linearity=lin,
+            linearity_nores=nores,
+            cosine=float(self.cos_sum[k]) / n,
+            norm_ratio=math.sqrt(max(sq_d, 0.0) / sq_x) if sq_x > 0 else float("nan"),
+        )
 
 
 def _explained(vk: torch.Tensor, lk: torch.Tensor, cxt: torch.Tensor, tr_tt: float) -> float:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class ProbeTokens:
     tokenizer_fingerprint: str
 
 
+@lru_cache(maxsize=1)
 def default_probe() -> Probe:
     data = resources.files("layertrack.workers").joinpath("probe_data/default.jsonl").read_bytes()
     return _parse_jsonl(data, DEFAULT_PROBE_NAME, "the built-in default probe")

@@ -6,6 +6,7 @@ purpose: it is the oracle the streaming engine is tested against, not a code pat
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -67,7 +68,7 @@ def score_pairs(hidden_states: Sequence[torch.Tensor], *, rank_rtol: float = RAN
         "norm_ratio": [],
         "anisotropy": [anisotropy(h) for h in hs],
     }
-    for x, y in zip(hs[:-1], hs[1:]):
+    for x, y in itertools.pairwise(hs):
         out["linearity"].append(linearity(x, y, rank_rtol=rank_rtol))
         out["linearity_nores"].append(linearity(x, y - x, rank_rtol=rank_rtol))
         out["cosine"].append(cosine(x, y))

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .engine import EngineConfig, PairScores, Scores, StreamingStats, check_token_count
-from .engine import plan_layer_groups, stats_bytes
+from .engine import EngineConfig, PairScores, Scores, StreamingStats, check_token_count, plan_layer_groups, stats_bytes
 from .errors import OutOfMemory
 from .probe import Probe, ProbeTokens, load_probe, tokenize_probe
 
@@ -174,11 +173,11 @@ def score_model(
                 if i >= last and last < n_hidden - 1:
                     raise _StopForward
 
-            def pre_hook(_module, args, kwargs):
+            def pre_hook(_module, args, kwargs, feed=feed):
                 h = args[0] if args else kwargs["hidden_states"]
                 feed(0, h)
 
-            def make_hook(i: int):
+            def make_hook(i: int, feed=feed, state=state):
                 def hook(_module, _args, output):
                     h = output[0] if isinstance(output, tuple) else output
                     if i == n_hidden - 1:  # the last block's own output (before the final norm)

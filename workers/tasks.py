@@ -7,10 +7,9 @@ import socket
 import threading
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import OperationalError
-
 from layertrack.service import jobs
 from layertrack.service.settings import get_settings
+from sqlalchemy.exc import OperationalError
 
 from .celery_app import SCORE_TASK, app
 

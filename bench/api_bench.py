@@ -1,0 +1,199 @@
+"""Trend and series queries over ~4 M stored scores, and submission latency under load.
+
+    python bench/api_bench.py            # needs PostgreSQL and Redis (as for the tests)
+
+1. Creates a fresh PostgreSQL database, migrates it, and loads 10 runs × 2,000 steps ×
+   32 layers × 6 metrics = 3,840,000 scores (COPY), with a checkpoint and a job per step.
+2. Starts the API server (uvicorn, one process) on that database and a Redis broker.
+3. Over HTTP, 50 times each on random runs: the layer-mean trend and one layer's series,
+   both downsampled to 500 points. Prints median and p95 latency.
+4. From a separate process, submits checkpoints at 100 requests/s for 10 s (open loop:
+   each request leaves at its scheduled time, whatever the previous ones did) and prints
+   p50/p99 latency and the error count.
+
+The six stored metrics are the five the engine computes plus ``intrinsic_dim`` (planned;
+stored here only to give the table its full size); queries read ``linearity``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+RUNS, STEPS, LAYERS = 10, 2000, 32
+METRICS = ["linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy", "intrinsic_dim"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load(db_url: str) -> None:
+    import psycopg
+    from layertrack.service.db import session_scope
+    from layertrack.service.jobs import probe_row
+    from sqlalchemy.engine import make_url
+
+    with session_scope(db_url) as s:
+        probe_id = probe_row(s, "default").id
+    u = make_url(db_url)
+    conninfo = f"host={u.host} port={u.port or 5432} user={u.username} dbname={u.database}"
+    rng = random.Random(0)
+    t0 = time.perf_counter()
+    with psycopg.connect(conninfo) as conn, conn.cursor() as cur:
+        for r in range(RUNS):
+            cur.execute(
+                "INSERT INTO runs (name, phase, metadata, created_at)"
+                " VALUES (%s, 'pretrain', '{}', now()) RETURNING id",
+                (f"bench-run-{r}",),
+            )
+            run_id = cur.fetchone()[0]
+            with cur.copy("COPY checkpoints (run_id, step, phase, uri, fingerprint, created_at) FROM STDIN") as cp:
+                for step in range(STEPS):
+                    cp.write_row((run_id, step * 10, "pretrain", f"/ckpt/{r}/{step}", f"{step:064d}", "now"))
+            cur.execute("SELECT id, step FROM checkpoints WHERE run_id = %s", (run_id,))
+            ckpt_of = {step: cid for cid, step in cur.fetchall()}
+            job_of = {}
+            with cur.copy(
+                "COPY jobs (id, checkpoint_id, probe_id, run_id, config, config_hash, status, attempts, queued_at)"
+                " FROM STDIN"
+            ) as cp:
+                for step, cid in ckpt_of.items():
+                    jid = str(uuid.uuid4())
+                    job_of[step] = jid
+                    cp.write_row((jid, cid, probe_id, run_id, "{}", "0" * 64, "succeeded", 1, "now"))
+            with cur.copy("COPY scores (job_id, run_id, step, layer, metric, value, final_norm) FROM STDIN") as cp:
+                for step in range(STEPS):
+                    for m in METRICS:
+                        base = rng.random()
+                        for layer in range(LAYERS):
+                            cp.write_row((job_of[step * 10], run_id, step * 10, layer, m,
+                                          base + 0.01 * rng.random(), layer == LAYERS - 1))
+            conn.commit()
+            log(f"  loaded run {r + 1}/{RUNS} ({time.perf_counter() - t0:.0f} s)")
+        cur.execute("ANALYZE")
+        cur.execute("SELECT count(*) FROM scores")
+        log(f"  {cur.fetchone()[0]:,} scores in {time.perf_counter() - t0:.0f} s")
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+
+async def submit_load(url: str, token: str, uri: str, rate: float, seconds: float) -> dict:
+    import httpx
+
+    n = int(rate * seconds)
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    run = f"load-{uuid.uuid4().hex[:6]}"
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
+                                 timeout=30, limits=limits) as client:
+        async def one(i: int, at: float) -> None:
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            t = time.perf_counter()
+            try:
+                r = await client.post("/v1/checkpoints", json={"run": run, "step": i, "uri": uri})
+                if r.status_code != 202:
+                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+            except Exception as e:
+                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+            lat.append((time.perf_counter() - t) * 1000)
+
+        # warm up the connection pool and the server
+        for i in range(20):
+            await client.post("/v1/checkpoints", json={"run": run + "-warm", "step": i, "uri": uri})
+        start = time.perf_counter() + 0.2
+        await asyncio.gather(*(one(i, start + i / rate) for i in range(n)))
+        elapsed = time.perf_counter() - start
+    return {"n": n, "p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat), "errors": errors,
+            "achieved_rps": n / elapsed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--load-child", nargs=3, metavar=("URL", "TOKEN", "URI"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.load_child:
+        url, token, uri = args.load_child
+        print(json.dumps(asyncio.run(submit_load(url, token, uri, args.rate, args.seconds))))
+        return
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import tempfile
+
+    from services import Service, create_pg_database, drop_pg_database, redis_db_url, release_redis_db
+
+    tmp = Path(tempfile.mkdtemp(prefix="lt-api-bench-"))
+    roots = tmp / "ckpts"
+    ckpt = roots / "tiny"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 64)  # the API reads only names and sizes
+    db, broker = create_pg_database(), redis_db_url()
+    svc = Service(tmp=tmp, db_url=db, broker_url=broker, roots=roots)
+    svc.extra_env["LAYERTRACK_SWEEP_INTERVAL_S"] = "0"
+    try:
+        log("loading scores into PostgreSQL ...")
+        svc.migrate_and_token()
+        load(db)
+        svc.start_api()
+        rng = random.Random(1)
+        timings: dict[str, list[float]] = {"trend": [], "series": []}
+        with httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {svc.token}"}, timeout=30) as h:
+            for _ in range(5):  # warm-up
+                h.get("/v1/runs/bench-run-0/trend", params={"metric": "linearity", "max_points": 500})
+            for _ in range(args.queries):
+                run = f"bench-run-{rng.randrange(RUNS)}"
+                t = time.perf_counter()
+                r = h.get(f"/v1/runs/{run}/trend", params={"metric": "linearity", "max_points": 500})
+                timings["trend"].append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200 and len(r.json()["steps"]) <= 500, r.text
+                t = time.perf_counter()
+                r = h.get(f"/v1/runs/{run}/scores",
+                          params={"metric": "linearity", "layer": rng.randrange(LAYERS), "max_points": 500})
+                timings["series"].append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200 and len(r.json()["series"][0]["steps"]) <= 500, r.text
+        log(f"submitting at {args.rate:g} requests/s for {args.seconds:g} s from a separate process ...")
+        out = subprocess.run(
+            [sys.executable, __file__, "--rate", str(args.rate), "--seconds", str(args.seconds),
+             "--load-child", svc.url, svc.token, str(ckpt)],
+            capture_output=True, text=True, env=dict(os.environ),
+        )
+        if out.returncode != 0:
+            raise SystemExit(out.stderr[-3000:])
+        load_res = json.loads(out.stdout.strip().splitlines()[-1])
+        n_scores = RUNS * STEPS * LAYERS * len(METRICS)
+        print(f"PostgreSQL, {n_scores:,} scores ({RUNS} runs x {STEPS} steps x {LAYERS} layers x "
+              f"{len(METRICS)} metrics); API: uvicorn, 1 process; over HTTP on loopback")
+        for name, label in (("trend", "trend (layer mean per step)"), ("series", "one layer's series")):
+            xs = timings[name]
+            print(f"{label:<30} downsampled to 500 points: median {statistics.median(xs):.1f} ms, "
+                  f"p95 {pct(xs, 95):.1f} ms over {len(xs)} queries")
+        print(f"submission at {args.rate:g} req/s for {args.seconds:g} s ({load_res['n']} requests, "
+              f"achieved {load_res['achieved_rps']:.1f} req/s): p50 {load_res['p50']:.1f} ms, "
+              f"p99 {load_res['p99']:.1f} ms, max {load_res['max']:.1f} ms, errors {load_res['errors'] or 0}")
+    finally:
+        svc.stop()
+        drop_pg_database(db)
+        release_redis_db(broker)
+
+
+if __name__ == "__main__":
+    main()
