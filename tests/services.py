@@ -26,6 +26,16 @@ PG_ADMIN = os.environ.get("LAYERTRACK_TEST_PG", "postgresql+psycopg://postgres@1
 REDIS_URL = os.environ.get("LAYERTRACK_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
+def layertrack_exe() -> str:
+    """The installed console script beside this interpreter (the venv need not be on PATH)."""
+    import shutil
+
+    exe = shutil.which("layertrack", path=str(Path(sys.executable).parent)) or shutil.which("layertrack")
+    if exe is None:
+        pytest.fail("the layertrack console script is not installed")
+    return exe
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,12 +133,12 @@ class Service:
     def start_api(self) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        log = open(self.tmp / "api.log", "ab")  # noqa: SIM115
-        self.api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "layertrack.service.main:app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.tmp / "api.log", "ab") as log:  # the child keeps its own descriptor
+            self.api = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "layertrack.service.main:app", "--host", "127.0.0.1",
+                 "--port", str(port), "--log-level", "warning"],
+                env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.api.poll() is not None:
@@ -141,13 +151,13 @@ class Service:
         raise RuntimeError("the API server did not start within 60 s")
 
     def start_worker(self, name: str) -> subprocess.Popen:
-        log = open(self.tmp / f"worker-{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "layertrack.workers.celery_app", "worker", "-Q", "gpu",
-             "-c", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.tmp / f"worker-{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "layertrack.workers.celery_app", "worker", "-Q", "gpu",
+                 "-c", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
+                 "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         self.workers[name] = proc
         return proc
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+from services import layertrack_exe
 
-EXE = shutil.which("layertrack") or pytest.fail("the layertrack console script is not installed")
+EXE = layertrack_exe()
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,6 +19,7 @@ import pytest
 from layertrack.service.db import session_scope
 from layertrack.service.models import Job, Score
 from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+from services import layertrack_exe
 from sqlalchemy import func, select
 
 CFG = {"max_tokens": 600, "seq_len": 64}
@@ -112,13 +112,13 @@ def test_three_steps_scored_and_read_back_as_series_trend_heatmap_and_exports(li
 
     # the CLI talks to the same server
     env = dict(os.environ, LAYERTRACK_URL=live.url, LAYERTRACK_TOKEN=live.token)
-    out = subprocess.run([shutil.which("layertrack"), "trend", run, "--metric", "linearity"],
+    out = subprocess.run([layertrack_exe(), "trend", run, "--metric", "linearity"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = [ln.split() for ln in out.stdout.splitlines()[2:]]
     assert [int(ln[0]) for ln in lines] == [100, 200, 300]
     assert [float(ln[1]) for ln in lines] == pytest.approx(trend["values"], abs=1e-6)
-    out = subprocess.run([shutil.which("layertrack"), "wait", ids[0]], capture_output=True, text=True,
+    out = subprocess.run([layertrack_exe(), "wait", ids[0]], capture_output=True, text=True,
                          env=env, timeout=60)
     assert out.returncode == 0 and "succeeded" in out.stdout
 
@@ -230,7 +230,7 @@ def test_layertrack_up_runs_everything_without_servers(tmp_path, tokenizer):
                OMP_NUM_THREADS="1")
     for k in ("LAYERTRACK_DATABASE_URL", "LAYERTRACK_BROKER_URL", "LAYERTRACK_URL", "LAYERTRACK_TOKEN"):
         env.pop(k, None)
-    exe = shutil.which("layertrack")
+    exe = layertrack_exe()
     up = subprocess.Popen([exe, "up", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -258,6 +258,7 @@ def test_layertrack_up_runs_everything_without_servers(tmp_path, tokenizer):
     finally:
         os.killpg(up.pid, signal.SIGINT)
         try:
-            up.wait(timeout=40)
+            up.communicate(timeout=40)
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
+            up.communicate()

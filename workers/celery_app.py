@@ -37,10 +37,11 @@ def make_app() -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
-        # publishing must fail fast when the broker is down: the job is already committed
-        # and the sweeper sends it later
+        # publishing fails fast when the broker is down (the job is already committed and the
+        # sweeper sends it later: see jobs.enqueue); a worker keeps reconnecting forever
         broker_connection_timeout=2,
-        broker_connection_max_retries=1,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
     )
     return app
 
