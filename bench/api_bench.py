@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=100.0)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--only-submit", action="store_true", help="skip loading scores and the queries")
     p.add_argument("--load-child", nargs=3, metavar=("URL", "TOKEN", "URI"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.load_child:
@@ -150,16 +151,17 @@ def main() -> None:
     svc = Service(tmp=tmp, db_url=db, broker_url=broker, roots=roots)
     svc.extra_env["LAYERTRACK_SWEEP_INTERVAL_S"] = "0"
     try:
-        log("loading scores into PostgreSQL ...")
         svc.migrate_and_token()
-        load(db)
+        if not args.only_submit:
+            log("loading scores into PostgreSQL ...")
+            load(db)
         svc.start_api()
         rng = random.Random(1)
         timings: dict[str, list[float]] = {"trend": [], "series": []}
         with httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {svc.token}"}, timeout=30) as h:
-            for _ in range(5):  # warm-up
+            for _ in range(0 if args.only_submit else 5):  # warm-up
                 h.get("/v1/runs/bench-run-0/trend", params={"metric": "linearity", "max_points": 500})
-            for _ in range(args.queries):
+            for _ in range(0 if args.only_submit else args.queries):
                 run = f"bench-run-{rng.randrange(RUNS)}"
                 t = time.perf_counter()
                 r = h.get(f"/v1/runs/{run}/trend", params={"metric": "linearity", "max_points": 500})
@@ -184,6 +186,8 @@ def main() -> None:
               f"{len(METRICS)} metrics); API: uvicorn, 1 process; over HTTP on loopback")
         for name, label in (("trend", "trend (layer mean per step)"), ("series", "one layer's series")):
             xs = timings[name]
+            if not xs:
+                continue
             print(f"{label:<30} downsampled to 500 points: median {statistics.median(xs):.1f} ms, "
                   f"p95 {pct(xs, 95):.1f} ms over {len(xs)} queries")
         print(f"submission at {args.rate:g} req/s for {args.seconds:g} s ({load_res['n']} requests, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -26,11 +27,25 @@ def create_token(session: Session, name: str) -> tuple[ApiToken, str]:
     return row, secret
 
 
-def verify(session: Session, token: str) -> ApiToken | None:
-    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+#: a token seen valid is trusted for this many seconds without asking the database again,
+#: so a revocation takes effect within this time (in every API process)
+CACHE_SECONDS = 5.0
+_valid: dict[str, float] = {}  # token hash -> monotonic time it was last checked
+
+
+def verify(session: Session, token: str) -> bool:
+    digest = hash_token(token)
+    checked = _valid.get(digest)
+    if checked is not None and time.monotonic() - checked < CACHE_SECONDS:
+        return True
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
     if row is None or row.revoked_at is not None:
-        return None
-    return row
+        _valid.pop(digest, None)
+        return False
+    if len(_valid) > 10_000:
+        _valid.clear()
+    _valid[digest] = time.monotonic()
+    return True
 
 
 def revoke(session: Session, token_id: int) -> ApiToken | None:

@@ -53,12 +53,20 @@ class SubmitConflict(Exception):
     """The request contradicts what is stored (a run's parent, an Idempotency-Key's body)."""
 
 
+_probe_ids: dict[tuple[str, str], int] = {}  # (database, sha256) -> probes.id; rows never change
+
+
 def probe_row(session: Session, name: str) -> Probe:
     from layertrack.workers.probe import default_probe  # stdlib only, no torch
 
     if name != "default":
         raise ValueError(name)
     p = default_probe()
+    key = (str(session.get_bind().url), p.sha256)
+    if key in _probe_ids:
+        row = session.get(Probe, _probe_ids[key])
+        if row is not None:
+            return row
     row = session.scalar(select(Probe).where(Probe.sha256 == p.sha256))
     if row is None:
         row = Probe(name=p.name, sha256=p.sha256, n_chars=p.n_chars)
@@ -68,6 +76,7 @@ def probe_row(session: Session, name: str) -> Probe:
         except IntegrityError:
             session.rollback()
             row = session.scalar(select(Probe).where(Probe.sha256 == p.sha256))
+    _probe_ids[key] = row.id
     return row
 
 
@@ -86,9 +95,9 @@ def _run_row(session: Session, sub: Submission) -> Run:
             parent_run_id=parent.id if parent else None,
             parent_step=sub.parent_step,
             meta={},
+            created_at=now(),
         )
-        session.add(run)
-        session.flush()
+        session.add(run)  # inserted with the rest at commit: one round trip less
     elif parent is not None and run.parent_run_id not in (None, parent.id):
         raise SubmitConflict(f"run {sub.run!r} already has another parent run")
     elif parent is not None and run.parent_run_id is None:
@@ -112,19 +121,20 @@ def submit(
             return existing, False
     run = _run_row(session, sub)
     probe = probe_row(session, sub.probe)
-    ckpt = session.scalar(
+    ckpt = None if run.id is None else session.scalar(
         select(Checkpoint).where(
             Checkpoint.run_id == run.id, Checkpoint.step == sub.step, Checkpoint.fingerprint == sub.fingerprint
         )
     )
+    new_checkpoint = ckpt is None
     if ckpt is None:
         ckpt = Checkpoint(
-            run_id=run.id, step=sub.step, phase=sub.phase or run.phase, uri=sub.uri, fingerprint=sub.fingerprint
+            run=run, step=sub.step, phase=sub.phase or run.phase, uri=sub.uri, fingerprint=sub.fingerprint,
+            created_at=now(),
         )
         session.add(ckpt)
-        session.flush()
     config_hash = canonical_hash(sub.config)
-    job = session.scalar(
+    job = None if new_checkpoint else session.scalar(
         select(Job).where(
             Job.checkpoint_id == ckpt.id, Job.probe_id == probe.id, Job.config_hash == config_hash
         )
@@ -132,9 +142,9 @@ def submit(
     if job is not None:
         return job, False
     job = Job(
-        checkpoint_id=ckpt.id,
-        probe_id=probe.id,
-        run_id=run.id,
+        checkpoint=ckpt,
+        probe=probe,
+        run=run,
         config=sub.config,
         config_hash=config_hash,
         status=JobStatus.queued,
@@ -142,20 +152,34 @@ def submit(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         queued_at=now(),
+        # set before it is sent (after the commit): one transaction less per submission. If
+        # sending fails the API clears it; if the API dies first, the sweeper re-sends the
+        # job after requeue_after_s.
+        enqueued_at=now(),
     )
-    session.add(job)
-    session.flush()
+    session.add(job)  # flushed by the caller's commit (a race with a twin raises IntegrityError there)
     return job, True
 
 
-def enqueue(db_url: str, job_id: str) -> bool:
-    """Send the job to the broker; record when. False (and the job stays queued) on failure."""
+def publish(job_id: str) -> bool:
+    """Send the job to the broker; False when the broker cannot be reached."""
     from layertrack.workers.celery_app import GPU_QUEUE, SCORE_TASK, app
 
     try:
         app.send_task(SCORE_TASK, args=[job_id], queue=GPU_QUEUE, retry=False)
     except Exception as e:  # broker down: the sweeper sends it later
         log.warning("could not enqueue job %s (%s: %s); the sweeper will retry", job_id, type(e).__name__, e)
+        return False
+    return True
+
+
+def mark_unsent(session: Session, job: Job) -> None:
+    job.enqueued_at = None
+
+
+def enqueue(db_url: str, job_id: str) -> bool:
+    """Send the job to the broker; record when. False (and the job stays queued) on failure."""
+    if not publish(job_id):
         return False
     with session_scope(db_url) as s:
         s.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,3 +57,22 @@ def test_api_side_imports_no_torch():
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_token_create_list_revoke_and_migrate(tmp_path):
+    env = dict(os.environ, LAYERTRACK_DATABASE_URL=f"sqlite:///{tmp_path / 't.db'}",
+               LAYERTRACK_DATA_DIR=str(tmp_path))
+
+    def cli(*args):
+        return subprocess.run([EXE, *args], capture_output=True, text=True, env=env, timeout=120)
+
+    assert "is up to date" in cli("migrate").stdout
+    out = cli("token", "create", "ci")
+    assert out.returncode == 0 and out.stdout.startswith("token 1 (ci): lt_")
+    secret = out.stdout.split(": ", 1)[1].strip()
+    listed = cli("token", "list").stdout
+    assert "ci" in listed and secret[:10] in listed and secret not in listed and "active" in listed
+    assert cli("token", "revoke", "1").stdout.strip() == "token 1 revoked"
+    assert "revoked" in cli("token", "list").stdout
+    out = cli("token", "revoke", "99")
+    assert out.returncode == 3 and "no token with id 99" in out.stderr

@@ -262,3 +262,28 @@ def test_layertrack_up_runs_everything_without_servers(tmp_path, tokenizer):
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
             up.communicate()
+
+
+def test_a_failing_job_records_why_and_can_be_retried(live, tokenizer):
+    """The API accepts any checkpoint directory with a config and weights; the worker finds
+    out that this one is not a causal LM and the job says so."""
+    from tiny_models import build_checkpoint
+    from transformers import BertConfig, BertForMaskedLM
+
+    run = f"fail-{uuid.uuid4().hex[:6]}"
+    bert = live.roots / run / "bert"
+    BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, vocab_size=384)).save_pretrained(bert)
+    with live.client() as c:
+        job = c.wait(c.submit(run=run, step=1, uri=str(bert), config=CFG)["id"], timeout=120, poll=0.5)
+        assert job["status"] == "failed" and job["error_code"] == "not_a_causal_lm", job
+        assert "is not a causal language model (BertForMaskedLM)" in job["error"]
+        assert job["attempts"] == 1 and job["finished_at"] is not None
+        assert c.retry(job["id"])["status"] == "queued"
+        again = c.wait(job["id"], timeout=120, poll=0.5)
+        assert again["status"] == "failed" and again["attempts"] == 2
+        tiny = build_checkpoint(live.roots / run / "llama", "llama", tokenizer)
+        few = c.submit(run=run, step=2, uri=str(tiny), config={"max_tokens": 40, "seq_len": 64})
+        few = c.wait(few["id"], timeout=120, poll=0.5)
+    assert few["status"] == "failed" and few["error_code"] == "too_few_tokens"
+    assert "only 40 probe tokens for hidden size d=32" in few["error"]
