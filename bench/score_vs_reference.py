@@ -23,6 +23,7 @@ linearity and linearity_nores of every pair. Model loading is excluded from all 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -147,8 +148,8 @@ def child(mode: str, ckpt: Path, n_tokens: int) -> dict:
             a = vh.T @ ((u.T @ y) / sv[:, None])
             return float(1 - (x @ a - y).square().sum())
 
-        out["linearity"] = [lstsq_svd_f32(x, y) for x, y in zip(states[:-1], states[1:])]
-        out["linearity_nores"] = [lstsq_svd_f32(x, y - x) for x, y in zip(states[:-1], states[1:])]
+        out["linearity"] = [lstsq_svd_f32(x, y) for x, y in itertools.pairwise(states)]
+        out["linearity_nores"] = [lstsq_svd_f32(x, y - x) for x, y in itertools.pairwise(states)]
     elif mode == "oracle":
         chunks: list[list[torch.Tensor]] = []
         with torch.inference_mode():
@@ -159,7 +160,7 @@ def child(mode: str, ckpt: Path, n_tokens: int) -> dict:
         states = [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
         del chunks
         lin, nores = [], []
-        for x, y in zip(states[:-1], states[1:]):
+        for x, y in itertools.pairwise(states):
             lin.append(reference.linearity(x, y))
             nores.append(reference.linearity(x, y - x))
         out["linearity"], out["linearity_nores"] = lin, nores
