@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=100.0)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--api-processes", type=int, default=1, help="uvicorn worker processes")
     p.add_argument("--only-submit", action="store_true", help="skip loading scores and the queries")
     p.add_argument("--load-child", nargs=3, metavar=("URL", "TOKEN", "URI"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -160,7 +161,7 @@ def main() -> None:
         if not args.only_submit:
             log("loading scores into PostgreSQL ...")
             load(db)
-        svc.start_api()
+        svc.start_api(args.api_processes)
         rng = random.Random(1)
         timings: dict[str, list[float]] = {"trend": [], "series": []}
         with httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {svc.token}"}, timeout=30) as h:
@@ -188,7 +189,7 @@ def main() -> None:
         load_res = json.loads(out.stdout.strip().splitlines()[-1])
         n_scores = RUNS * STEPS * LAYERS * len(METRICS)
         print(f"PostgreSQL, {n_scores:,} scores ({RUNS} runs x {STEPS} steps x {LAYERS} layers x "
-              f"{len(METRICS)} metrics); API: uvicorn, 1 process; over HTTP on loopback")
+              f"{len(METRICS)} metrics); API: uvicorn, {args.api_processes} process(es); over HTTP on loopback")
         for name, label in (("trend", "trend (layer mean per step)"), ("series", "one layer's series")):
             xs = timings[name]
             if not xs:

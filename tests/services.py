@@ -130,13 +130,13 @@ class Service:
         with session_scope(self.db_url) as s:
             _row, self.token = create_token(s, "tests")
 
-    def start_api(self) -> None:
+    def start_api(self, processes: int = 1) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         with open(self.tmp / "api.log", "ab") as log:  # the child keeps its own descriptor
             self.api = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "layertrack.service.main:app", "--host", "127.0.0.1",
-                 "--port", str(port), "--log-level", "warning"],
+                 "--port", str(port), "--log-level", "warning", "--workers", str(processes)],
                 env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + 60
