@@ -1,0 +1,1 @@
+"""The built-in probe text (default.jsonl), built from src/ by scripts/build_probe.py."""
