@@ -116,9 +116,11 @@ async def submit_load(url: str, token: str, uri: str, rate: float, seconds: floa
                 errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
             lat.append((time.perf_counter() - t) * 1000)
 
-        # warm up the connection pool and the server
-        for i in range(20):
-            await client.post("/v1/checkpoints", json={"run": run + "-warm", "step": i, "uri": uri})
+        # warm up: concurrent requests open the server's database and broker connection
+        # pools to the size a steady load keeps them at (a pool growing costs a connect)
+        for wave in range(5):
+            await asyncio.gather(*(client.post("/v1/checkpoints", json={"run": run + "-warm", "step": wave * 20 + i,
+                                                                           "uri": uri}) for i in range(20)))
         start = time.perf_counter() + 0.2
         await asyncio.gather(*(one(i, start + i / rate) for i in range(n)))
         elapsed = time.perf_counter() - start
