@@ -220,22 +220,20 @@ def list_jobs(
 
 @v1.post("/jobs/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: str, session: SessionDep) -> JobOut:
-    job = get_job(session, job_id)
-    if job.status not in (JobStatus.queued, JobStatus.running):
-        raise Problem(409, "Conflict",
-                      f"job {job_id} is {job.status.value}; only queued or running jobs can be cancelled")
-    jobs.cancel(session, job)
+    try:
+        job = jobs.cancel(session, get_job(session, job_id))
+    except jobs.InvalidTransition as e:
+        raise Problem(409, "Conflict", str(e)) from None
     session.commit()
     return job_out(job)
 
 
 @v1.post("/jobs/{job_id}/retry", response_model=JobOut)
 def retry_job(job_id: str, session: SessionDep, settings: SettingsDep) -> JobOut:
-    job = get_job(session, job_id)
-    if job.status not in (JobStatus.failed, JobStatus.cancelled):
-        raise Problem(409, "Conflict",
-                      f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried")
-    jobs.retry(session, job)
+    try:
+        job = jobs.retry(session, get_job(session, job_id))
+    except jobs.InvalidTransition as e:
+        raise Problem(409, "Conflict", str(e)) from None
     session.commit()
     jobs.enqueue(settings.db_url, job.id)
     session.refresh(job)

@@ -214,21 +214,31 @@ def sweep(db_url: str, *, stale_after_s: float, requeue_after_s: float) -> dict[
     return {"stale_requeued": len(stale), "pending": len(pending), "sent": sent}
 
 
+class InvalidTransition(Exception):
+    """The job's state does not allow the change asked for."""
+
+
+def _require(job: Job, allowed: tuple[JobStatus, ...], action: str) -> None:
+    if job.status not in allowed:
+        names = " or ".join(s.value for s in allowed)
+        raise InvalidTransition(f"job {job.id} is {job.status.value}; only {names} jobs can be {action}")
+
+
 def cancel(session: Session, job: Job) -> Job:
-    if job.status in (JobStatus.queued, JobStatus.running):
-        job.status = JobStatus.cancelled
-        job.finished_at = now()
+    _require(job, (JobStatus.queued, JobStatus.running), "cancelled")
+    job.status = JobStatus.cancelled
+    job.finished_at = now()
     return job
 
 
 def retry(session: Session, job: Job) -> Job:
-    if job.status in (JobStatus.failed, JobStatus.cancelled):
-        job.status = JobStatus.queued
-        job.error = job.error_code = None
-        job.worker = None
-        job.enqueued_at = None
-        job.started_at = job.finished_at = job.heartbeat_at = None
-        job.queued_at = now()
+    _require(job, (JobStatus.failed, JobStatus.cancelled), "retried")
+    job.status = JobStatus.queued
+    job.error = job.error_code = None
+    job.worker = None
+    job.enqueued_at = None
+    job.started_at = job.finished_at = job.heartbeat_at = None
+    job.queued_at = now()
     return job
 
 

@@ -19,6 +19,11 @@ log = logging.getLogger("layertrack.worker")
 TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
 
 
+def _backoff(retries: int) -> int:
+    """Seconds before retry number ``retries + 1``: 2, 4, 8, ... capped at 64."""
+    return 2 ** min(retries + 1, 6)
+
+
 def _heartbeat(db_url: str, job_id: str, worker: str, period: float, stop: threading.Event) -> None:
     while not stop.wait(period):
         try:
@@ -39,7 +44,7 @@ def score(self, job_id: str) -> str:
     try:
         job = jobs.claim(db_url, job_id, worker)
     except TRANSIENT as e:
-        raise self.retry(exc=e, countdown=2 ** min(self.request.retries + 1, 6),
+        raise self.retry(exc=e, countdown=_backoff(self.request.retries),
                          max_retries=settings.task_max_retries) from e
     if job is None:
         return "skipped: not queued"
@@ -71,7 +76,7 @@ def score(self, job_id: str) -> str:
     except TRANSIENT as e:
         if self.request.retries < settings.task_max_retries:
             jobs.release(db_url, job_id, worker)
-            raise self.retry(exc=e, countdown=2 ** (self.request.retries + 1),
+            raise self.retry(exc=e, countdown=_backoff(self.request.retries),
                              max_retries=settings.task_max_retries) from e
         jobs.fail(db_url, job_id, worker, "transient_error", f"{type(e).__name__}: {e}")
         return "failed: transient_error"
