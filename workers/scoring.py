@@ -127,16 +127,15 @@ def score_model(
     blocks = find_blocks(model)
     n_hidden = len(blocks) + 1
     warnings = check_token_count(tokens.n_tokens, d, config.engine)
-    stats_device = device
     budget = config.stats_memory_budget
     if budget is None:
-        budget = _auto_stats_budget(stats_device)
-    groups = plan_layer_groups(n_hidden, d, budget)
-    if stats_bytes(min(n_hidden, 2), d) > budget:
+        budget = _auto_stats_budget(device)  # statistics live on the model's device
+    if stats_bytes(2, d) > budget:
         raise OutOfMemory(
             f"the statistics of one block pair need {stats_bytes(2, d) / 2**30:.2f} GiB "
             f"(hidden size {d}) and only {budget / 2**30:.2f} GiB is available for them"
         )
+    groups = plan_layer_groups(n_hidden, d, budget)
 
     ids = torch.tensor(tokens.input_ids, dtype=torch.long)
     attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
@@ -163,7 +162,7 @@ def score_model(
     try:
         for first, last in groups:
             stats = StreamingStats(
-                d, first, last, device=stats_device, gemm_precision=config.engine.gemm_precision
+                d, first, last, device=device, gemm_precision=config.engine.gemm_precision
             )
             state: dict[str, Any] = {}
 
