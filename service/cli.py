@@ -375,12 +375,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             saved = json.loads(cfile.read_text())
             saved["url"] = url
             cfile.write_text(json.dumps(saved))
-    worker = None
+    workers = []
     if not args.no_worker:
-        worker = subprocess.Popen([
-            sys.executable, "-m", "celery", "-A", "layertrack.workers.celery_app", "worker",
-            "-Q", "gpu", "-c", "1", "--prefetch-multiplier", "1", "-n", "embedded@%h", "--loglevel", "INFO",
-        ])
+        celery = [sys.executable, "-m", "celery", "-A", "layertrack.workers.celery_app", "worker", "--loglevel", "INFO"]
+        workers.append(subprocess.Popen([*celery, "-Q", "gpu", "-c", "1", "--prefetch-multiplier", "1",
+                                         "-n", "embedded@%h"]))
+        # webhook deliveries: a light worker of their own, so a long scoring job never delays them
+        workers.append(subprocess.Popen([*celery, "-Q", "webhooks", "-P", "threads", "-c", "4",
+                                         "-n", "embedded-hooks@%h"]))
     print(f"layertrack is up at {url}  (API docs: {url}/docs)")
     print(f"database {_safe_url(settings.db_url)}; broker {settings.broker}")
     print(f"checkpoint roots: {', '.join(map(str, settings.roots))}")
@@ -389,8 +391,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     finally:
-        if worker is not None:
+        for worker in workers:
             worker.send_signal(signal.SIGTERM)
+        for worker in workers:
             try:
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:

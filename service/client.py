@@ -1,4 +1,4 @@
-"""A small HTTP client for the layertrack API (used by the CLI).
+"""The Python client of the layertrack API (the CLI and the training callbacks use it).
 
     from layertrack.service.client import Client
     with Client("http://127.0.0.1:8321", token="lt_...") as lt:
@@ -6,8 +6,14 @@
         job = lt.wait(job["id"], timeout=600)
         print(lt.trend("my-run", metric="linearity_nores"))
 
-Errors: ``ApiError`` (the server answered 4xx/5xx; ``.status`` and the server's
-``.detail``), ``ServiceUnavailable`` (503 or no connection, after retries).
+Every method returns plain Python data (dicts and lists, as the API's JSON; the TypedDicts
+below describe the common ones). With no URL or token given, the client reads
+LAYERTRACK_URL / LAYERTRACK_TOKEN, else what ``layertrack up`` saved.
+
+Errors: ``ApiError`` (the server refused the request: ``.status`` and the server's
+``.detail``), ``ServiceUnavailable`` (503, or no connection, after ``retries`` tries with
+exponential back-off that honours Retry-After). Pass ``transport=`` (an httpx transport,
+e.g. ``httpx.ASGITransport``-backed or a mock) to drive an app in-process.
 """
 
 from __future__ import annotations
@@ -16,13 +22,59 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 
 from .settings import get_settings
 
 DEFAULT_URL = "http://127.0.0.1:8321"
+
+
+class Job(TypedDict):
+    id: str
+    status: str  # queued | running | succeeded | failed | cancelled
+    status_url: str
+    run: str
+    step: int
+    phase: str
+    uri: str
+    probe: str
+    config: dict[str, Any]
+    attempts: int
+    worker: str | None
+    error_code: str | None
+    error: str | None
+    result: dict[str, Any] | None
+    queued_at: str
+    started_at: str | None
+    finished_at: str | None
+    duration_s: float | None
+
+
+class RunInfo(TypedDict):
+    name: str
+    phase: str
+    parent_run: str | None
+    parent_step: int | None
+    created_at: str
+    last_step: int | None
+    n_checkpoints: int
+    jobs: dict[str, int]
+
+
+class Series(TypedDict):
+    layer: int
+    final_norm: bool
+    steps: list[int]
+    values: list[float | None]
+
+
+class Trend(TypedDict):
+    run: str
+    metric: str
+    steps: list[int]
+    values: list[float | None]
 
 
 class ApiError(Exception):
@@ -101,20 +153,22 @@ class Client:
             raise cls(r.status_code, str(detail), body)
         return r
 
-    # ---------------------------------------------------------------- API
-    def submit(self, *, run: str, step: int, uri: str, idempotency_key: str | None = None, **fields) -> dict:
+    # ---------------------------------------------------------------- jobs
+    def submit(self, *, run: str, step: int, uri: str, idempotency_key: str | None = None, **fields) -> Job:
+        """Queue a checkpoint (fields: phase, parent_run, parent_step, probe, metrics, config).
+        The same checkpoint again returns the existing job."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"run": run, "step": step, "uri": uri, **{k: v for k, v in fields.items() if v is not None}}
         return self._request("POST", "/v1/checkpoints", json=body, headers=headers).json()
 
-    def job(self, job_id: str) -> dict:
+    def job(self, job_id: str) -> Job:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
 
-    def jobs(self, *, run: str | None = None, status: str | None = None, limit: int = 100) -> list[dict]:
+    def jobs(self, *, run: str | None = None, status: str | None = None, limit: int = 100) -> list[Job]:
         params = {k: v for k, v in {"run": run, "status": status, "limit": limit}.items() if v is not None}
         return self._request("GET", "/v1/jobs", params=params).json()
 
-    def wait(self, job_id: str, *, timeout: float = 3600.0, poll: float = 1.0) -> dict:
+    def wait(self, job_id: str, *, timeout: float = 3600.0, poll: float = 1.0) -> Job:
         """Poll until the job has finished (succeeded, failed or cancelled); TimeoutError if not."""
         deadline = time.monotonic() + timeout
         while True:
@@ -125,25 +179,30 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:g} s")
             time.sleep(poll)
 
-    def cancel(self, job_id: str) -> dict:
+    def cancel(self, job_id: str) -> Job:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
-    def retry(self, job_id: str) -> dict:
+    def retry(self, job_id: str) -> Job:
         return self._request("POST", f"/v1/jobs/{job_id}/retry").json()
 
-    def runs(self) -> list[dict]:
-        return self._request("GET", "/v1/runs").json()
+    # ---------------------------------------------------------------- runs and scores
+    def runs(self, *, name: str | None = None) -> list[RunInfo]:
+        """Every run (or those whose name contains ``name``)."""
+        return self._request("GET", "/v1/runs", params={"name": name} if name else None).json()
 
-    def run(self, name: str) -> dict:
+    def run(self, name: str) -> RunInfo:
         return self._request("GET", f"/v1/runs/{name}").json()
 
     def scores(self, run: str, *, metric: str = "linearity", **params) -> dict:
+        """{"run", "metric", "series": [Series per layer]}; params: layer, from_step, to_step, max_points."""
         return self._request("GET", f"/v1/runs/{run}/scores", params={"metric": metric, **params}).json()
 
-    def trend(self, run: str, *, metric: str = "linearity", **params) -> dict:
+    def trend(self, run: str, *, metric: str = "linearity", **params) -> Trend:
+        """Layer mean per step; params: from_step, to_step, max_points."""
         return self._request("GET", f"/v1/runs/{run}/trend", params={"metric": metric, **params}).json()
 
     def heatmap(self, run: str, *, metric: str = "linearity", **params) -> dict:
+        """{"run", "metric", "steps", "layers", "values" (steps × layers)}; params: max_steps."""
         return self._request("GET", f"/v1/runs/{run}/heatmap", params={"metric": metric, **params}).json()
 
     def export(self, run: str, *, format: str = "csv") -> bytes:
@@ -151,3 +210,64 @@ class Client:
 
     def compare(self, runs: list[str], *, metric: str = "linearity") -> dict:
         return self._request("GET", "/v1/compare", params={"runs": ",".join(runs), "metric": metric}).json()
+
+    # ---------------------------------------------------------------- webhooks out
+    def create_webhook(self, url: str, *, events: list[str] | None = None, run: str | None = None,
+                       secret: str | None = None, description: str = "") -> dict:
+        """Subscribe ``url``; the answer's ``secret`` (whsec_...) is shown only this once."""
+        body = {"url": url, "run": run, "secret": secret, "description": description, "events": events}
+        return self._request("POST", "/v1/webhooks", json={k: v for k, v in body.items() if v is not None}).json()
+
+    def webhooks(self) -> list[dict]:
+        return self._request("GET", "/v1/webhooks").json()
+
+    def delete_webhook(self, webhook_id: int) -> None:
+        self._request("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    def deliveries(self, webhook_id: int, *, status: str | None = None, event: str | None = None,
+                   limit: int = 100) -> list[dict]:
+        """Deliveries, newest first, each with ``attempt_log`` (status code, error, duration)."""
+        params = {k: v for k, v in {"status": status, "event": event, "limit": limit}.items() if v is not None}
+        return self._request("GET", f"/v1/webhooks/{webhook_id}/deliveries", params=params).json()
+
+    def delivery(self, webhook_id: int, delivery_id: str) -> dict:
+        return self._request("GET", f"/v1/webhooks/{webhook_id}/deliveries/{delivery_id}").json()
+
+    def redeliver(self, webhook_id: int, delivery_id: str) -> dict:
+        return self._request("POST", f"/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver").json()
+
+    def test_webhook(self, webhook_id: int) -> dict:
+        """Send a ``webhook.test`` event; returns its delivery."""
+        return self._request("POST", f"/v1/webhooks/{webhook_id}/test").json()
+
+    # ---------------------------------------------------------------- signed hooks in
+    def create_hook_source(self, name: str, *, secret: str | None = None) -> dict:
+        """A sender of signed POST /v1/hooks/checkpoint requests; ``secret`` shown only once."""
+        body = {"name": name, **({"secret": secret} if secret else {})}
+        return self._request("POST", "/v1/hook-sources", json=body).json()
+
+    def hook_sources(self) -> list[dict]:
+        return self._request("GET", "/v1/hook-sources").json()
+
+    def revoke_hook_source(self, name: str) -> dict:
+        return self._request("DELETE", f"/v1/hook-sources/{name}").json()
+
+    # ---------------------------------------------------------------- trend alerts
+    def create_alert(self, run: str, *, metric: str, kind: str, layer: int | None = None,
+                     above: float | None = None, below: float | None = None, k: float | None = None,
+                     window: int | None = None, description: str = "") -> dict:
+        """kind "threshold" (above/below) or "sigma" (k, window); layer None = the layer mean."""
+        body = {"metric": metric, "kind": kind, "layer": layer, "above": above, "below": below, "k": k,
+                "window": window, "description": description}
+        return self._request("POST", f"/v1/runs/{run}/alerts",
+                             json={k_: v for k_, v in body.items() if v is not None}).json()
+
+    def alerts(self, run: str) -> list[dict]:
+        return self._request("GET", f"/v1/runs/{run}/alerts").json()
+
+    def delete_alert(self, run: str, rule_id: int) -> None:
+        self._request("DELETE", f"/v1/runs/{run}/alerts/{rule_id}")
+
+    def firings(self, run: str) -> list[dict]:
+        """Every firing of the run's alert rules, in step order."""
+        return self._request("GET", f"/v1/runs/{run}/alerts/firings").json()

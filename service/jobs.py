@@ -32,6 +32,11 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def aware(t: datetime | None) -> datetime | None:
+    """SQLite gives back naive datetimes: they are UTC."""
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
 def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -189,7 +194,11 @@ def enqueue(db_url: str, job_id: str) -> bool:
 
 
 def sweep(db_url: str, *, stale_after_s: float, requeue_after_s: float) -> dict[str, int]:
-    """Re-queue jobs whose worker vanished; (re-)send queued jobs never or long ago sent."""
+    """Re-queue jobs whose worker vanished; (re-)send queued jobs never or long ago sent;
+    re-send webhook deliveries whose task was lost; forget old inbound-hook receipts."""
+    from . import webhooks
+    from .models import HookReceipt
+
     t = now()
     with session_scope(db_url) as s:
         stale = s.execute(
@@ -211,7 +220,13 @@ def sweep(db_url: str, *, stale_after_s: float, requeue_after_s: float) -> dict[
     if stale:
         log.warning("re-queued %d job(s) whose worker stopped sending heartbeats: %s", len(stale), stale)
     sent = sum(enqueue(db_url, job_id) for job_id in pending)
-    return {"stale_requeued": len(stale), "pending": len(pending), "sent": sent}
+    lost = webhooks.overdue(db_url)
+    if lost:
+        log.warning("re-sending %d webhook deliveries whose task was lost", len(lost))
+        webhooks.publish(lost)
+    with session_scope(db_url) as s:  # replays older than this fail the timestamp check anyway
+        s.execute(delete(HookReceipt).where(HookReceipt.received_at < t - timedelta(hours=1)))
+    return {"stale_requeued": len(stale), "pending": len(pending), "sent": sent, "deliveries_resent": len(lost)}
 
 
 class InvalidTransition(Exception):
@@ -288,9 +303,45 @@ def _finite(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metrics: list[str]) -> bool:
-    """Store the scores and mark the job succeeded, in one transaction. Idempotent: the
-    step's previous scores are replaced. False (nothing written) if the job is not ours."""
+@dataclass
+class Finished:
+    """What finishing a job did: whether it was ours to finish, and the webhook deliveries
+    it stored (to publish after the commit)."""
+
+    stored: bool
+    deliveries: list[str]
+
+    def __bool__(self) -> bool:
+        return self.stored
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per metric: layer mean, min and max (final-norm pair left out) of a job's scores."""
+    by_metric: dict[str, list[float]] = {}
+    for r in rows:
+        if not r["final_norm"] and r["value"] is not None:
+            by_metric.setdefault(r["metric"], []).append(r["value"])
+    return {m: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "layers": len(v)}
+            for m, v in sorted(by_metric.items())}
+
+
+def job_event(job: Job, **extra: Any) -> dict[str, Any]:
+    """The ``data`` of a job.* webhook event."""
+    started, finished = aware(job.started_at), aware(job.finished_at)
+    return {
+        "job_id": job.id, "run": job.run.name, "step": job.checkpoint.step, "phase": job.checkpoint.phase.value,
+        "status": job.status.value, "attempts": job.attempts, "worker": job.worker,
+        "duration_s": (finished - started).total_seconds() if started and finished else None,
+        "status_url": f"/v1/jobs/{job.id}", **extra,
+    }
+
+
+def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metrics: list[str]) -> Finished:
+    """Store the scores and mark the job succeeded, in one transaction, with the alert
+    firings and webhook deliveries that follow. Idempotent: the step's previous scores are
+    replaced. Falsy (nothing written) if the job is not ours."""
+    from . import alerts, webhooks
+
     t = now()
     with get_sessionmaker(db_url)() as s, s.begin():
         job = s.scalar(
@@ -298,7 +349,7 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
             .with_for_update()
         )
         if job is None:
-            return False
+            return Finished(False, [])
         step = job.checkpoint.step
         s.execute(delete(Score).where(Score.run_id == job.run_id, Score.step == step, Score.metric.in_(metrics)))
         rows = []
@@ -317,17 +368,33 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
         job.finished_at = t
         job.result = {k: v for k, v in result.items() if k not in ("pairs", "layers")}
         job.error = job.error_code = None
-    return True
+        s.flush()
+        fired = alerts.evaluate(s, run_id=job.run_id, run_name=job.run.name, step=step, job_id=job_id)
+        deliveries = webhooks.emit(s, "job.succeeded", job_event(job, scores=summarize(rows),
+                                                                 alerts=[f.data["alert_id"] for f in fired]),
+                                   run_id=job.run_id)
+        for f in fired:
+            deliveries += webhooks.emit(s, "trend.alert", f.data, run_id=job.run_id)
+    return Finished(True, deliveries)
 
 
-def fail(db_url: str, job_id: str, worker: str, code: str, message: str) -> bool:
-    with session_scope(db_url) as s:
+def fail(db_url: str, job_id: str, worker: str, code: str, message: str) -> Finished:
+    """Mark the job failed with why, and store the job.failed deliveries. Falsy if not ours."""
+    from . import webhooks
+
+    with get_sessionmaker(db_url)() as s, s.begin():
         res = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
             .values(status=JobStatus.failed, error_code=code, error=message[:4000], finished_at=now())
         )
-        return res.rowcount == 1
+        if res.rowcount != 1:
+            return Finished(False, [])
+        job = s.get(Job, job_id)
+        s.refresh(job)
+        deliveries = webhooks.emit(s, "job.failed", job_event(job, error_code=code, error=job.error),
+                                   run_id=job.run_id)
+    return Finished(True, deliveries)
 
 
 def release(db_url: str, job_id: str, worker: str) -> bool:

@@ -1,4 +1,5 @@
-"""SQL tables (SQLAlchemy 2.0): runs, checkpoints, probes, jobs, scores, API tokens.
+"""SQL tables (SQLAlchemy 2.0): runs, checkpoints, probes, jobs, scores, API tokens,
+webhooks and their deliveries, signed-hook sources, alert rules and firings.
 
 PostgreSQL in production, SQLite for the embedded setup; migrations/ creates the same
 schema (tests/test_migrations.py checks that the two agree).
@@ -169,3 +170,136 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(TZDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+
+
+# ------------------------------------------------------------------ webhooks out
+class Webhook(Base):
+    """A subscription: POST these events (of one run, or of every run) to ``url``."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(JSON)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    #: the signing secret (``whsec_<base64>``): needed to sign, so kept as is; never returned
+    #: by the API after creation
+    secret: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
+
+    run: Mapped[Run | None] = relationship()
+
+
+class Delivery(Base):
+    """One event for one subscription; ``id`` is the Standard Webhooks ``webhook-id``."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: pending | succeeded | failed
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    #: attempts in the current round (a redelivery starts a new round)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+
+    webhook: Mapped[Webhook] = relationship()
+    attempt_log: Mapped[list[DeliveryAttempt]] = relationship(
+        order_by="DeliveryAttempt.id", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class DeliveryAttempt(Base):
+    """Every POST made for a delivery: when, what came back, how long it took."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempted_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)
+
+
+# ------------------------------------------------------------------ signed webhooks in
+class HookSource(Base):
+    """A sender allowed to post checkpoints to /v1/hooks/checkpoint, with its signing secret."""
+
+    __tablename__ = "hook_sources"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    secret: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+
+
+class HookReceipt(Base):
+    """A webhook id already accepted from a source: the same id again is a replay."""
+
+    __tablename__ = "hook_receipts"
+    __table_args__ = (UniqueConstraint("source_id", "msg_id", name="uq_hook_receipts_source_msg"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("hook_sources.id", ondelete="CASCADE"))
+    msg_id: Mapped[str] = mapped_column(String(200))
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    received_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow, index=True)
+
+
+# ------------------------------------------------------------------ trend alerts
+class AlertRule(Base):
+    """Watch one metric of a run (one layer, or the layer mean) as its jobs succeed.
+
+    ``kind`` "threshold": fires when the value moves beyond ``above`` / ``below`` (from
+    inside the band, or at the first value). ``kind`` "sigma": fires when the value is more
+    than ``k`` standard deviations from the mean of the previous ``window`` checkpoints.
+    """
+
+    __tablename__ = "alert_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    metric: Mapped[str] = mapped_column(String(32))
+    #: None: the layer mean (final-norm pair left out)
+    layer: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    above: Mapped[float | None] = mapped_column(Float)
+    below: Mapped[float | None] = mapped_column(Float)
+    k: Mapped[float | None] = mapped_column(Float)
+    window: Mapped[int | None] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
+
+    run: Mapped[Run] = relationship()
+
+
+class AlertFiring(Base):
+    __tablename__ = "alert_firings"
+    __table_args__ = (
+        UniqueConstraint("rule_id", "step", name="uq_alert_firings_rule_step"),
+        Index("ix_alert_firings_run_step", "run_id", "step"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_id: Mapped[int] = mapped_column(ForeignKey("alert_rules.id", ondelete="CASCADE"))
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    step: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[float] = mapped_column(Float)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
+
+    rule: Mapped[AlertRule] = relationship()

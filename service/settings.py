@@ -48,8 +48,20 @@ class Settings(BaseSettings):
     sweep_interval_s: float = 10.0
     #: seconds a client is told to wait (Retry-After) when a dependency is down
     retry_after_s: int = 5
+    #: webhook targets on private, loopback or link-local addresses are refused unless they
+    #: match one of these (comma separated host names, addresses or CIDR networks, e.g.
+    #: "127.0.0.0/8,::1,hooks.internal")
+    webhook_allow_hosts: str = ""
+    #: seconds to wait for a webhook receiver's answer
+    webhook_timeout_s: float = 10.0
+    #: attempts per delivery before it is marked failed (timeouts, 429 and 5xx are retried)
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    #: delay before the second attempt; it doubles with every further attempt
+    webhook_backoff_s: float = Field(default=10.0, gt=0)
+    #: longest delay between two attempts
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
 
-    @field_validator("database_url", "broker_url", "checkpoint_roots", mode="before")
+    @field_validator("database_url", "broker_url", "checkpoint_roots", "webhook_allow_hosts", mode="before")
     @classmethod
     def _strip(cls, v: str | None) -> str:
         return (v or "").strip()

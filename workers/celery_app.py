@@ -8,12 +8,18 @@ Scoring tasks go to the ``gpu`` queue, one at a time per worker process (prefetc
 acknowledged only after they finish (acks late) and are given back to the broker when the
 worker process dies (reject on worker lost). The job row in the database is the truth: a
 task only says "look at job X", so running it twice is harmless.
+
+Webhook deliveries go to the ``webhooks`` queue, served by a light worker of their own
+(no GPU, no torch), so that a long scoring job never delays them:
+
+    celery -A layertrack.workers.celery_app worker -Q webhooks -c 4 -n hooks@%h
 """
 
 from __future__ import annotations
 
 from celery import Celery
 from layertrack.service.settings import get_settings
+from layertrack.service.webhooks import DELIVER_TASK, WEBHOOK_QUEUE
 
 SCORE_TASK = "layertrack.score"
 GPU_QUEUE = "gpu"
@@ -26,7 +32,7 @@ def make_app() -> Celery:
     app.conf.update(
         broker_transport_options=settings.broker_transport_options,
         broker_connection_retry_on_startup=True,
-        task_routes={SCORE_TASK: {"queue": GPU_QUEUE}},
+        task_routes={SCORE_TASK: {"queue": GPU_QUEUE}, DELIVER_TASK: {"queue": WEBHOOK_QUEUE}},
         task_default_queue=GPU_QUEUE,
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -7,7 +7,7 @@ import socket
 import threading
 
 from celery.exceptions import SoftTimeLimitExceeded
-from layertrack.service import jobs
+from layertrack.service import jobs, webhooks
 from layertrack.service.settings import get_settings
 from sqlalchemy.exc import OperationalError
 
@@ -67,25 +67,44 @@ def score(self, job_id: str) -> str:
             roots=settings.roots,
         )
     except LayertrackError as e:
-        jobs.fail(db_url, job_id, worker, e.code, e.message)
+        _failed(db_url, job_id, worker, e.code, e.message)
         return f"failed: {e.code}"
     except SoftTimeLimitExceeded:
-        jobs.fail(db_url, job_id, worker, "time_limit",
-                  f"the job ran longer than {settings.task_soft_time_limit} s and was stopped")
+        _failed(db_url, job_id, worker, "time_limit",
+                f"the job ran longer than {settings.task_soft_time_limit} s and was stopped")
         return "failed: time_limit"
     except TRANSIENT as e:
         if self.request.retries < settings.task_max_retries:
             jobs.release(db_url, job_id, worker)
             raise self.retry(exc=e, countdown=_backoff(self.request.retries),
                              max_retries=settings.task_max_retries) from e
-        jobs.fail(db_url, job_id, worker, "transient_error", f"{type(e).__name__}: {e}")
+        _failed(db_url, job_id, worker, "transient_error", f"{type(e).__name__}: {e}")
         return "failed: transient_error"
     except Exception as e:
         log.exception("job %s failed", job_id)
-        jobs.fail(db_url, job_id, worker, "internal_error", f"{type(e).__name__}: {e}")
+        _failed(db_url, job_id, worker, "internal_error", f"{type(e).__name__}: {e}")
         return "failed: internal_error"
     finally:
         stop.set()
         beat.join(timeout=5)
-    stored = jobs.complete(db_url, job_id, worker, result.to_dict(), cfg.get("metrics") or list(jobs.KNOWN_METRICS))
-    return "succeeded" if stored else "discarded: job cancelled or taken over"
+    done = jobs.complete(db_url, job_id, worker, result.to_dict(), cfg.get("metrics") or list(jobs.KNOWN_METRICS))
+    webhooks.publish(done.deliveries)
+    return "succeeded" if done else "discarded: job cancelled or taken over"
+
+
+def _failed(db_url: str, job_id: str, worker: str, code: str, message: str) -> None:
+    webhooks.publish(jobs.fail(db_url, job_id, worker, code, message).deliveries)
+
+
+@app.task(name=webhooks.DELIVER_TASK, bind=True)
+def deliver_webhook(self, delivery_id: str) -> str:
+    """One attempt of a webhook delivery; schedules the next one when it is to be retried."""
+    settings = get_settings()
+    try:
+        delay = webhooks.attempt(settings.db_url, delivery_id, settings)
+    except TRANSIENT as e:  # the database is briefly away: the sweeper re-sends it if this fails too
+        raise self.retry(exc=e, countdown=_backoff(self.request.retries), max_retries=settings.task_max_retries) from e
+    if delay is None:
+        return "done"
+    webhooks.publish([delivery_id], countdown=delay)
+    return f"retry in {delay:g} s"

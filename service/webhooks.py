@@ -1,0 +1,281 @@
+"""Signed webhooks out: subscriptions, the outbox of deliveries, and sending one attempt.
+
+Events are written as delivery rows in the same transaction as what caused them (a job's
+scores, an alert firing), then handed to the ``webhooks`` Celery queue. A delivery is
+signed per the Standard Webhooks spec (``webhook-id``, ``webhook-timestamp``,
+``webhook-signature: v1,<base64 HMAC-SHA256>``) with the ``standardwebhooks`` library, and
+retried with exponential back-off on timeouts, connection errors, 429 and 5xx, up to
+``webhook_max_attempts``. Every attempt is stored. The sweeper re-sends a pending delivery
+whose task was lost, so nothing committed is dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from .db import session_scope
+from .models import Delivery, DeliveryAttempt, Webhook
+
+log = logging.getLogger("layertrack.webhooks")
+
+EVENTS = ("job.succeeded", "job.failed", "trend.alert")
+TEST_EVENT = "webhook.test"
+DELIVER_TASK = "layertrack.deliver_webhook"
+#: webhook deliveries need no GPU and no torch: serve them with a light worker,
+#: ``celery -A layertrack.workers.celery_app worker -Q webhooks -c 4``
+WEBHOOK_QUEUE = "webhooks"
+#: a pending delivery this far past its due time has lost its task: the sweeper re-sends it
+OVERDUE_S = 30.0
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def check_secret(secret: str) -> str:
+    """The secret as given if the signing library accepts it; ValueError otherwise."""
+    from standardwebhooks.webhooks import Webhook as Signer
+
+    try:
+        Signer(secret)
+    except Exception:
+        raise ValueError("the secret must be 'whsec_' followed by base64 (at least 24 bytes); "
+                         "leave it out to have one generated") from None
+    raw = base64.b64decode(secret.removeprefix("whsec_") + "==")
+    if len(raw) < 24:
+        raise ValueError("the secret is too short: give at least 24 random bytes, base64-encoded after 'whsec_'")
+    return secret
+
+
+# ------------------------------------------------------------------ where we may send
+class TargetRefused(ValueError):
+    """The URL is not one we send to (scheme, or a private address not allow-listed)."""
+
+
+def _allowed(host: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: Sequence[str]) -> bool:
+    for entry in allow:
+        if entry.lower() == host.lower():
+            return True
+        try:
+            if addr in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def _private(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return not addr.is_global or addr.is_multicast
+
+
+def check_target(url: str, allow_hosts: str) -> None:
+    """Refuse a URL that is not http(s), or whose host resolves to a private, loopback,
+    link-local or otherwise non-public address that ``allow_hosts`` does not list."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TargetRefused(f"webhook URL must be http:// or https:// with a host, got {url!r}")
+    if parts.username or parts.password:
+        raise TargetRefused("webhook URL must not carry a user name or password; sign with the secret instead")
+    host = parts.hostname
+    allow = [a.strip() for a in allow_hosts.split(",") if a.strip()]
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise TargetRefused(f"webhook URL has an invalid port: {url!r}") from None
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise TargetRefused(f"cannot resolve the webhook host {host!r}: {e.strerror}") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if _private(addr) and not _allowed(host, addr, allow):
+            raise TargetRefused(
+                f"webhook host {host!r} resolves to the non-public address {addr}; add it (or its "
+                "network) to LAYERTRACK_WEBHOOK_ALLOW_HOSTS to allow it"
+            )
+
+
+# ------------------------------------------------------------------ the outbox
+def emit(session: Session, event: str, data: dict[str, Any], *, run_id: int | None) -> list[str]:
+    """Store a delivery of ``event`` for every active subscription that wants it; their ids.
+
+    Call inside the transaction that made the event happen; after the commit, ``publish``
+    the ids (the sweeper sends any that were not published)."""
+    subs = session.scalars(
+        select(Webhook).where(
+            Webhook.active.is_(True),
+            or_(Webhook.run_id.is_(None), Webhook.run_id == run_id) if run_id is not None
+            else Webhook.run_id.is_(None),
+        )
+    ).all()
+    ids = []
+    t = now()
+    for sub in subs:
+        if event not in sub.events:
+            continue
+        ids.append(add_delivery(session, sub, event, data, t))
+    return ids
+
+
+def add_delivery(session: Session, sub: Webhook, event: str, data: dict[str, Any], t: datetime | None = None) -> str:
+    t = t or now()
+    d = Delivery(
+        id=f"msg_{uuid.uuid4().hex}", webhook_id=sub.id, event=event,
+        payload={"type": event, "timestamp": t.isoformat().replace("+00:00", "Z"), "data": data},
+        status="pending", attempts=0, next_attempt_at=t, created_at=t,
+    )
+    session.add(d)
+    return d.id
+
+
+def publish(ids: Iterable[str], *, countdown: float = 0.0) -> int:
+    """Hand deliveries to the webhooks queue; how many were sent (the rest: the sweeper)."""
+    from layertrack.workers.celery_app import app
+
+    sent = 0
+    for delivery_id in ids:
+        try:
+            app.send_task(DELIVER_TASK, args=[delivery_id], queue=WEBHOOK_QUEUE,
+                          countdown=countdown or None, retry=False)
+            sent += 1
+        except Exception as e:  # broker down: the sweeper sends it later
+            log.warning("could not queue webhook delivery %s (%s: %s)", delivery_id, type(e).__name__, e)
+    return sent
+
+
+def overdue(db_url: str) -> list[str]:
+    """Pending deliveries whose task must have been lost."""
+    with session_scope(db_url) as s:
+        return list(s.scalars(
+            select(Delivery.id).where(
+                Delivery.status == "pending",
+                Delivery.next_attempt_at < now() - timedelta(seconds=OVERDUE_S),
+            ).limit(500)
+        ))
+
+
+def redeliver(session: Session, d: Delivery) -> Delivery:
+    """Start a new round of attempts for a delivery (same webhook-id, fresh timestamp)."""
+    d.status, d.attempts, d.next_attempt_at, d.finished_at = "pending", 0, now(), None
+    return d
+
+
+# ------------------------------------------------------------------ one attempt
+def signed_request(secret: str, msg_id: str, payload: dict[str, Any], t: datetime | None = None) -> tuple[bytes, dict]:
+    """The body and headers of a Standard Webhooks request."""
+    from standardwebhooks.webhooks import Webhook as Signer
+
+    t = t or now()
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    signature = Signer(secret).sign(msg_id, t, body)
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "layertrack-webhooks/0.1",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(t.timestamp())),
+        "webhook-signature": signature,
+    }
+    return body.encode(), headers
+
+
+@dataclass
+class _Due:
+    id: str
+    attempts: int
+    payload: dict[str, Any]
+    url: str
+    secret: str
+    active: bool
+
+
+def _take(db_url: str, delivery_id: str, lease_s: float) -> _Due | None:
+    """Claim the delivery's next attempt (atomically); None if it is not due or not pending."""
+    t = now()
+    with session_scope(db_url) as s:
+        got = s.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.status == "pending",
+                   or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= t + timedelta(seconds=2)))
+            .values(attempts=Delivery.attempts + 1, next_attempt_at=t + timedelta(seconds=lease_s))
+            .returning(Delivery.id)
+        ).first()
+        if got is None:
+            return None
+        d = s.get(Delivery, delivery_id)
+        return _Due(d.id, d.attempts, dict(d.payload), d.webhook.url, d.webhook.secret, d.webhook.active)
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Seconds before attempt ``attempt + 1``: base, 2·base, 4·base, ... at most ``cap``."""
+    return min(cap, base * 2 ** (attempt - 1))
+
+
+def attempt(db_url: str, delivery_id: str, settings) -> float | None:
+    """Make one attempt; the delay before the next one, or None when the delivery is done."""
+    import httpx
+
+    due = _take(db_url, delivery_id, settings.webhook_timeout_s + 30)
+    if due is None:
+        return None
+    code: int | None = None
+    error: str | None = None
+    retryable = False
+    started = time.perf_counter()
+    if not due.active:
+        error = "the webhook was disabled"
+    else:
+        try:
+            check_target(due.url, settings.webhook_allow_hosts)
+            body, headers = signed_request(due.secret, due.id, due.payload)
+            with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False) as http:
+                r = http.post(due.url, content=body, headers=headers)
+            code = r.status_code
+            if code == 429 or code >= 500:
+                retryable, error = True, f"the receiver answered {code}"
+            elif not 200 <= code < 300:
+                error = f"the receiver answered {code}; only timeouts, 429 and 5xx are retried"
+        except TargetRefused as e:
+            error = str(e)
+        except httpx.TimeoutException:
+            retryable, error = True, f"no answer within {settings.webhook_timeout_s:g} s"
+        except httpx.TransportError as e:
+            retryable, error = True, f"{type(e).__name__}: {e}"
+    duration_ms = (time.perf_counter() - started) * 1000
+    t = now()
+    delay = None
+    with session_scope(db_url) as s:
+        d = s.get(Delivery, delivery_id)
+        s.add(DeliveryAttempt(delivery_id=delivery_id, attempted_at=t, status_code=code, error=error,
+                              duration_ms=duration_ms))
+        d.last_status_code, d.last_error = code, error
+        if error is None:
+            d.status, d.finished_at, d.next_attempt_at = "succeeded", t, None
+        elif retryable and due.attempts < settings.webhook_max_attempts:
+            delay = backoff(due.attempts, settings.webhook_backoff_s, settings.webhook_backoff_max_s)
+            d.next_attempt_at = t + timedelta(seconds=delay)
+        else:
+            d.status, d.finished_at, d.next_attempt_at = "failed", t, None
+    log.info("webhook delivery %s attempt %d: %s", delivery_id, due.attempts, error or code)
+    return delay
