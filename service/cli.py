@@ -13,6 +13,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
@@ -116,6 +117,39 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_token_revoke)
 
     sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=cmd_migrate)
+
+    spool = sub.add_parser("spool", help="checkpoint submissions kept while the service was unreachable")
+    ssub = spool.add_subparsers(dest="spool_command", metavar="ACTION")
+    ssub.required = True
+    for name, helptext, fn in (("flush", "send them now", cmd_spool_flush), ("list", "list them", cmd_spool_list)):
+        sp = ssub.add_parser(name, help=helptext)
+        sp.add_argument("--dir", help="spool directory (default: <data dir>/spool)")
+        sp.set_defaults(func=fn)
+
+    hook = sub.add_parser("webhook", help="outbound webhooks: subscribe, list, inspect deliveries, redeliver, test")
+    hsub = hook.add_subparsers(dest="webhook_command", metavar="ACTION")
+    hsub.required = True
+    hc = hsub.add_parser("create", help="subscribe a URL (prints the signing secret once)")
+    hc.add_argument("url")
+    hc.add_argument("--event", action="append", choices=("job.succeeded", "job.failed", "trend.alert"),
+                    help="event to send (repeat; default: all three)")
+    hc.add_argument("--run", help="only this run's events")
+    hc.set_defaults(func=cmd_webhook_create)
+    hsub.add_parser("list", help="list subscriptions").set_defaults(func=cmd_webhook_list)
+    hd = hsub.add_parser("deliveries", help="a subscription's deliveries and their attempts")
+    hd.add_argument("webhook_id", type=int)
+    hd.set_defaults(func=cmd_webhook_deliveries)
+    hr = hsub.add_parser("redeliver", help="send a delivery again")
+    hr.add_argument("webhook_id", type=int)
+    hr.add_argument("delivery_id")
+    hr.set_defaults(func=cmd_webhook_redeliver)
+    ht = hsub.add_parser("test", help="send a webhook.test event")
+    ht.add_argument("webhook_id", type=int)
+    ht.set_defaults(func=cmd_webhook_test)
+
+    src = sub.add_parser("hook-source", help="create a sender of signed POST /v1/hooks/checkpoint requests")
+    src.add_argument("name")
+    src.set_defaults(func=cmd_hook_source)
     return parser
 
 
@@ -285,6 +319,93 @@ def cmd_trend(args: argparse.Namespace) -> int:
         print(f"{'step':>10} {'value':>10}")
         for step, value in zip(t["steps"], t["values"], strict=True):
             print(f"{step:>10} {_fmt(value)}")
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_spool_flush(args: argparse.Namespace) -> int:
+    from layertrack.integrations import flush_spool
+
+    sent, left = flush_spool(args.dir)
+    print(f"sent {sent} spooled submission(s); {left} left")
+    return 0 if left == 0 else 1
+
+
+def cmd_spool_list(args: argparse.Namespace) -> int:
+    from layertrack.integrations.reporter import default_spool_dir
+
+    folder = Path(args.dir) if args.dir else default_spool_dir()
+    entries = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    for p in entries:
+        e = json.loads(p.read_text())
+        b = e["body"]
+        print(f"{e['url']}  run {b['run']} step {b['step']}  {b['uri']}")
+    print(f"{len(entries)} spooled submission(s) in {folder}")
+    return 0
+
+
+def cmd_webhook_create(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            w = c.create_webhook(args.url, events=args.event, run=args.run)
+        scope = f"run {w['run']}" if w["run"] else "every run"
+        print(f"webhook {w['id']}  {w['url']}  events {', '.join(w['events'])}  {scope}")
+        print(f"signing secret (shown once): {w['secret']}")
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_webhook_list(_args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            for w in c.webhooks():
+                print(f"{w['id']:>5}  {w['url']}  {', '.join(w['events'])}  run {w['run'] or '(all)'}")
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_webhook_deliveries(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            for d in c.deliveries(args.webhook_id):
+                print(f"{d['id']}  {d['event']:<14} {d['status']:<10} attempts {d['attempts']}")
+                for a in d["attempt_log"]:
+                    print(f"    {a['attempted_at']}  {a['status_code'] or '-'}  {a['duration_ms']:.0f} ms"
+                          + (f"  {a['error']}" if a["error"] else ""))
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_webhook_redeliver(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            d = c.redeliver(args.webhook_id, args.delivery_id)
+        print(f"{d['id']} queued again")
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_webhook_test(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            d = c.test_webhook(args.webhook_id)
+        print(f"test event {d['id']} queued")
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_hook_source(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client() as c:
+            src = c.create_hook_source(args.name)
+        print(f"hook source {src['name']}: sign POST /v1/hooks/checkpoint?source={src['name']} with")
+        print(f"secret (shown once): {src['secret']}")
         return 0
 
     return _api_call(go)
