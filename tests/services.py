@@ -130,8 +130,8 @@ class Service:
         with session_scope(self.db_url) as s:
             _row, self.token = create_token(s, "tests")
 
-    def start_api(self, processes: int = 1) -> None:
-        port = free_port()
+    def start_api(self, processes: int = 1, port: int | None = None) -> None:
+        port = port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         with open(self.tmp / "api.log", "ab") as log:  # the child keeps its own descriptor
             self.api = subprocess.Popen(
@@ -150,10 +150,15 @@ class Service:
                 time.sleep(0.2)
         raise RuntimeError("the API server did not start within 60 s")
 
-    def start_worker(self, name: str) -> subprocess.Popen:
+    def stop_api(self) -> None:
+        os.killpg(self.api.pid, signal.SIGTERM)
+        self.api.wait(timeout=15)
+        self.api = None
+
+    def start_worker(self, name: str, queues: str = "gpu") -> subprocess.Popen:
         with open(self.tmp / f"worker-{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "layertrack.workers.celery_app", "worker", "-Q", "gpu",
+                [sys.executable, "-m", "celery", "-A", "layertrack.workers.celery_app", "worker", "-Q", queues,
                  "-c", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
                  "--without-gossip", "--without-mingle", "--without-heartbeat"],
                 env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
