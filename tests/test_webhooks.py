@@ -89,6 +89,7 @@ def receiver():
     r = Receiver()
     yield r
     r.server.shutdown()
+    r.server.server_close()
 
 
 def oracle_signature(secret: str, msg_id: str, timestamp: str, body: bytes) -> str:
