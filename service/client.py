@@ -102,6 +102,41 @@ def discover() -> tuple[str, str | None]:
     return url or DEFAULT_URL, token
 
 
+class AppTransport(httpx.BaseTransport):
+    """A synchronous httpx transport that calls an ASGI app in this process (httpx's own
+    ASGITransport is async only). Requests run on an event loop in a helper thread."""
+
+    def __init__(self, app: Any):
+        import asyncio
+        import threading
+
+        self._asgi = httpx.ASGITransport(app=app)
+        self._loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            self._loop.run_forever()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="layertrack-app-transport", daemon=True)
+        self._thread.start()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        import asyncio
+
+        async def call() -> httpx.Response:
+            inner = httpx.Request(request.method, request.url, headers=request.headers, content=request.read())
+            response = await self._asgi.handle_async_request(inner)
+            content = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+
 class Client:
     def __init__(
         self,
@@ -119,6 +154,12 @@ class Client:
         self.url = url.rstrip("/")
         self.retries = retries
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+
+    @classmethod
+    def for_app(cls, app: Any, token: str | None = None, **options: Any) -> Client:
+        """A client that drives an ASGI app (``create_app(settings)``) in this process, with
+        no server and no network; its lifespan (the sweeper) is not started."""
+        return cls("http://testserver", token or "", transport=AppTransport(app), **options)
 
     def __enter__(self) -> Client:
         return self

@@ -415,3 +415,26 @@ def test_alert_fires_on_real_scores_when_they_cross(live, receiver, tokenizer):
         data = json.loads(receiver.at("/real-alert", 1)[0]["body"])["data"]
         assert (data["step"], data["alert_id"]) == (20, firings[0]["id"])
         c.delete_webhook(w["id"])
+
+
+def test_a_delivery_whose_task_was_lost_is_sent_by_the_sweeper(live, receiver):
+    """A delivery committed but never handed to the queue (the broker was down, or the
+    process died right after the commit) is found by the API's sweeper and sent."""
+    from layertrack.service.db import session_scope
+    from layertrack.service.models import Delivery
+
+    with live.client() as c:
+        w = c.create_webhook(receiver.url + "/lost")
+        msg_id = f"msg_{uuid.uuid4().hex}"
+        long_ago = datetime.now(UTC) - timedelta(minutes=5)
+        with session_scope(live.db_url) as s:
+            s.add(Delivery(id=msg_id, webhook_id=w["id"], event="webhook.test", status="pending", attempts=0,
+                           payload={"type": "webhook.test", "timestamp": long_ago.isoformat(), "data": {}},
+                           next_attempt_at=long_ago, created_at=long_ago))
+        got = receiver.at("/lost", 1, timeout=60)
+        assert got[0]["headers"]["webhook-id"] == msg_id
+        deadline = time.monotonic() + 30
+        while c.delivery(w["id"], msg_id)["status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        c.delete_webhook(w["id"])
