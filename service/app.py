@@ -63,6 +63,11 @@ def accept_checkpoint(
     """Store and queue a checkpoint submission (a bearer-token POST or a signed webhook)."""
     if body.probe != "default":
         raise Problem(422, "Invalid request", f"unknown probe {body.probe!r}; available: default")
+    replaceable = [m for m in body.metrics or [] if m in jobs.REPLACEABILITY_METRICS]
+    if replaceable and not body.config.replaceability:
+        raise Problem(422, "Invalid request", f"metric(s) {', '.join(replaceable)} need config.replaceability = true")
+    metrics = body.metrics or list(jobs.BASE_METRICS) + (
+        list(jobs.REPLACEABILITY_METRICS) if body.config.replaceability else [])
     try:
         path = ckpt_files.resolve_checkpoint_path(body.uri, settings.roots)
         info = ckpt_files.inspect_checkpoint(path, allow_pickle=False, check_causal_lm=False)
@@ -72,7 +77,7 @@ def accept_checkpoint(
         run=body.run, step=body.step, uri=str(path), fingerprint=info.fingerprint,
         phase=Phase(body.phase) if body.phase else None, parent_run=body.parent_run,
         parent_step=body.parent_step, probe=body.probe,
-        config={**body.config.model_dump(), "metrics": body.metrics or list(jobs.KNOWN_METRICS)},
+        config={**body.config.model_dump(), "metrics": metrics},
     )
     try:
         job, created = jobs.submit(session, sub, idempotency_key=idempotency_key)

@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--allow-pickle", action="store_true",
                        help="allow pytorch_model.bin weights (loaded with weights_only=True)")
     score.add_argument("--seed", type=int, default=0, help="seed of the probe's document order (0)")
+    score.add_argument("--replaceability", action="store_true",
+                       help="also measure, per block, the held-out LM loss change when the block is replaced "
+                            "by its fitted linear map and when it is dropped (2 extra passes per block)")
+    score.add_argument("--holdout-tokens", type=_positive_int, default=4096, metavar="N",
+                       help="held-out probe tokens for --replaceability (4096)")
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=cmd_score)
@@ -168,7 +173,8 @@ def render_table(result: dict[str, Any]) -> str:
         f"n_tokens {result['n_tokens']}  chance {result['chance']:.4f}  "
         f"seq_len {result['seq_len']}  probe {result['probe_name']} ({result['probe_sha256'][:12]})",
         "",
-        f"{'layer':>7} {'linearity':>10} {'lin_nores':>10} {'cosine':>10} {'norm_ratio':>10} {'anisotropy':>10}",
+        f"{'layer':>7} {'linearity':>10} {'lin_nores':>10} {'cosine':>10} {'norm_ratio':>10} {'anisotropy':>10}"
+        + (f" {'Δloss_lin':>10} {'Δloss_drop':>10}" if result.get("holdout") else ""),
     ]
     flagged = False
     for i in sorted(layers):
@@ -179,11 +185,18 @@ def render_table(result: dict[str, Any]) -> str:
         label = f"{i}->{i + 1}" if p else f"{i}"
         lines.append(
             f"{label:>7} {_fmt(p and p['linearity'])} {_fmt(p and p['linearity_nores'])} "
-            f"{_fmt(p and p['cosine'])} {_fmt(p and p['norm_ratio'])} {_fmt(layers[i]['anisotropy'])}{mark}"
+            f"{_fmt(p and p['cosine'])} {_fmt(p and p['norm_ratio'])} {_fmt(layers[i]['anisotropy'])}"
+            + (f" {_fmt(p and p['loss_delta_linear'])} {_fmt(p and p['loss_delta_drop'])}"
+               if result.get("holdout") else "") + mark
         )
     if flagged:
         lines.append("")
         lines.append("* into the final-norm output: a different kind of map, not comparable to the others")
+    if result.get("holdout"):
+        h = result["holdout"]
+        lines.append("")
+        lines.append(f"Δloss: held-out LM loss (nats/token, {h['n_tokens']} tokens; intact {h['intact_loss']:.4f}) "
+                     "with the block replaced by its fitted linear map (lin) or dropped (drop), minus intact")
     for w in result.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -209,6 +222,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         allow_pickle=args.allow_pickle,
+        replaceability=args.replaceability,
+        holdout_tokens=args.holdout_tokens,
     )
     try:
         result = score_checkpoint(

@@ -24,8 +24,12 @@ from .models import Checkpoint, Job, JobStatus, Phase, Probe, Run, Score
 
 log = logging.getLogger("layertrack.jobs")
 
-KNOWN_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy")
-PAIR_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio")
+#: measured by every job unless the submission names fewer
+BASE_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy")
+#: measured when the job's config asks for replaceability (per block; see workers/scoring.py)
+REPLACEABILITY_METRICS = ("loss_delta_linear", "loss_delta_drop")
+KNOWN_METRICS = BASE_METRICS + REPLACEABILITY_METRICS
+PAIR_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio", *REPLACEABILITY_METRICS)
 
 
 def now() -> datetime:
@@ -355,7 +359,7 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
         rows = []
         for p in result["pairs"]:
             for m in metrics:
-                if m in PAIR_METRICS:
+                if m in PAIR_METRICS and m in p:
                     rows.append(dict(job_id=job_id, run_id=job.run_id, step=step, layer=p["layer"], metric=m,
                                      value=_finite(p[m]), final_norm=bool(p.get("final_norm"))))
         for layer in result["layers"]:

@@ -19,6 +19,9 @@ class ScoreOptions(BaseModel):
     seq_len: int = Field(default=512, ge=2, le=131_072)
     drop_first_token: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    #: also measure linear replaceability per block (metrics loss_delta_linear, loss_delta_drop)
+    replaceability: bool = False
+    holdout_tokens: int = Field(default=4096, ge=16, le=1_000_000)
 
 
 class CheckpointIn(BaseModel):

@@ -221,9 +221,10 @@ def translate_oom(what: str, advice: str) -> Iterator[None]:
         raise
 
 
-def load_model(info: CheckpointInfo, *, device=None, dtype=None):
-    """Load the base model (no LM head) on ``device`` in ``dtype``, in eval mode."""
-    from transformers import AutoModel
+def load_model(info: CheckpointInfo, *, device=None, dtype=None, with_lm_head: bool = False):
+    """Load the base model (no LM head; with it when ``with_lm_head``) on ``device`` in
+    ``dtype``, in eval mode."""
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     # The load report lists the LM head as "unexpected" (we load the base model on
@@ -234,7 +235,7 @@ def load_model(info: CheckpointInfo, *, device=None, dtype=None):
         f"loading {str(info.path)!r}",
         "Use a smaller --dtype (bfloat16), a machine with more memory, or free memory first.",
     ):
-        model = AutoModel.from_pretrained(
+        model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_pretrained(
             str(info.path),
             dtype=dtype,
             use_safetensors=info.weights_format == "safetensors",

@@ -73,6 +73,10 @@ class PairScores:
     norm_ratio: float
     #: True for the last pair when the last hidden state has the model's final norm applied
     final_norm: bool = False
+    #: replaceability (optional analysis): held-out LM loss with block ``layer`` replaced by
+    #: its fitted linear map, resp. dropped, minus the intact model's loss
+    loss_delta_linear: float | None = None
+    loss_delta_drop: float | None = None
 
 
 @dataclass
@@ -107,6 +111,22 @@ class Scores:
             "pairs": [vars(p).copy() for p in self.pairs],
             "layers": [vars(s).copy() for s in self.layers],
         }
+
+
+@dataclass
+class LinearMap:
+    """The least-squares affine map of a block, fitted on the probe tokens (float64):
+    y ≈ x + (x − x_mean) · A + d_mean, i.e. the residual D = Y − X regressed on X with an
+    intercept (the minimum-norm solution when C_xx is rank deficient)."""
+
+    layer: int
+    a: torch.Tensor  # (d, d)
+    x_mean: torch.Tensor  # (d,)
+    d_mean: torch.Tensor  # (d,)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x64 = x.to(self.a.dtype)
+        return (x64 + (x64 - self.x_mean) @ self.a + self.d_mean).to(x.dtype)
 
 
 def stats_bytes(n_hidden: int, d: int) -> int:
@@ -189,6 +209,8 @@ class StreamingStats:
         self._n_batch: int | None = None
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._slot = 0
+        #: filled by ``scores(fit_maps=True)``: pair index (first layer) → its LinearMap
+        self.maps: dict[int, LinearMap] = {}
 
     def add(self, layer: int, h: torch.Tensor) -> None:
         if layer != self._next:
@@ -261,8 +283,13 @@ class StreamingStats:
         self._next = self.first
         self._n_batch = None
 
-    def scores(self, config: EngineConfig = EngineConfig()) -> tuple[list[PairScores], list[LayerScores]]:
+    def scores(
+        self, config: EngineConfig = EngineConfig(), *, fit_maps: bool = False
+    ) -> tuple[list[PairScores], list[LayerScores]]:
         """Solve every pair of the group in float64 (one eigendecomposition per hidden state).
+
+        With ``fit_maps`` also keep each pair's least-squares affine map in ``self.maps``
+        (d² float64 numbers per pair), for replacing a block by it.
 
         Consumes the statistics: each hidden state's matrices are freed as soon as its pair
         is solved, so the solve never needs more memory than the accumulation did.
@@ -288,13 +315,13 @@ class StreamingStats:
             anis = lam_max / traces[j] if traces[j] > 0 else float("nan")
             layers.append(LayerScores(layer=self.first + j, anisotropy=anis))
             if j < len(self.cross_xd):
-                pairs.append(self._solve_pair(j, cxx, lam, vec, traces[j + 1], config))
+                pairs.append(self._solve_pair(j, cxx, lam, vec, traces[j + 1], config, fit_maps))
                 self.cross_xd[j] = None  # type: ignore[call-overload]
             self.gram_x[j] = None  # type: ignore[call-overload]
             del gram, cxx, lam, vec
         return pairs, layers
 
-    def _solve_pair(self, k: int, cxx, lam, vec, tr_yy: float, config: EngineConfig) -> PairScores:
+    def _solve_pair(self, k: int, cxx, lam, vec, tr_yy: float, config: EngineConfig, fit_maps: bool) -> PairScores:
         n = self.n
         cxd = self.cross_xd[k].sub_(torch.outer(self.sum_x[k], self.sum_d[k]), alpha=1.0 / n)
         cxy = cxx + cxd
@@ -305,6 +332,11 @@ class StreamingStats:
         vk, lk = vec[:, keep], lam[keep]
         lin = _explained(vk, lk, cxy, tr_yy)
         nores = _explained(vk, lk, cxd, tr_dd)
+        if fit_maps:  # A = C_xx⁺ C_xd, intercept from the means
+            a = vk @ ((vk.T @ cxd) / lk[:, None]) if lk.numel() else torch.zeros_like(cxd)
+            self.maps[self.first + k] = LinearMap(
+                self.first + k, a, self.pivot[k] + self.sum_x[k] / n, self.pivot_d[k] + self.sum_d[k] / n
+            )
         sq_x = float(self.sq_x[k])
         # Σ‖d‖² = Σ‖d − q‖² + 2 qᵀΣ(d − q) + n‖q‖²  (all terms well conditioned)
         q = self.pivot_d[k]

@@ -21,7 +21,16 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .engine import EngineConfig, PairScores, Scores, StreamingStats, check_token_count, plan_layer_groups, stats_bytes
+from .engine import (
+    EngineConfig,
+    LinearMap,
+    PairScores,
+    Scores,
+    StreamingStats,
+    check_token_count,
+    plan_layer_groups,
+    stats_bytes,
+)
 from .errors import OutOfMemory
 from .probe import Probe, ProbeTokens, load_probe, tokenize_probe
 
@@ -47,6 +56,11 @@ class ScoreConfig:
     stats_memory_budget: int | None = None  # bytes for statistics; None: automatic
     seed: int = 0
     allow_pickle: bool = False
+    #: also measure linear replaceability: held-out LM loss with each block replaced by its
+    #: fitted linear map, and dropped (2 forward passes over the held-out tokens per block)
+    replaceability: bool = False
+    #: held-out probe tokens for the replaceability losses (taken after the scored ones)
+    holdout_tokens: int = 4096
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def public(self) -> dict[str, Any]:
@@ -70,6 +84,8 @@ class ScoreResult:
     tokenizer_fingerprint: str
     checkpoint_fingerprint: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: with replaceability: the held-out tokens and the intact model's loss on them (nats/token)
+    holdout: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k != "scores"}
@@ -120,8 +136,11 @@ def score_model(
     *,
     config: ScoreConfig = ScoreConfig(),
     progress: Callable[[int, int], None] | bool = False,
+    maps: dict[int, LinearMap] | None = None,
 ) -> tuple[Scores, int]:
-    """Run the probe through a loaded base model and score every block; (scores, passes)."""
+    """Run the probe through a loaded base model and score every block; (scores, passes).
+
+    With ``maps`` (a dict), also fit every pair's affine map into it (pair index → map)."""
     device = next(model.parameters()).device
     d = model.config.hidden_size
     blocks = find_blocks(model)
@@ -216,7 +235,9 @@ def score_model(
                 for handle in handles:
                     handle.remove()
             with ckpt.translate_oom("solving the statistics", "Set a smaller stats memory budget."):
-                group_pairs, group_layers = stats.scores(config.engine)
+                group_pairs, group_layers = stats.scores(config.engine, fit_maps=maps is not None)
+            if maps is not None:
+                maps.update(stats.maps)
             pairs += group_pairs
             # a hidden state shared by two groups is scored in both; keep the first
             seen = {s.layer for s in layer_scores}
@@ -232,6 +253,78 @@ def score_model(
         Scores(n_tokens=n, d=d, chance=d / (n - 1), pairs=pairs, layers=layer_scores, warnings=warnings),
         len(groups),
     )
+
+
+def lm_loss(lm: torch.nn.Module, tokens: ProbeTokens, *, batch_size: int | None = None) -> float:
+    """Mean next-token cross-entropy (nats) of a causal LM over the tokens' real positions."""
+    device = next(lm.parameters()).device
+    ids = torch.tensor(tokens.input_ids, dtype=torch.long)
+    attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
+    bs = batch_size or max(1, batch_tokens(device) // tokens.seq_len)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for s in range(0, ids.shape[0], bs):
+            b_ids, b_attn = ids[s:s + bs], attn[s:s + bs]
+            labels = b_ids.masked_fill(b_attn == 0, -100)
+            out = lm(input_ids=b_ids.to(device), attention_mask=_mask_or_none(b_attn, device),
+                     labels=labels.to(device), use_cache=False)
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(out.loss) * n
+            count += n
+    return total / count
+
+
+def replaceability(
+    lm: torch.nn.Module, maps: dict[int, LinearMap], holdout: ProbeTokens, *, final_norm: bool,
+    batch_size: int | None = None,
+) -> tuple[float, dict[int, tuple[float | None, float]]]:
+    """The paper's pruning experiment on held-out tokens: for each block i, the LM loss with
+    the block replaced by its fitted affine map (``maps[i]``), and with the block dropped
+    (its output := its input), minus the intact loss. Returns (intact loss, {i: (linear,
+    drop)}). The last block's pair ends in the final norm when ``final_norm``: its fitted map
+    is not a map of the block alone, so only the drop is measured there (linear: None)."""
+    blocks = find_blocks(lm)
+    base = lm_loss(lm, holdout, batch_size=batch_size)
+
+    def with_block(i: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        def hook(_module, args, kwargs, output):
+            h = args[0] if args else kwargs["hidden_states"]
+            new = replace(h)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = blocks[i].register_forward_hook(hook, with_kwargs=True)
+        try:
+            return lm_loss(lm, holdout, batch_size=batch_size) - base
+        finally:
+            handle.remove()
+
+    out: dict[int, tuple[float | None, float]] = {}
+    for i in range(len(blocks)):
+        drop = with_block(i, lambda h: h)
+        fitted = maps.get(i)
+        linear = None if fitted is None or (final_norm and i == len(blocks) - 1) else with_block(i, fitted)
+        out[i] = (linear, drop)
+    return base, out
+
+
+def holdout_tokens(probe: Probe, tokenizer: Any, *, used: ProbeTokens, n_tokens: int, seed: int) -> tuple[
+        ProbeTokens, list[str]]:
+    """Probe sequences after the scored ones (the same cut), about ``n_tokens`` of them."""
+    every = tokenize_probe(probe, tokenizer, max_tokens=None, seq_len=used.seq_len, seed=seed)
+    n_used, n_all = len(used.input_ids), len(every.input_ids)
+    want = max(1, -(-n_tokens // used.seq_len))
+    warnings = []
+    if n_all - n_used >= 1:
+        start, stop = n_used, min(n_all, n_used + want)
+    else:
+        start, stop = max(0, n_all - want), n_all
+        warnings.append("the probe has no tokens left after the scored ones: the replaceability losses are "
+                        "measured on scored tokens (lower --max-tokens to keep some held out)")
+    sub = dataclasses.replace(
+        every, input_ids=every.input_ids[start:stop], attention_mask=every.attention_mask[start:stop],
+        score_mask=every.score_mask[start:stop], n_tokens=sum(map(sum, every.attention_mask[start:stop])),
+    )
+    return sub, warnings
 
 
 def max_positions(config: Any) -> int | None:
@@ -260,7 +353,8 @@ def score_checkpoint(
     tokenizer = ckpt.load_tokenizer(path, tokenizer_path)
     device = ckpt.pick_device(config.device)
     dtype = ckpt.pick_dtype(config.dtype, device)
-    model = ckpt.load_model(info, device=device, dtype=dtype)
+    lm = ckpt.load_model(info, device=device, dtype=dtype, with_lm_head=True) if config.replaceability else None
+    model = lm.base_model if lm is not None else ckpt.load_model(info, device=device, dtype=dtype)
     t_load = time.perf_counter()
 
     d = model.config.hidden_size
@@ -285,8 +379,23 @@ def score_checkpoint(
             f"scoring {tokens.n_tokens} instead of the {max_tokens} asked for"
         )
     t_tok = time.perf_counter()
-    scores, n_passes = score_model(model, tokens, config=config, progress=progress)
+    maps: dict[int, LinearMap] | None = {} if lm is not None else None
+    scores, n_passes = score_model(model, tokens, config=config, progress=progress, maps=maps)
     t_done = time.perf_counter()
+    timings: dict[str, float] = {}
+    holdout = None
+    if lm is not None:
+        held, held_warnings = holdout_tokens(probe, tokenizer, used=tokens, n_tokens=config.holdout_tokens,
+                                             seed=config.seed)
+        warnings += held_warnings
+        with ckpt.translate_oom("measuring replaceability", "Lower holdout_tokens or --batch-size."):
+            base_loss, deltas = replaceability(lm, maps, held, final_norm=scores.pairs[-1].final_norm,
+                                               batch_size=config.batch_size)
+        for p in scores.pairs:
+            p.loss_delta_linear, p.loss_delta_drop = deltas[p.layer]
+        timings["replaceability_s"] = time.perf_counter() - t_done
+        holdout = {"n_tokens": held.n_tokens, "intact_loss": base_loss}
+        t_done = time.perf_counter()
     scores.warnings = warnings + scores.warnings
     return ScoreResult(
         scores=scores,
@@ -301,10 +410,12 @@ def score_checkpoint(
         probe_sha256=probe.sha256,
         tokenizer_fingerprint=tokens.tokenizer_fingerprint,
         checkpoint_fingerprint=info.fingerprint,
+        holdout=holdout,
         timings={
             "load_s": t_load - t0,
             "tokenize_s": t_tok - t_load,
-            "score_s": t_done - t_tok,
+            "score_s": t_done - t_tok - timings.get("replaceability_s", 0.0),
+            **timings,
             "total_s": t_done - t0,
         },
     )

@@ -63,6 +63,8 @@ def score(self, job_id: str) -> str:
                 seq_len=cfg.get("seq_len", 512),
                 drop_first_token=cfg.get("drop_first_token", False),
                 dtype=cfg.get("dtype"),
+                replaceability=cfg.get("replaceability", False),
+                holdout_tokens=cfg.get("holdout_tokens", 4096),
             ),
             roots=settings.roots,
         )
