@@ -152,6 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     ht.add_argument("webhook_id", type=int)
     ht.set_defaults(func=cmd_webhook_test)
 
+    demo = sub.add_parser(
+        "demo", help="pretrain and fine-tune a small model on CPU, tracked by layertrack; print and plot the dynamics",
+        description="Reproduce the paper's training dynamics on this machine (docs/REPRODUCTION.md): pretrain a "
+                    "small Llama on the Python standard library's docstrings, fine-tune it on additions, score "
+                    "log-spaced checkpoints, and write trend.png, heatmap_*.png and summary.json.",
+    )
+    demo.add_argument("--out", default="layertrack-demo", help="output directory (checkpoints, plots, summary)")
+    demo.add_argument("--url", help="layertrack service (default: LAYERTRACK_URL, else an embedded one)")
+    demo.add_argument("--token", help="API token (default: LAYERTRACK_TOKEN or the saved one)")
+    demo.add_argument("--short", action="store_true", help="a few steps of a tiny model (a smoke test)")
+    demo.add_argument("--pretrain-steps", type=_positive_int, help="pretraining steps (1000)")
+    demo.add_argument("--finetune-steps", type=_positive_int, help="fine-tuning steps (250)")
+    demo.add_argument("--regularizer", choices=("cosine", "mse"),
+                      help="train with the paper's consecutive-layer regulariser")
+    demo.add_argument("--lambda", dest="reg_lambda", type=float, default=0.5, help="regulariser weight λ (0.5)")
+    demo.add_argument("--name", help="run name prefix (default: demo-<time>)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
     src = sub.add_parser("hook-source", help="create a sender of signed POST /v1/hooks/checkpoint requests")
     src.add_argument("name")
     src.set_defaults(func=cmd_hook_source)
@@ -424,6 +443,16 @@ def cmd_hook_source(args: argparse.Namespace) -> int:
         return 0
 
     return _api_call(go)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import run_demo
+    except ImportError as e:
+        print(f"error: the demo needs the worker and integrations extras ({e.name} is missing): "
+              "pip install 'layertrack[worker,integrations]'", file=sys.stderr)
+        return EXIT_USAGE
+    return run_demo(args)
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
