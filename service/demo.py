@@ -67,7 +67,7 @@ class Plan:
 
 
 PLANS = {
-    # ~10 minutes on a 2-core CPU (docs/REPRODUCTION.md)
+    # 5.7 min on a 2-core CPU, everything included (docs/REPRODUCTION.md)
     "default": Plan(hidden=128, layers=8, heads=4, seq_len=128, batch=8, pretrain_steps=1000, finetune_steps=250,
                     n_saves=10, vocab=2048, lr=3e-3, score_config={"max_tokens": 8192, "seq_len": 128},
                     holdout_tokens=4096),
@@ -184,8 +184,10 @@ def service(url: str | None, token: str | None, out: Path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     data = out / "service"
+    # one thread for the worker, the rest for training: two OpenMP pools on the same cores
+    # slow each other down many times over
     env = dict(os.environ, LAYERTRACK_DATA_DIR=str(data), LAYERTRACK_CHECKPOINT_ROOTS=str(out),
-               LAYERTRACK_DATABASE_URL="", LAYERTRACK_BROKER_URL="")
+               LAYERTRACK_DATABASE_URL="", LAYERTRACK_BROKER_URL="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     print(f"starting an embedded layertrack (data in {data}) ...", file=sys.stderr)
     log = open(out / "service.log", "ab")  # noqa: SIM115  (kept open for the child's lifetime)
     proc = subprocess.Popen([sys.executable, "-m", "layertrack.service.cli", "up", "--port", str(port)], env=env,
@@ -205,6 +207,9 @@ def service(url: str | None, token: str | None, out: Path):
                 raise SystemExit(f"error: the embedded service did not start; see {out / 'service.log'}")
             time.sleep(0.3)
         token = json.loads((data / "client.json").read_text())["token"]
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         yield url, token
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -287,3 +287,31 @@ def test_a_failing_job_records_why_and_can_be_retried(live, tokenizer):
         few = c.wait(few["id"], timeout=120, poll=0.5)
     assert few["status"] == "failed" and few["error_code"] == "too_few_tokens"
     assert "only 40 probe tokens for hidden size d=32" in few["error"]
+
+
+def test_replaceability_through_the_service(live, tokenizer):
+    """A job asking for replaceability stores loss_delta_linear / loss_delta_drop per block,
+    queryable like every other metric and equal to a local run."""
+    from tiny_models import build_checkpoint
+
+    run = f"repl-{uuid.uuid4().hex[:6]}"
+    path = build_checkpoint(live.roots / run / "step-1", "llama", tokenizer, seed=3)
+    cfg = {**CFG, "replaceability": True, "holdout_tokens": 256}
+    with live.client() as c:
+        with pytest.raises(Exception, match=r"need config\.replaceability = true"):
+            c.submit(run=run, step=1, uri=str(path), config=CFG, metrics=["loss_delta_drop"])
+        job = c.wait(c.submit(run=run, step=1, uri=str(path), config=cfg)["id"], timeout=240, poll=0.5)
+        assert job["status"] == "succeeded", (job, live.logs())
+        assert job["result"]["holdout"]["n_tokens"] == 256
+        want = score_checkpoint(str(path), config=ScoreConfig(**cfg)).scores.pairs
+        for metric in ("loss_delta_linear", "loss_delta_drop"):
+            series = {s["layer"]: s for s in c.scores(run, metric=metric)["series"]}
+            assert sorted(series) == [0, 1, 2] and series[2]["final_norm"]
+            for p in want:
+                got, expect = series[p.layer]["values"][0], getattr(p, metric)
+                if expect is None:
+                    assert got is None
+                else:
+                    assert got == pytest.approx(expect, abs=1e-4)
+        assert c.trend(run, metric="loss_delta_drop")["steps"] == [1]
+        assert c.scores(run, metric="linearity")["series"][0]["steps"] == [1]  # the usual metrics too

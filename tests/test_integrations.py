@@ -16,6 +16,7 @@ import pytest
 import torch
 from layertrack.service.db import get_engine
 from services import Service, create_pg_database, drop_pg_database, free_port, layertrack_exe
+from tiny_models import lm_examples, tiny_lm
 
 CFG = {"max_tokens": 600, "seq_len": 64}
 
@@ -34,28 +35,6 @@ def live(tmp_path_factory, redis_url):
     svc.stop()
     get_engine(db).dispose()
     drop_pg_database(db)
-
-
-def tiny_lm(tokenizer, seed: int = 0):
-    from tiny_models import config_for
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = config_for("llama")
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return LlamaForCausalLM(cfg)
-
-
-def lm_examples(tokenizer, n: int = 64, seq_len: int = 32) -> list[dict[str, torch.Tensor]]:
-    from layertrack.workers.probe import default_probe
-
-    ids = tokenizer(" ".join(default_probe().documents[:20]))["input_ids"]
-    out = []
-    for i in range(n):
-        chunk = torch.tensor(ids[i * seq_len:(i + 1) * seq_len])
-        out.append({"input_ids": chunk, "labels": chunk.clone()})
-    return out
 
 
 def hf_trainer(tokenizer, out_dir, callbacks, max_steps: int):
@@ -276,3 +255,34 @@ def test_reporter_waits_for_a_checkpoint_being_written(tmp_path):
     assert snap is not None and set(snap) == {"config.json", "model.safetensors.index.json",
                                               "model-00001-of-00002.safetensors",
                                               "model-00002-of-00002.safetensors"}
+
+
+def test_demo_short_mode_end_to_end(live, tmp_path):
+    """``layertrack demo --short`` against the live service: trains both phases, every posted
+    step is scored, the table has one row per posted step, the plots are valid PNGs."""
+    import struct
+
+    out = live.roots / f"demo-{uuid.uuid4().hex[:6]}"
+    name = f"d{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, LAYERTRACK_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1")
+    done = subprocess.run([layertrack_exe(), "demo", "--short", "--url", live.url, "--token", live.token,
+                           "--out", str(out), "--name", name], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    posted = summary["posted_steps"]
+    assert posted == {"pretrain": [1, 2, 4, 8], "finetune": [1, 2, 4]}
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(f"{name}-")]
+    assert [(r[0], int(r[1])) for r in rows] == (
+        [(f"{name}-pretrain", s) for s in posted["pretrain"]] + [(f"{name}-finetune", s) for s in posted["finetune"]])
+    assert all(0 <= float(v) <= 1 for r in rows for v in r[2:4])
+    for png in ("trend.png", "heatmap_pretrain.png", "heatmap_finetune.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", png
+        width, height = struct.unpack(">II", data[16:24])
+        assert width > 300 and height > 200
+    with live.client() as c:
+        ft = c.run(f"{name}-finetune")
+        assert (ft["phase"], ft["parent_run"], ft["parent_step"]) == ("finetune", f"{name}-pretrain", 8)
+        rep = c.scores(f"{name}-pretrain", metric="loss_delta_drop")["series"]
+        assert rep and all(s["steps"] == [8] for s in rep)
+    assert summary["replaceability"]["pretrain"]["step"] == 8

@@ -109,3 +109,24 @@ def build_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_lm(tokenizer, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = config_for("llama")
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+def lm_examples(tokenizer, n: int = 64, seq_len: int = 32) -> list[dict[str, torch.Tensor]]:
+    from layertrack.workers.probe import default_probe
+
+    ids = tokenizer(" ".join(default_probe().documents[:20]))["input_ids"]
+    out = []
+    for i in range(n):
+        chunk = torch.tensor(ids[i * seq_len:(i + 1) * seq_len])
+        out.append({"input_ids": chunk, "labels": chunk.clone()})
+    return out
