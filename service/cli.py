@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--short", action="store_true", help="a few steps of a tiny model (a smoke test)")
     demo.add_argument("--pretrain-steps", type=_positive_int, help="pretraining steps (1000)")
     demo.add_argument("--finetune-steps", type=_positive_int, help="fine-tuning steps (250)")
+    demo.add_argument("--hidden", type=_positive_int, help="model width d (128; a multiple of 4)")
+    demo.add_argument("--layers", type=_positive_int, help="transformer blocks (8)")
     demo.add_argument("--regularizer", choices=("cosine", "mse"),
                       help="train with the paper's consecutive-layer regulariser")
     demo.add_argument("--lambda", dest="reg_lambda", type=float, default=0.5, help="regulariser weight λ (0.5)")

@@ -346,6 +346,12 @@ def run_demo(args: argparse.Namespace) -> int:
         plan.pretrain_steps = args.pretrain_steps
     if args.finetune_steps:
         plan.finetune_steps = args.finetune_steps
+    if getattr(args, "hidden", None):
+        if args.hidden % plan.heads:
+            raise SystemExit(f"error: --hidden must be a multiple of {plan.heads} (the number of heads)")
+        plan.hidden = args.hidden
+    if getattr(args, "layers", None):
+        plan.layers = args.layers
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
