@@ -19,7 +19,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import hooks_api, jobs, queries
+from . import dashboard, hooks_api, jobs, queries
 from .db import get_sessionmaker
 from .http import (
     Problem,
@@ -151,10 +151,13 @@ def run_out(session: Session, run: Run) -> RunOut:
     counts = dict(session.execute(
         select(Job.status, func.count(Job.id)).where(Job.run_id == run.id).group_by(Job.status)
     ).all())
+    last_activity = session.scalar(
+        select(func.max(func.coalesce(Job.finished_at, Job.started_at, Job.queued_at))).where(Job.run_id == run.id)
+    )
     return RunOut(
         name=run.name, phase=run.phase.value, parent_run=run.parent.name if run.parent else None,
         parent_step=run.parent_step, created_at=run.created_at, last_step=last_step, n_checkpoints=n_ckpt,
-        jobs={s.value: counts.get(s, 0) for s in JobStatus},
+        jobs={s.value: counts.get(s, 0) for s in JobStatus}, last_activity=last_activity or run.created_at,
     )
 
 
@@ -385,4 +388,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(hooks_api.authed)
     app.include_router(hooks_api.signed)
+    app.include_router(dashboard.api)
+    app.include_router(dashboard.pages)
+    app.mount("/static", dashboard.static_files(), name="static")
     return app

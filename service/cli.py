@@ -152,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     ht.add_argument("webhook_id", type=int)
     ht.set_defaults(func=cmd_webhook_test)
 
+    plot = sub.add_parser("plot", help="save a run's trend, heatmap or layer profile as PNG or SVG")
+    plot.add_argument("run")
+    plot.add_argument("--kind", choices=("trend", "heatmap", "profile"), default="trend")
+    plot.add_argument("--metric", default="linearity_nores")
+    plot.add_argument("--step", type=int, action="append", help="profile: step (repeat to compare; default: last)")
+    plot.add_argument("--log-x", action="store_true", help="trend: log-scaled step axis")
+    plot.add_argument("-o", "--output", help="file to write, .png or .svg (default: RUN-METRIC-KIND.png)")
+    plot.set_defaults(func=cmd_plot)
+
     demo = sub.add_parser(
         "demo", help="pretrain and fine-tune a small model on CPU, tracked by layertrack; print and plot the dynamics",
         description="Reproduce the paper's training dynamics on this machine (docs/REPRODUCTION.md): pretrain a "
@@ -442,6 +451,23 @@ def cmd_hook_source(args: argparse.Namespace) -> int:
             src = c.create_hook_source(args.name)
         print(f"hook source {src['name']}: sign POST /v1/hooks/checkpoint?source={src['name']} with")
         print(f"secret (shown once): {src['secret']}")
+        return 0
+
+    return _api_call(go)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    out = Path(args.output or f"{args.run.replace('/', '_')}-{args.metric}-{args.kind}.png")
+    fmt = out.suffix.lstrip(".").lower()
+    if fmt not in ("png", "svg"):
+        print(f"error: the output must end in .png or .svg, not {out.name!r}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def go() -> int:
+        with _client() as c:
+            data = c.plot(args.run, args.kind, format=fmt, metric=args.metric, steps=args.step, log_x=args.log_x)
+        out.write_bytes(data)
+        print(f"wrote {out} ({len(data)} bytes)")
         return 0
 
     return _api_call(go)

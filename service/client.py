@@ -249,6 +249,20 @@ class Client:
     def export(self, run: str, *, format: str = "csv") -> bytes:
         return self._request("GET", f"/v1/runs/{run}/export", params={"format": format}).content
 
+    def profile(self, run: str, *, metric: str = "linearity", steps: list[int] | None = None) -> dict:
+        """Per-layer values at the given steps (default: the last); lists ``available_steps``."""
+        return self._request("GET", f"/v1/runs/{run}/profile", params={"metric": metric, "step": steps or []}).json()
+
+    def plot(self, run: str, kind: str = "trend", *, format: str = "png", metric: str = "linearity",
+             steps: list[int] | None = None, log_x: bool = False) -> bytes:
+        """A figure (PNG or SVG bytes): kind "trend", "heatmap" or "profile" (at ``steps``)."""
+        params: dict[str, Any] = {"metric": metric}
+        if kind == "profile" and steps:
+            params["step"] = steps
+        if kind == "trend" and log_x:
+            params["log_x"] = "true"
+        return self._request("GET", f"/v1/runs/{run}/{kind}/plot.{format}", params=params).content
+
     def compare(self, runs: list[str], *, metric: str = "linearity") -> dict:
         return self._request("GET", "/v1/compare", params={"runs": ",".join(runs), "metric": metric}).json()
 

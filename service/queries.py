@@ -107,9 +107,9 @@ def heatmap(session: Session, *, run_id: int, metric: str, max_steps: int = 200)
         idx = sorted({round(i * (len(steps) - 1) / (max_steps - 1)) for i in range(max_steps)})
         steps = [steps[i] for i in idx]
     if not steps:
-        return {"steps": [], "layers": [], "values": []}
+        return {"steps": [], "layers": [], "values": [], "final_norm_layers": []}
     rows = session.execute(
-        select(Score.step, Score.layer, Score.value).where(
+        select(Score.step, Score.layer, Score.value, Score.final_norm).where(
             Score.run_id == run_id, Score.metric == metric, Score.step.in_(steps)
         )
     ).all()
@@ -117,9 +117,35 @@ def heatmap(session: Session, *, run_id: int, metric: str, max_steps: int = 200)
     col = {lay: j for j, lay in enumerate(layers)}
     row_of = {s: i for i, s in enumerate(steps)}
     values: list[list[float | None]] = [[None] * len(layers) for _ in steps]
-    for s, lay, v in rows:
+    for s, lay, v, _fn in rows:
         values[row_of[s]][col[lay]] = v
-    return {"steps": list(steps), "layers": layers, "values": values}
+    final = sorted({lay for _s, lay, _v, fn in rows if fn})
+    return {"steps": list(steps), "layers": layers, "values": values, "final_norm_layers": final}
+
+
+def profile(session: Session, *, run_id: int, metric: str, steps: list[int] | None = None) -> dict:
+    """Per-layer values at the given steps (default: the last step): {steps, layers,
+    final_norm_layers, values: [per step, per layer]}; a step with no scores is an error."""
+    known = session.scalars(
+        select(Score.step).where(Score.run_id == run_id, Score.metric == metric).distinct().order_by(Score.step)
+    ).all()
+    if not known:
+        return {"steps": [], "layers": [], "values": [], "final_norm_layers": [], "available_steps": []}
+    steps = steps or [known[-1]]
+    missing = [s for s in steps if s not in set(known)]
+    if missing:
+        raise LookupError(f"no {metric} scores at step(s) {', '.join(map(str, missing))}")
+    rows = session.execute(
+        select(Score.step, Score.layer, Score.value, Score.final_norm).where(
+            Score.run_id == run_id, Score.metric == metric, Score.step.in_(steps))
+    ).all()
+    layers = sorted({r[1] for r in rows})
+    col = {lay: j for j, lay in enumerate(layers)}
+    values: list[list[float | None]] = [[None] * len(layers) for _ in steps]
+    for s, lay, v, _fn in rows:
+        values[steps.index(s)][col[lay]] = v
+    return {"steps": steps, "layers": layers, "values": values,
+            "final_norm_layers": sorted({lay for _s, lay, _v, fn in rows if fn}), "available_steps": list(known)}
 
 
 def export_rows(session: Session, *, run_id: int, metric: str | None = None) -> Iterator[tuple]:

@@ -82,6 +82,8 @@ class RunOut(BaseModel):
     last_step: int | None
     n_checkpoints: int
     jobs: dict[str, int]
+    #: the latest time one of its jobs was queued, started or finished
+    last_activity: datetime
 
 
 class TokenOut(BaseModel):

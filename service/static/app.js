@@ -1,0 +1,322 @@
+// layertrack dashboard: plain JavaScript over the /v1 API; charts by the bundled ECharts.
+"use strict";
+
+const POLL_MS = 4000;
+const METRICS = ["linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy"];
+const EXTRA_METRICS = ["loss_delta_linear", "loss_delta_drop"];
+const LABELS = {
+  linearity: "linearity (with residual)",
+  linearity_nores: "linearity, residual removed",
+  cosine: "cosine(h_i, h_i+1)",
+  norm_ratio: "‖h_i+1 − h_i‖ / ‖h_i‖",
+  anisotropy: "anisotropy (λmax / trace)",
+  loss_delta_linear: "Δ loss, block → linear map (nats/token)",
+  loss_delta_drop: "Δ loss, block dropped (nats/token)",
+};
+// Okabe & Ito: distinguishable with colour-vision deficiencies
+const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"];
+const VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"];
+
+const app = document.getElementById("app");
+const charts = {};            // name -> ECharts instance (also read by the browser tests)
+window.layertrackCharts = charts;
+let timer = null;
+let refresh = null;
+
+// ------------------------------------------------------------------ API
+function token() { return localStorage.getItem("layertrack_token"); }
+
+async function api(path, options = {}) {
+  const headers = Object.assign({ Authorization: `Bearer ${token()}` }, options.headers || {});
+  const r = await fetch(path, Object.assign({}, options, { headers }));
+  if (r.status === 401) { localStorage.removeItem("layertrack_token"); showLogin("That token was refused: " + (await detail(r))); throw new Error("unauthorized"); }
+  if (!r.ok) throw new Error(await detail(r));
+  const type = r.headers.get("content-type") || "";
+  return type.includes("json") ? r.json() : r.blob();
+}
+
+async function detail(r) {
+  try { const body = await r.json(); return body.detail || body.title || r.statusText; } catch { return r.statusText; }
+}
+
+function esc(s) { return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c])); }
+function fmt(v, digits = 4) { return v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(digits); }
+function when(t) { return t ? new Date(t.endsWith("Z") || t.includes("+") ? t : t + "Z").toLocaleString() : "–"; }
+function setStatus(text) { document.getElementById("status").textContent = text; }
+
+function chart(id, name) {
+  const el = document.getElementById(id);
+  const existing = echarts.getInstanceByDom(el);
+  charts[name] = existing || echarts.init(el, null, { renderer: "canvas" });
+  return charts[name];
+}
+
+// ------------------------------------------------------------------ shell
+function showLogin(message) {
+  stop();
+  app.innerHTML = `<form class="login" id="login">
+    <h1>Sign in</h1>
+    <p class="muted">Paste an API token (create one with <code>layertrack token create NAME</code>). It stays in this browser.</p>
+    ${message ? `<p class="error">${esc(message)}</p>` : ""}
+    <input id="token-input" type="password" autocomplete="off" placeholder="lt_..." required aria-label="API token">
+    <button type="submit">Open the dashboard</button></form>`;
+  document.getElementById("login").addEventListener("submit", (e) => {
+    e.preventDefault();
+    localStorage.setItem("layertrack_token", document.getElementById("token-input").value.trim());
+    route();
+  });
+}
+
+function stop() { if (timer) clearInterval(timer); timer = null; refresh = null; }
+
+function every(fn) {
+  refresh = fn;
+  timer = setInterval(async () => {
+    try { await fn(); setStatus("updated " + new Date().toLocaleTimeString()); }
+    catch (e) { if (e.message !== "unauthorized") setStatus("update failed: " + e.message); }
+  }, POLL_MS);
+}
+
+async function route() {
+  stop();
+  Object.keys(charts).forEach((k) => { charts[k].dispose(); delete charts[k]; });
+  document.getElementById("logout").hidden = !token();
+  if (!token()) return showLogin();
+  const path = location.pathname;
+  document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active",
+    (a.dataset.nav === "runs" && (path === "/" || path.startsWith("/runs/"))) || path === "/" + a.dataset.nav));
+  try {
+    if (path.startsWith("/runs/")) await runPage(decodeURIComponent(path.slice(6)));
+    else if (path === "/jobs") await jobsPage();
+    else if (path === "/compare") await comparePage();
+    else await runsPage();
+    setStatus("updated " + new Date().toLocaleTimeString());
+  } catch (e) {
+    if (e.message !== "unauthorized") app.innerHTML = `<p class="error" id="page-error">${esc(e.message)}</p>`;
+  }
+}
+
+document.getElementById("logout").addEventListener("click", () => { localStorage.removeItem("layertrack_token"); route(); });
+window.addEventListener("resize", () => Object.values(charts).forEach((c) => c.resize()));
+
+// ------------------------------------------------------------------ runs
+async function runsPage() {
+  const q = new URLSearchParams(location.search).get("name") || "";
+  app.innerHTML = `<h1>Runs</h1>
+    <div class="controls"><label for="run-filter">Filter by name</label>
+      <input id="run-filter" type="search" value="${esc(q)}" placeholder="part of a run name"></div>
+    <table id="runs"><thead><tr><th>run</th><th>phase</th><th>parent</th><th class="num">last step</th>
+      <th class="num">queued</th><th class="num">running</th><th class="num">succeeded</th><th class="num">failed</th>
+      <th class="num">cancelled</th><th>last activity</th></tr></thead><tbody></tbody></table>`;
+  const input = document.getElementById("run-filter");
+  const load = async () => {
+    const name = input.value.trim();
+    const runs = await api("/v1/runs" + (name ? "?name=" + encodeURIComponent(name) : ""));
+    document.querySelector("#runs tbody").innerHTML = runs.length ? runs.map((r) => `<tr data-run="${esc(r.name)}">
+      <td><a href="/runs/${encodeURIComponent(r.name)}">${esc(r.name)}</a></td><td>${esc(r.phase)}</td>
+      <td>${r.parent_run ? `<a href="/runs/${encodeURIComponent(r.parent_run)}">${esc(r.parent_run)}</a> @ ${r.parent_step ?? "?"}` : "–"}</td>
+      <td class="num">${r.last_step ?? "–"}</td>
+      ${["queued", "running", "succeeded", "failed", "cancelled"].map((s) => `<td class="num">${r.jobs[s]}</td>`).join("")}
+      <td>${when(r.last_activity)}</td></tr>`).join("")
+      : `<tr><td colspan="10" class="muted">no runs${name ? " match" : " yet: post a checkpoint"}</td></tr>`;
+  };
+  input.addEventListener("input", () => { history.replaceState(null, "", input.value ? "/?name=" + encodeURIComponent(input.value) : "/"); load(); });
+  await load();
+  every(load);
+}
+
+// ------------------------------------------------------------------ one run
+function lineOption(title, yName, series, { logX = false, xName = "training step" } = {}) {
+  return {
+    color: PALETTE, animation: false,
+    title: { text: title, left: 8, top: 4, textStyle: { fontSize: 13 } },
+    tooltip: { trigger: "axis", valueFormatter: (v) => fmt(v, 5) },
+    legend: { top: 4, right: 8, textStyle: { fontSize: 11 } },
+    grid: { left: 64, right: 20, top: 40, bottom: 48 },
+    xAxis: { type: logX ? "log" : "value", name: xName, nameLocation: "middle", nameGap: 28, scale: true },
+    yAxis: { type: "value", name: yName, nameLocation: "middle", nameGap: 48, scale: true },
+    series,
+  };
+}
+
+async function runPage(name) {
+  const run = await api(`/v1/runs/${encodeURIComponent(name)}`);
+  const offset = run.parent_run ? (run.parent_step || 0) : 0;
+  app.innerHTML = `<h1>${esc(run.name)} <span class="pill">${esc(run.phase)}</span></h1>
+    <p class="muted">${run.parent_run ? `fine-tuned from <a href="/runs/${encodeURIComponent(run.parent_run)}">${esc(run.parent_run)}</a> at step ${run.parent_step}; steps are shown continuing from there. ` : ""}
+      last step ${run.last_step ?? "–"} · ${run.n_checkpoints} checkpoints · jobs: ${Object.entries(run.jobs).filter(([, n]) => n).map(([s, n]) => `${n} ${s}`).join(", ") || "none"}</p>
+    <div class="controls">
+      <label><input id="logx" type="checkbox"> log-scaled step axis</label>
+      <label for="metric">metric for the heatmap and the profile</label>
+      <select id="metric">${[...METRICS, ...EXTRA_METRICS].map((m) => `<option value="${m}">${m}</option>`).join("")}</select>
+      <button id="png" type="button">Download PNGs</button><button id="svg" type="button">Download SVGs</button>
+    </div>
+    <h2>Layer mean per step</h2>
+    <div class="grid" id="trends">${METRICS.map((m) => `<div class="chart" id="trend-${m}" data-metric="${m}"></div>`).join("")}</div>
+    <h2>Step × layer</h2><div class="chart tall" id="heatmap"></div>
+    <h2>Per-layer profile</h2>
+    <div class="controls"><label for="profile-step">step</label><select id="profile-step"></select>
+      <label for="compare-step">compare with</label><select id="compare-step"><option value="">(none)</option></select>
+      <span class="muted">Click a point of a trend or a heatmap cell to pick the step.</span></div>
+    <div class="chart" id="profile"></div>`;
+  const state = { metric: "linearity_nores", step: null, compare: null, steps: [] };
+  document.getElementById("metric").value = state.metric;
+
+  const drawTrends = async () => {
+    const logX = document.getElementById("logx").checked;
+    const firings = await api(`/v1/runs/${encodeURIComponent(name)}/alerts/firings`);
+    const rules = firings.length ? await api(`/v1/runs/${encodeURIComponent(name)}/alerts`) : [];
+    const ruleMetric = Object.fromEntries(rules.filter((r) => r.layer === null).map((r) => [r.id, r.metric]));
+    await Promise.all(METRICS.map(async (m) => {
+      const t = await api(`/v1/runs/${encodeURIComponent(name)}/trend?metric=${m}&max_points=1000`);
+      const series = [];
+      if (run.parent_run) {
+        const p = await api(`/v1/runs/${encodeURIComponent(run.parent_run)}/trend?metric=${m}&max_points=1000&to_step=${offset}`);
+        series.push({ name: `${run.parent_run} (parent)`, type: "line", symbolSize: 3, color: "#999999", data: p.steps.map((s, i) => [Math.max(s, logX ? 1 : s), p.values[i]]) });
+      }
+      const mine = firings.filter((f) => ruleMetric[f.rule_id] === m);
+      series.push({
+        name: run.name, type: "line", symbolSize: 6, data: t.steps.map((s, i) => [s + offset, t.values[i]]),
+        markPoint: mine.length ? { symbol: "pin", symbolSize: 34, itemStyle: { color: "#D55E00" },
+          data: mine.map((f) => ({ name: "alert", coord: [f.step + offset, f.value], value: "!", tooltip: { formatter: esc(f.message) } })) } : undefined,
+      });
+      const c = chart(`trend-${m}`, `trend-${m}`);
+      c.setOption(lineOption(m, LABELS[m], series, { logX, xName: run.parent_run ? "training step (parent's steps, then fine-tuning)" : "training step" }), { notMerge: true });
+      c.off("click");
+      c.on("click", (params) => { if (params.seriesName === run.name && Array.isArray(params.data)) pickStep(params.data[0] - offset); });
+    }));
+  };
+
+  const drawHeatmap = async () => {
+    const h = await api(`/v1/runs/${encodeURIComponent(name)}/heatmap?metric=${state.metric}&max_steps=300`);
+    const keep = h.layers.map((l, j) => [l, j]).filter(([l]) => !h.final_norm_layers.includes(l));
+    const data = [];
+    h.steps.forEach((s, i) => keep.forEach(([, j], k) => data.push([i, k, h.values[i][j]])));
+    const vals = data.map((d) => d[2]).filter((v) => v !== null);
+    const c = chart("heatmap", "heatmap");
+    c.setOption({
+      animation: false,
+      title: { text: `${state.metric} per block and step`, left: 8, top: 4, textStyle: { fontSize: 13 } },
+      tooltip: { formatter: (p) => `step ${h.steps[p.data[0]] + offset}<br>block ${keep[p.data[1]][0]}→${keep[p.data[1]][0] + 1}<br>${state.metric} ${fmt(p.data[2], 5)}` },
+      grid: { left: 72, right: 90, top: 40, bottom: 56 },
+      xAxis: { type: "category", data: h.steps.map((s) => String(s + offset)), name: "training step", nameLocation: "middle", nameGap: 34 },
+      yAxis: { type: "category", data: keep.map(([l]) => `${l}→${l + 1}`), name: "block", nameLocation: "middle", nameGap: 52 },
+      visualMap: { min: vals.length ? Math.min(...vals) : 0, max: vals.length ? Math.max(...vals) : 1, calculable: true, orient: "vertical", right: 8, top: "middle", inRange: { color: VIRIDIS }, text: [LABELS[state.metric] || state.metric, ""], precision: 3 },
+      series: [{ type: "heatmap", name: state.metric, data, emphasis: { itemStyle: { borderColor: "#000", borderWidth: 1 } } }],
+    }, { notMerge: true });
+    c.off("click");
+    c.on("click", (p) => pickStep(h.steps[p.data[0]]));
+  };
+
+  const drawProfile = async () => {
+    const meta = await api(`/v1/runs/${encodeURIComponent(name)}/profile?metric=${state.metric}`);
+    state.steps = meta.available_steps;
+    if (!state.steps.length) { chart("profile", "profile").setOption(lineOption("no scores yet", "", []), { notMerge: true }); return; }
+    if (state.step === null || !state.steps.includes(state.step)) state.step = state.steps[state.steps.length - 1];
+    const ps = document.getElementById("profile-step"), cs = document.getElementById("compare-step");
+    ps.innerHTML = state.steps.map((s) => `<option value="${s}">${s + offset}</option>`).join("");
+    cs.innerHTML = `<option value="">(none)</option>` + state.steps.map((s) => `<option value="${s}">${s + offset}</option>`).join("");
+    ps.value = String(state.step);
+    cs.value = state.compare === null ? "" : String(state.compare);
+    const steps = [state.step, ...(state.compare !== null && state.compare !== state.step ? [state.compare] : [])];
+    const p = await api(`/v1/runs/${encodeURIComponent(name)}/profile?metric=${state.metric}&${steps.map((s) => "step=" + s).join("&")}`);
+    const keep = p.layers.map((l, j) => [l, j]).filter(([l]) => !p.final_norm_layers.includes(l));
+    const series = p.steps.map((s, k) => ({ name: `step ${s + offset}`, type: "line", symbolSize: 7, data: keep.map(([l, j]) => [l, p.values[k][j]]) }));
+    const c = chart("profile", "profile");
+    const opt = lineOption(`${state.metric} per block`, LABELS[state.metric], series, { xName: "block i (hidden state i → i+1)" });
+    opt.xAxis.minInterval = 1;
+    c.setOption(opt, { notMerge: true });
+    document.getElementById("profile").dataset.step = String(state.step);
+  };
+
+  const pickStep = (s) => { state.step = s; drawProfile(); };
+  document.getElementById("logx").addEventListener("change", drawTrends);
+  document.getElementById("metric").addEventListener("change", (e) => { state.metric = e.target.value; drawHeatmap(); drawProfile(); });
+  document.getElementById("profile-step").addEventListener("change", (e) => pickStep(Number(e.target.value)));
+  document.getElementById("compare-step").addEventListener("change", (e) => { state.compare = e.target.value === "" ? null : Number(e.target.value); drawProfile(); });
+  for (const kind of ["png", "svg"]) {
+    document.getElementById(kind).addEventListener("click", async () => {
+      for (const [what, q] of [["trend", `metric=${state.metric}`], ["heatmap", `metric=${state.metric}`], ["profile", `metric=${state.metric}&step=${state.step}`]]) {
+        const blob = await api(`/v1/runs/${encodeURIComponent(name)}/${what}/plot.${kind}?${q}`);
+        const a = document.createElement("a");
+        a.href = URL.createObjectURL(blob); a.download = `${name}-${state.metric}-${what}.${kind}`; a.click();
+      }
+    });
+  }
+  const all = async () => { await drawTrends(); await drawHeatmap(); await drawProfile(); };
+  await all();
+  every(all);
+}
+
+// ------------------------------------------------------------------ jobs
+async function jobsPage() {
+  app.innerHTML = `<h1>Jobs</h1>
+    <div class="controls"><label for="job-status">status</label>
+      <select id="job-status"><option value="">all</option>${["queued", "running", "succeeded", "failed", "cancelled"].map((s) => `<option>${s}</option>`).join("")}</select>
+      <label for="job-run">run</label><input id="job-run" type="search" placeholder="exact run name"></div>
+    <table id="jobs"><thead><tr><th>job</th><th>run</th><th class="num">step</th><th>status</th><th class="num">attempts</th>
+      <th>worker</th><th class="num">duration</th><th>queued</th><th>error</th><th></th></tr></thead><tbody></tbody></table>`;
+  const load = async () => {
+    const status = document.getElementById("job-status").value, run = document.getElementById("job-run").value.trim();
+    const q = new URLSearchParams({ limit: "200" });
+    if (status) q.set("status", status);
+    if (run) q.set("run", run);
+    const jobs = await api("/v1/jobs?" + q);
+    document.querySelector("#jobs tbody").innerHTML = jobs.length ? jobs.map((j) => `<tr data-job="${j.id}" data-status="${j.status}">
+      <td title="${j.id}"><code>${j.id.slice(0, 8)}</code></td><td><a href="/runs/${encodeURIComponent(j.run)}">${esc(j.run)}</a></td>
+      <td class="num">${j.step}</td><td><span class="pill ${j.status}">${j.status}</span></td><td class="num">${j.attempts}</td>
+      <td>${esc(j.worker || "–")}</td><td class="num">${j.duration_s === null ? "–" : j.duration_s.toFixed(1) + " s"}</td>
+      <td>${when(j.queued_at)}</td>
+      <td class="error job-error">${j.error ? esc(`${j.error_code}: ${j.error}`) : ""}</td>
+      <td>${["failed", "cancelled"].includes(j.status) ? `<button data-action="retry" data-id="${j.id}">Retry</button>` : ""}
+          ${["queued", "running"].includes(j.status) ? `<button class="danger" data-action="cancel" data-id="${j.id}">Cancel</button>` : ""}</td></tr>`).join("")
+      : `<tr><td colspan="10" class="muted">no jobs</td></tr>`;
+  };
+  document.getElementById("job-status").addEventListener("change", load);
+  document.getElementById("job-run").addEventListener("change", load);
+  document.getElementById("jobs").addEventListener("click", async (e) => {
+    const b = e.target.closest("button[data-action]");
+    if (!b) return;
+    b.disabled = true;
+    try { await api(`/v1/jobs/${b.dataset.id}/${b.dataset.action}`, { method: "POST" }); setStatus(`${b.dataset.action} sent`); }
+    catch (err) { setStatus(`${b.dataset.action} failed: ${err.message}`); }
+    await load();
+  });
+  await load();
+  every(load);
+}
+
+// ------------------------------------------------------------------ compare
+async function comparePage() {
+  const params = new URLSearchParams(location.search);
+  app.innerHTML = `<h1>Compare runs</h1>
+    <div class="controls"><label for="compare-runs">runs</label>
+      <input id="compare-runs" size="50" value="${esc(params.get("runs") || "")}" placeholder="run names, comma separated">
+      <label for="compare-metric">metric</label><select id="compare-metric">${METRICS.map((m) => `<option>${m}</option>`).join("")}</select>
+      <label><input id="compare-logx" type="checkbox"> log-scaled step axis</label>
+      <label><input id="compare-continue" type="checkbox" checked> fine-tunes continue from their parent's step</label></div>
+    <div class="chart tall" id="compare"></div><p id="compare-error" class="error"></p>`;
+  document.getElementById("compare-metric").value = params.get("metric") || "linearity_nores";
+  const load = async () => {
+    const runs = document.getElementById("compare-runs").value.split(",").map((s) => s.trim()).filter(Boolean);
+    const metric = document.getElementById("compare-metric").value;
+    history.replaceState(null, "", `/compare?runs=${encodeURIComponent(runs.join(","))}&metric=${metric}`);
+    const c = chart("compare", "compare");
+    if (!runs.length) { c.setOption(lineOption("pick two or more runs", LABELS[metric], []), { notMerge: true }); return; }
+    document.getElementById("compare-error").textContent = "";
+    let data;
+    try { data = await api(`/v1/compare?runs=${encodeURIComponent(runs.join(","))}&metric=${metric}&max_points=1000`); }
+    catch (e) { document.getElementById("compare-error").textContent = e.message; return; }
+    const cont = document.getElementById("compare-continue").checked;
+    const series = data.runs.map((r) => {
+      const off = cont && r.parent_run ? (r.parent_step || 0) : 0;
+      return { name: r.run, type: "line", symbolSize: 5, data: r.steps.map((s, i) => [s + off, r.values[i]]) };
+    });
+    c.setOption(lineOption(`${metric}, layer mean`, LABELS[metric], series, { logX: document.getElementById("compare-logx").checked }), { notMerge: true });
+  };
+  ["compare-runs", "compare-metric", "compare-logx", "compare-continue"].forEach((id) => document.getElementById(id).addEventListener("change", load));
+  await load();
+  every(load);
+}
+
+route();

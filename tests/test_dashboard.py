@@ -1,0 +1,270 @@
+"""The dashboard in real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)
+against the live service with real data (API server, Celery worker, PostgreSQL, Redis), and
+the plot endpoints and ``layertrack plot``. Screenshots go to test-artifacts/ (or
+$LAYERTRACK_TEST_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from layertrack.service.db import get_engine
+from services import Service, create_pg_database, drop_pg_database, layertrack_exe
+
+CFG = {"max_tokens": 600, "seq_len": 64}
+ARTIFACTS = Path(os.environ.get("LAYERTRACK_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, redis_url, tokenizer):
+    """Three runs: a pretraining run (steps 100, 200, 300) with an alert that fired at 200, a
+    fine-tune of it (steps 10, 20 from step 300), and a run whose only job failed."""
+    from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+    from tiny_models import build_checkpoint
+    from transformers import BertConfig, BertForMaskedLM
+
+    tmp = tmp_path_factory.mktemp("dash")
+    roots = tmp / "ckpts"
+    roots.mkdir()
+    db = create_pg_database()
+    svc = Service(tmp=tmp, db_url=db, broker_url=redis_url, roots=roots)
+    svc.migrate_and_token()
+    svc.start_api()
+    svc.start_worker("w1")
+    tag = uuid.uuid4().hex[:4]
+    svc.runs = {"pre": f"pre-{tag}", "ft": f"ft-{tag}", "bad": f"bad-{tag}"}
+    pre, ft, bad = svc.runs["pre"], svc.runs["ft"], svc.runs["bad"]
+    ck = {s: build_checkpoint(roots / pre / f"s{s}", "llama", tokenizer, seed=s) for s in (100, 200, 300)}
+    with svc.client() as c:
+        first = c.submit(run=pre, step=100, uri=str(ck[100]), config=CFG)["id"]
+        assert c.wait(first, timeout=240)["status"] == "succeeded"
+        m1 = c.trend(pre, metric="linearity_nores")["values"][0]
+        blocks = [p.linearity_nores for p in score_checkpoint(str(ck[200]), config=ScoreConfig(**CFG)).scores.pairs
+                  if not p.final_norm]
+        m2 = sum(blocks) / len(blocks)
+        mid = (m1 + m2) / 2
+        side = {"above": mid} if m2 > m1 else {"below": mid}
+        c.create_alert(pre, metric="linearity_nores", kind="threshold", **side)
+        ids = [c.submit(run=pre, step=s, uri=str(ck[s]), config=CFG)["id"] for s in (200, 300)]
+        for s, seed in ((10, 11), (20, 12)):
+            p = build_checkpoint(roots / ft / f"s{s}", "llama", tokenizer, seed=seed)
+            ids.append(c.submit(run=ft, step=s, uri=str(p), config=CFG, phase="finetune", parent_run=pre,
+                                parent_step=300)["id"])
+        bert = roots / bad / "bert"
+        BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, vocab_size=384)).save_pretrained(bert)
+        ids.append(c.submit(run=bad, step=1, uri=str(bert), config=CFG)["id"])
+        for i in ids:
+            c.wait(i, timeout=240, poll=0.5)
+        assert [f["step"] for f in c.firings(pre)] == [200]
+    yield svc
+    svc.stop()
+    get_engine(db).dispose()
+    drop_pg_database(db)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("the browser tests need Debian's chromium (apt-get install chromium; .ci/run installs it)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser, live):
+    ctx = browser.new_context(viewport={"width": 1366, "height": 900})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(live.url + "/")
+    pg.fill("#token-input", live.token)
+    pg.click("button[type=submit]")
+    pg.wait_for_selector("#runs tbody tr")
+    yield pg
+    ctx.close()
+    assert errors == [], errors
+
+
+def shot(pg, name: str) -> None:
+    pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def chart_info(pg, el_id: str) -> dict:
+    """Series count, data lengths and whether the canvas has any non-blank pixel."""
+    return pg.evaluate("""(id) => {
+        const el = document.getElementById(id);
+        const c = echarts.getInstanceByDom(el);
+        if (!c) return null;
+        const o = c.getOption();
+        const canvas = el.querySelector('canvas');
+        const ctx = canvas.getContext('2d');
+        const px = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+        let inked = 0;
+        for (let i = 0; i < px.length; i += 4)
+            if (px[i + 3] > 0 && (px[i] < 240 || px[i + 1] < 240 || px[i + 2] < 240)) inked++;
+        return {series: o.series.map(s => ({name: s.name, n: (s.data || []).length, first: (s.data || [])[0],
+                                          marks: s.markPoint ? s.markPoint.data.length : 0})),
+                inked, width: canvas.width};
+    }""", el_id)
+
+
+def wait_chart(pg, el_id: str, n_series: int, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = chart_info(pg, el_id)
+        if info and len(info["series"]) == n_series and info["inked"] > 500:
+            return info
+        assert time.monotonic() < deadline, (el_id, info)
+        time.sleep(0.2)
+
+
+def test_login_runs_list_filter_and_live_update(page, live, tokenizer):
+    from tiny_models import build_checkpoint
+
+    rows = page.eval_on_selector_all("#runs tbody tr", "rs => rs.map(r => r.dataset.run)")
+    assert set(live.runs.values()) <= set(rows)
+    ft_row = page.locator(f"#runs tbody tr[data-run='{live.runs['ft']}']")
+    assert live.runs["pre"] in ft_row.inner_text() and "finetune" in ft_row.inner_text()
+    bad_cells = page.locator(f"#runs tbody tr[data-run='{live.runs['bad']}'] td").all_inner_texts()
+    assert bad_cells[7] == "1"  # failed
+    shot(page, "runs")
+    page.fill("#run-filter", "ft-")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#runs tbody tr')].every(r => r.dataset.run.startsWith('ft-'))")
+    page.fill("#run-filter", "")
+    # a new run appears without reloading the page
+    new = f"live-{uuid.uuid4().hex[:4]}"
+    p = build_checkpoint(live.roots / new / "s1", "llama", tokenizer, seed=5)
+    with live.client() as c:
+        c.submit(run=new, step=1, uri=str(p), config=CFG)
+    page.wait_for_selector(f"#runs tbody tr[data-run='{new}']", timeout=20_000)
+
+
+def test_run_page_charts_heatmap_alert_and_profile_click(page, live):
+    pre = live.runs["pre"]
+    page.click(f"a[href='/runs/{pre}']")
+    for m in ("linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy"):
+        info = wait_chart(page, f"trend-{m}", 1)
+        assert info["series"][0]["n"] == 3
+        assert info["series"][0]["marks"] == (1 if m == "linearity_nores" else 0)  # the alert at step 200
+    heat = wait_chart(page, "heatmap", 1)
+    assert heat["series"][0]["n"] == 3 * 2  # 3 steps × 2 blocks (the final-norm pair left out)
+    prof = wait_chart(page, "profile", 1)
+    assert prof["series"][0]["name"] == "step 300" and prof["series"][0]["n"] == 2
+    shot(page, "run")
+    # click the heatmap cell of the first step: the profile follows
+    xy = page.evaluate("""() => { const c = echarts.getInstanceByDom(document.getElementById('heatmap'));
+                                  return c.convertToPixel({seriesIndex: 0}, [0, 0]); }""")
+    box = page.locator("#heatmap").bounding_box()
+    page.mouse.click(box["x"] + xy[0], box["y"] + xy[1])
+    page.wait_for_function("() => document.getElementById('profile').dataset.step === '100'")
+    assert wait_chart(page, "profile", 1)["series"][0]["name"] == "step 100"
+    page.select_option("#compare-step", "300")
+    names = [s["name"] for s in wait_chart(page, "profile", 2)["series"]]
+    assert names == ["step 100", "step 300"]
+    page.select_option("#metric", "cosine")
+    page.wait_for_function("() => echarts.getInstanceByDom(document.getElementById('heatmap')).getOption()"
+                           ".series[0].name === 'cosine'")
+    page.check("#logx")
+    page.wait_for_function("() => echarts.getInstanceByDom(document.getElementById('trend-linearity'))"
+                           ".getOption().xAxis[0].type === 'log'")
+    shot(page, "run-compare-steps")
+
+
+def test_fine_tune_continues_from_its_parent(page, live):
+    page.goto(f"{live.url}/runs/{live.runs['ft']}")
+    info = wait_chart(page, "trend-linearity", 2)
+    parent, own = info["series"]
+    assert parent["name"].endswith("(parent)") and parent["n"] == 3
+    assert own["first"][0] == 310  # step 10 of the fine-tune, after step 300 of its parent
+    shot(page, "finetune")
+
+
+def test_jobs_page_shows_errors_and_retry_and_cancel_work(page, live, tokenizer):
+    from tiny_models import build_checkpoint
+
+    page.goto(live.url + "/jobs")
+    page.wait_for_selector("#jobs tbody tr[data-status='failed']")
+    failed = page.locator("#jobs tbody tr[data-status='failed']").first
+    assert "not_a_causal_lm" in failed.locator(".job-error").inner_text()
+    assert "not a causal language model" in failed.inner_text()
+    shot(page, "jobs")
+    job_id = failed.get_attribute("data-job")
+    failed.locator("button[data-action=retry]").click()
+    with live.client() as c:
+        assert c.wait(job_id, timeout=120, poll=0.5)["attempts"] == 2  # it ran again (and failed again)
+    # the page shows it without a reload
+    page.wait_for_function(
+        f"() => document.querySelector(\"#jobs tr[data-job='{job_id}'] td:nth-child(5)\").textContent === '2'",
+        timeout=20_000)
+    # cancel: with no worker running, a new job stays queued
+    live.kill_worker("w1")
+    try:
+        p = build_checkpoint(live.roots / "cancel-me" / "s1", "llama", tokenizer, seed=9)
+        with live.client() as c:
+            queued = c.submit(run=f"cancel-{uuid.uuid4().hex[:4]}", step=1, uri=str(p), config=CFG)["id"]
+        row = f"#jobs tr[data-job='{queued}']"
+        page.wait_for_selector(f"{row}[data-status='queued']", timeout=20_000)
+        page.click(f"{row} button[data-action=cancel]")
+        page.wait_for_selector(f"{row}[data-status='cancelled']", timeout=20_000)
+    finally:
+        live.start_worker("w1")
+
+
+def test_compare_page_overlays_runs(page, live):
+    page.goto(f"{live.url}/compare?runs={live.runs['pre']},{live.runs['ft']}&metric=linearity")
+    info = wait_chart(page, "compare", 2)
+    assert [s["name"] for s in info["series"]] == [live.runs["pre"], live.runs["ft"]]
+    assert info["series"][1]["first"][0] == 310
+    shot(page, "compare")
+
+
+# ------------------------------------------------------------------ plot files
+def test_plot_endpoints_return_png_and_svg_and_clear_errors(live):
+    pre, ft = live.runs["pre"], live.runs["ft"]
+    with live.http() as h:
+        cases = (("trend", ""), ("trend", "&log_x=true"), ("heatmap", ""), ("profile", "&step=100&step=300"))
+        for kind, extra in cases:
+            for run in (pre, ft) if kind != "profile" else (pre,):
+                png = h.get(f"/v1/runs/{run}/{kind}/plot.png?metric=linearity_nores{extra}")
+                assert png.status_code == 200 and png.headers["content-type"] == "image/png", png.text[:300]
+                assert png.content[:8] == b"\x89PNG\r\n\x1a\n" and len(png.content) > 5000
+            svg = h.get(f"/v1/runs/{pre}/{kind}/plot.svg?metric=linearity_nores{extra}")
+            assert svg.status_code == 200 and svg.headers["content-type"].startswith("image/svg+xml")
+            assert b"<svg" in svg.content[:2000] and svg.content.rstrip().endswith(b"</svg>")
+        r = h.get("/v1/runs/no-such-run/trend/plot.png")
+        assert r.status_code == 404 and "no run named 'no-such-run'" in r.json()["detail"]
+        r = h.get(f"/v1/runs/{pre}/heatmap/plot.png?metric=bogus")
+        assert r.status_code == 422 and "unknown metric 'bogus'" in r.json()["detail"]
+        r = h.get(f"/v1/runs/{pre}/trend/plot.gif")
+        assert r.status_code == 404 and "plot.png or plot.svg" in r.json()["detail"]
+        r = h.get(f"/v1/runs/{pre}/profile/plot.png?step=12345")
+        assert r.status_code == 404 and "12345" in r.json()["detail"]
+        assert httpx.get(f"{live.url}/v1/runs/{pre}/trend/plot.png").status_code == 401
+
+
+def test_plot_cli_writes_files(live, tmp_path):
+    env = dict(os.environ, LAYERTRACK_URL=live.url, LAYERTRACK_TOKEN=live.token,
+               LAYERTRACK_DATA_DIR=str(tmp_path / "data"))
+    for kind, name in (("trend", "t.png"), ("heatmap", "h.svg"), ("profile", "p.png")):
+        out = subprocess.run([layertrack_exe(), "plot", live.runs["pre"], "--kind", kind, "-o", str(tmp_path / name)],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        data = (tmp_path / name).read_bytes()
+        assert data[:4] == b"\x89PNG" if name.endswith(".png") else b"<svg" in data[:2000]
+    bad = subprocess.run([layertrack_exe(), "plot", "nope", "-o", str(tmp_path / "x.png")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "no run named 'nope'" in bad.stderr
