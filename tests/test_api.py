@@ -47,7 +47,7 @@ def test_every_other_endpoint_needs_a_valid_token(api_service, ckpt):
     # /v1/hooks/checkpoint takes a signed webhook instead (tests/test_integrations.py)
     routes = [(m.upper(), path) for path, ops in paths.items() for m in ops
               if path not in ("/healthz", "/readyz", "/v1/hooks/checkpoint")]
-    assert len(routes) == 28
+    assert len(routes) == 32
     with session_scope(api_service.db_url) as s:
         row, revoked_secret = create_token(s, "to-revoke")
     with session_scope(api_service.db_url) as s:
@@ -60,8 +60,11 @@ def test_every_other_endpoint_needs_a_valid_token(api_service, ckpt):
         ({"Authorization": f"Basic {api_service.token}"}, "must be 'Bearer <token>'"),
     ]:
         for method, path in routes:
-            url = api_service.url + path.replace("{job_id}", "x").replace("{run}", "x").replace(
-                "{webhook_id}", "1").replace("{delivery_id}", "x").replace("{rule_id}", "1").replace("{name}", "x")
+            fill = {"{job_id}": "x", "{run}": "x", "{webhook_id}": "1", "{delivery_id}": "x", "{rule_id}": "1",
+                    "{name}": "x", "{fmt}": "png"}
+            url = api_service.url + path
+            for k, v in fill.items():
+                url = url.replace(k, v)
             r = httpx.request(method, url, headers=headers, json=body(ckpt) if method == "POST" else None)
             assert r.status_code == 401, (method, path, r.status_code, r.text)
             assert r.headers["content-type"].startswith("application/problem+json")

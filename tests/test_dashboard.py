@@ -106,10 +106,12 @@ def chart_info(pg, el_id: str) -> dict:
     """Series count, data lengths and whether the canvas has any non-blank pixel."""
     return pg.evaluate("""(id) => {
         const el = document.getElementById(id);
+        if (!el || !window.echarts) return null;
         const c = echarts.getInstanceByDom(el);
         if (!c) return null;
         const o = c.getOption();
         const canvas = el.querySelector('canvas');
+        if (!canvas) return null;
         const ctx = canvas.getContext('2d');
         const px = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
         let inked = 0;
@@ -168,6 +170,7 @@ def test_run_page_charts_heatmap_alert_and_profile_click(page, live):
     # click the heatmap cell of the first step: the profile follows
     xy = page.evaluate("""() => { const c = echarts.getInstanceByDom(document.getElementById('heatmap'));
                                   return c.convertToPixel({seriesIndex: 0}, [0, 0]); }""")
+    page.locator("#heatmap").scroll_into_view_if_needed()
     box = page.locator("#heatmap").bounding_box()
     page.mouse.click(box["x"] + xy[0], box["y"] + xy[1])
     page.wait_for_function("() => document.getElementById('profile').dataset.step === '100'")
