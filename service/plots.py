@@ -57,7 +57,11 @@ def trend_figure(run: str, metric: str, trend: dict[str, Any], *, log_x: bool = 
         fy = [by_step.get(f["step"], f["value"]) for f in firings]
         ax.scatter(fx, _nan(fy), marker="v", s=70, color=PALETTE[3], zorder=3, label="alert fired")
     if log_x:
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training step" + (f" (fine-tuning from step {offset} of the parent)" if parent else ""))
     ax.set_ylabel(f"layer mean of {LABELS.get(metric, metric)}")
     ax.set_title(f"{run}: {metric}, layer mean per step")

@@ -201,7 +201,7 @@ async function runPage(name) {
       grid: { left: 72, right: 90, top: 40, bottom: 56 },
       xAxis: { type: "category", data: h.steps.map((s) => String(s + offset)), name: "training step", nameLocation: "middle", nameGap: 34 },
       yAxis: { type: "category", data: keep.map(([l]) => `${l}→${l + 1}`), name: "block", nameLocation: "middle", nameGap: 52 },
-      visualMap: { min: vals.length ? Math.min(...vals) : 0, max: vals.length ? Math.max(...vals) : 1, calculable: true, orient: "vertical", right: 8, top: "middle", inRange: { color: VIRIDIS }, text: [LABELS[state.metric] || state.metric, ""], precision: 3 },
+      visualMap: { min: vals.length ? Math.min(...vals) : 0, max: vals.length ? Math.max(...vals) : 1, calculable: false, orient: "vertical", right: 10, top: "middle", itemHeight: 220, inRange: { color: VIRIDIS }, text: [fmt(vals.length ? Math.max(...vals) : 1, 3), fmt(vals.length ? Math.min(...vals) : 0, 3)] },
       series: [{ type: "heatmap", name: state.metric, data, emphasis: { itemStyle: { borderColor: "#000", borderWidth: 1 } } }],
     }, { notMerge: true });
     c.off("click");
