@@ -276,6 +276,13 @@ class Client:
     def webhooks(self) -> list[dict]:
         return self._request("GET", "/v1/webhooks").json()
 
+    def update_webhook(self, webhook_id: int, *, active: bool | None = None, events: list[str] | None = None,
+                       description: str | None = None) -> dict:
+        """Pause (``active=False``) or resume a subscription, or change its events or description."""
+        body = {k: v for k, v in {"active": active, "events": events, "description": description}.items()
+                if v is not None}
+        return self._request("PATCH", f"/v1/webhooks/{webhook_id}", json=body).json()
+
     def delete_webhook(self, webhook_id: int) -> None:
         self._request("DELETE", f"/v1/webhooks/{webhook_id}")
 

@@ -29,6 +29,7 @@ from .schemas import (
     JobOut,
     WebhookIn,
     WebhookOut,
+    WebhookPatch,
 )
 
 authed = APIRouter(prefix="/v1", dependencies=[Depends(authed_session)])
@@ -85,6 +86,20 @@ def list_webhooks(session: SessionDep) -> list[WebhookOut]:
 @authed.get("/webhooks/{webhook_id}", response_model=WebhookOut)
 def read_webhook(webhook_id: int, session: SessionDep) -> WebhookOut:
     return webhook_out(get_webhook(session, webhook_id))
+
+
+@authed.patch("/webhooks/{webhook_id}", response_model=WebhookOut)
+def update_webhook(webhook_id: int, body: WebhookPatch, session: SessionDep) -> WebhookOut:
+    """Pause or resume a subscription, or change its events or description."""
+    w = get_webhook(session, webhook_id)
+    if body.active is not None:
+        w.active = body.active
+    if body.events is not None:
+        w.events = sorted(set(body.events))
+    if body.description is not None:
+        w.description = body.description
+    session.commit()
+    return webhook_out(w)
 
 
 @authed.delete("/webhooks/{webhook_id}", status_code=204)

@@ -112,6 +112,17 @@ class WebhookIn(BaseModel):
     description: str = Field(default="", max_length=200)
 
 
+class WebhookPatch(BaseModel):
+    """Change a subscription: pause it (``active: false``: events are not recorded for it),
+    resume it, or change its events or description. The URL and secret stay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    active: bool | None = None
+    events: list[WebhookEvent] | None = Field(default=None, min_length=1)
+    description: str | None = Field(default=None, max_length=200)
+
+
 class WebhookOut(BaseModel):
     id: int
     url: str

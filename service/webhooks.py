@@ -244,7 +244,7 @@ def attempt(db_url: str, delivery_id: str, settings) -> float | None:
     retryable = False
     started = time.perf_counter()
     if not due.active:
-        error = "the webhook was disabled"
+        error = "the webhook is paused (PATCH it with active: true to resume; then redeliver)"
     else:
         try:
             check_target(due.url, settings.webhook_allow_hosts)

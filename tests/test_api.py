@@ -47,7 +47,7 @@ def test_every_other_endpoint_needs_a_valid_token(api_service, ckpt):
     # /v1/hooks/checkpoint takes a signed webhook instead (tests/test_integrations.py)
     routes = [(m.upper(), path) for path, ops in paths.items() for m in ops
               if path not in ("/healthz", "/readyz", "/v1/hooks/checkpoint")]
-    assert len(routes) == 32
+    assert len(routes) == 33
     with session_scope(api_service.db_url) as s:
         row, revoked_secret = create_token(s, "to-revoke")
     with session_scope(api_service.db_url) as s:

@@ -438,3 +438,24 @@ def test_a_delivery_whose_task_was_lost_is_sent_by_the_sweeper(live, receiver):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         c.delete_webhook(w["id"])
+
+
+def test_a_paused_webhook_records_nothing_until_resumed(live, receiver, tokenizer):
+    run = f"pause-{uuid.uuid4().hex[:6]}"
+    with live.client() as c:
+        w = c.create_webhook(receiver.url + "/paused", events=["job.succeeded"])
+        assert c.update_webhook(w["id"], active=False)["active"] is False
+        job = c.wait(c.submit(run=run, step=1, uri=str(checkpoint(live, tokenizer, run, 1)), config=CFG)["id"],
+                     timeout=180, poll=0.3)
+        assert job["status"] == "succeeded"
+        assert c.deliveries(w["id"]) == []
+        back = c.update_webhook(w["id"], active=True, events=["job.succeeded", "job.failed"], description="back")
+        assert (back["active"], back["events"], back["description"]) == (True, ["job.failed", "job.succeeded"], "back")
+        c.wait(c.submit(run=run, step=2, uri=str(checkpoint(live, tokenizer, run, 2)), config=CFG)["id"],
+               timeout=180, poll=0.3)
+        got = receiver.at("/paused", 1)
+        assert [json.loads(r["body"])["data"]["step"] for r in got] == [2]
+        with live.http() as h:
+            r = h.patch(f"/v1/webhooks/{w['id']}", json={"url": "http://example.org/"})
+            assert r.status_code == 422 and "url" in r.json()["detail"]
+        c.delete_webhook(w["id"])
