@@ -34,15 +34,18 @@ def _fmt(fmt: str) -> str:
     return fmt
 
 
+def _profile(session, run: str, metric: str, steps: list[int] | None) -> dict:
+    r = get_run(session, run)
+    try:
+        return queries.profile(session, run_id=r.id, metric=check_metric(metric), steps=steps)
+    except LookupError as e:
+        raise Problem(404, "Not found", f"run {run!r} has {e}") from None
+
+
 @api.get("/runs/{run}/profile")
 def run_profile(run: str, session: SessionDep, metric: str = "linearity", step: Steps = None) -> dict:
     """Per-layer values at one or more steps (to compare); ``available_steps`` lists the rest."""
-    r = get_run(session, run)
-    try:
-        prof = queries.profile(session, run_id=r.id, metric=check_metric(metric), steps=step)
-    except LookupError as e:
-        raise Problem(404, "Not found", f"run {run!r} has {e}") from None
-    return {"run": run, "metric": metric, **prof}
+    return {"run": run, "metric": metric, **_profile(session, run, metric, step)}
 
 
 def _firings(session, run_id: int, metric: str) -> list[dict]:
@@ -94,11 +97,8 @@ def heatmap_plot(run: str, fmt: str, session: SessionDep, metric: str = "lineari
 @api.get("/runs/{run}/profile/plot.{fmt}", response_class=Response,
          responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}})
 def profile_plot(run: str, fmt: str, session: SessionDep, metric: str = "linearity", step: Steps = None) -> Response:
-    fmt, r = _fmt(fmt), get_run(session, run)
-    try:
-        prof = queries.profile(session, run_id=r.id, metric=check_metric(metric), steps=step)
-    except LookupError as e:
-        raise Problem(404, "Not found", f"run {run!r} has {e}") from None
+    fmt = _fmt(fmt)
+    prof = _profile(session, run, metric, step)
     _has_scores(prof, run, metric)
     return _image(plots.profile_figure(run, metric, prof, fmt=fmt), fmt, f"{run}-{metric}-profile")
 

@@ -134,15 +134,14 @@ def train_tokenizer(texts: list[str], vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def blocks_of(tokenizer, texts: list[str], seq_len: int, n_blocks: int | None = None) -> list[dict]:
+def blocks_of(tokenizer, texts: list[str], seq_len: int) -> list[dict]:
     import torch
 
     stream: list[int] = []
     for t in texts:
         stream += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n = len(stream) // seq_len if n_blocks is None else min(n_blocks, len(stream) // seq_len)
     out = []
-    for i in range(n):
+    for i in range(len(stream) // seq_len):
         ids = torch.tensor(stream[i * seq_len:(i + 1) * seq_len])
         out.append({"input_ids": ids, "labels": ids.clone()})
     return out
@@ -346,11 +345,11 @@ def run_demo(args: argparse.Namespace) -> int:
         plan.pretrain_steps = args.pretrain_steps
     if args.finetune_steps:
         plan.finetune_steps = args.finetune_steps
-    if getattr(args, "hidden", None):
+    if args.hidden:
         if args.hidden % plan.heads:
             raise SystemExit(f"error: --hidden must be a multiple of {plan.heads} (the number of heads)")
         plan.hidden = args.hidden
-    if getattr(args, "layers", None):
+    if args.layers:
         plan.layers = args.layers
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

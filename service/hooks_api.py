@@ -279,7 +279,7 @@ def hook_checkpoint(
             session.execute(delete(HookReceipt).where(HookReceipt.id == receipt.id))
             session.commit()  # refused: the sender may try again with the same id
             raise
-        session.execute(HookReceipt.__table__.update().where(HookReceipt.id == receipt.id).values(job_id=job.id))
+        receipt.job_id = job.id
         session.commit()
         return job
     finally:

@@ -394,8 +394,7 @@ def fail(db_url: str, job_id: str, worker: str, code: str, message: str) -> Fini
         )
         if res.rowcount != 1:
             return Finished(False, [])
-        job = s.get(Job, job_id)
-        s.refresh(job)
+        job = s.get(Job, job_id)  # not loaded before in this session: read after the update
         deliveries = webhooks.emit(s, "job.failed", job_event(job, error_code=code, error=job.error),
                                    run_id=job.run_id)
     return Finished(True, deliveries)

@@ -124,11 +124,7 @@ def emit(session: Session, event: str, data: dict[str, Any], *, run_id: int | No
     Call inside the transaction that made the event happen; after the commit, ``publish``
     the ids (the sweeper sends any that were not published)."""
     subs = session.scalars(
-        select(Webhook).where(
-            Webhook.active.is_(True),
-            or_(Webhook.run_id.is_(None), Webhook.run_id == run_id) if run_id is not None
-            else Webhook.run_id.is_(None),
-        )
+        select(Webhook).where(Webhook.active.is_(True), or_(Webhook.run_id.is_(None), Webhook.run_id == run_id))
     ).all()
     ids = []
     t = now()

@@ -192,3 +192,28 @@ class Service:
                 self.api.wait(timeout=15)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(self.api.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def live_service(tmp: Path, redis_url: str, *, db_url: str | None = None, extra_env: dict[str, str] | None = None,
+                 workers: tuple[tuple[str, str], ...] = (("w1", "gpu"),)):
+    """An API server and Celery workers (name, queues) on PostgreSQL and Redis, checkpoints
+    under ``tmp/ckpts``. A fresh database unless ``db_url`` is given; stopped (and the fresh
+    database dropped) afterwards."""
+    roots = tmp / "ckpts"
+    roots.mkdir()
+    db = db_url or create_pg_database()
+    svc = Service(tmp=tmp, db_url=db, broker_url=redis_url, roots=roots, extra_env=dict(extra_env or {}))
+    try:
+        svc.migrate_and_token()
+        svc.start_api()
+        for name, queues in workers:
+            svc.start_worker(name, queues)
+        yield svc
+    finally:
+        svc.stop()
+        if db_url is None:
+            from layertrack.service.db import get_engine
+
+            get_engine(db).dispose()
+            drop_pg_database(db)

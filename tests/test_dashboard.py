@@ -14,8 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from layertrack.service.db import get_engine
-from services import Service, create_pg_database, drop_pg_database, layertrack_exe
+from services import layertrack_exe, live_service
 
 CFG = {"max_tokens": 600, "seq_len": 64}
 ARTIFACTS = Path(os.environ.get("LAYERTRACK_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
@@ -30,44 +29,35 @@ def live(tmp_path_factory, redis_url, tokenizer):
     from tiny_models import build_checkpoint
     from transformers import BertConfig, BertForMaskedLM
 
-    tmp = tmp_path_factory.mktemp("dash")
-    roots = tmp / "ckpts"
-    roots.mkdir()
-    db = create_pg_database()
-    svc = Service(tmp=tmp, db_url=db, broker_url=redis_url, roots=roots)
-    svc.migrate_and_token()
-    svc.start_api()
-    svc.start_worker("w1")
-    tag = uuid.uuid4().hex[:4]
-    svc.runs = {"pre": f"pre-{tag}", "ft": f"ft-{tag}", "bad": f"bad-{tag}"}
-    pre, ft, bad = svc.runs["pre"], svc.runs["ft"], svc.runs["bad"]
-    ck = {s: build_checkpoint(roots / pre / f"s{s}", "llama", tokenizer, seed=s) for s in (100, 200, 300)}
-    with svc.client() as c:
-        first = c.submit(run=pre, step=100, uri=str(ck[100]), config=CFG)["id"]
-        assert c.wait(first, timeout=240)["status"] == "succeeded"
-        m1 = c.trend(pre, metric="linearity_nores")["values"][0]
-        blocks = [p.linearity_nores for p in score_checkpoint(str(ck[200]), config=ScoreConfig(**CFG)).scores.pairs
-                  if not p.final_norm]
-        m2 = sum(blocks) / len(blocks)
-        mid = (m1 + m2) / 2
-        side = {"above": mid} if m2 > m1 else {"below": mid}
-        c.create_alert(pre, metric="linearity_nores", kind="threshold", **side)
-        ids = [c.submit(run=pre, step=s, uri=str(ck[s]), config=CFG)["id"] for s in (200, 300)]
-        for s, seed in ((10, 11), (20, 12)):
-            p = build_checkpoint(roots / ft / f"s{s}", "llama", tokenizer, seed=seed)
-            ids.append(c.submit(run=ft, step=s, uri=str(p), config=CFG, phase="finetune", parent_run=pre,
-                                parent_step=300)["id"])
-        bert = roots / bad / "bert"
-        BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, vocab_size=384)).save_pretrained(bert)
-        ids.append(c.submit(run=bad, step=1, uri=str(bert), config=CFG)["id"])
-        for i in ids:
-            c.wait(i, timeout=240, poll=0.5)
-        assert [f["step"] for f in c.firings(pre)] == [200]
-    yield svc
-    svc.stop()
-    get_engine(db).dispose()
-    drop_pg_database(db)
+    with live_service(tmp_path_factory.mktemp("dash"), redis_url) as svc:
+        roots = svc.roots
+        tag = uuid.uuid4().hex[:4]
+        svc.runs = {"pre": f"pre-{tag}", "ft": f"ft-{tag}", "bad": f"bad-{tag}"}
+        pre, ft, bad = svc.runs["pre"], svc.runs["ft"], svc.runs["bad"]
+        ck = {s: build_checkpoint(roots / pre / f"s{s}", "llama", tokenizer, seed=s) for s in (100, 200, 300)}
+        with svc.client() as c:
+            first = c.submit(run=pre, step=100, uri=str(ck[100]), config=CFG)["id"]
+            assert c.wait(first, timeout=240)["status"] == "succeeded"
+            m1 = c.trend(pre, metric="linearity_nores")["values"][0]
+            blocks = [p.linearity_nores for p in score_checkpoint(str(ck[200]), config=ScoreConfig(**CFG)).scores.pairs
+                      if not p.final_norm]
+            m2 = sum(blocks) / len(blocks)
+            mid = (m1 + m2) / 2
+            side = {"above": mid} if m2 > m1 else {"below": mid}
+            c.create_alert(pre, metric="linearity_nores", kind="threshold", **side)
+            ids = [c.submit(run=pre, step=s, uri=str(ck[s]), config=CFG)["id"] for s in (200, 300)]
+            for s, seed in ((10, 11), (20, 12)):
+                p = build_checkpoint(roots / ft / f"s{s}", "llama", tokenizer, seed=seed)
+                ids.append(c.submit(run=ft, step=s, uri=str(p), config=CFG, phase="finetune", parent_run=pre,
+                                    parent_step=300)["id"])
+            bert = roots / bad / "bert"
+            BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, vocab_size=384)).save_pretrained(bert)
+            ids.append(c.submit(run=bad, step=1, uri=str(bert), config=CFG)["id"])
+            for i in ids:
+                c.wait(i, timeout=240, poll=0.5)
+            assert [f["step"] for f in c.firings(pre)] == [200]
+        yield svc
 
 
 @pytest.fixture(scope="module")

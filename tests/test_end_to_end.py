@@ -28,17 +28,10 @@ ROWS_PER_TINY_JOB = 3 * 4 + 4  # 3 pairs × 4 pair metrics + 4 hidden states × 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, pg_url, redis_url):
-    from services import Service
+    from services import live_service
 
-    tmp = tmp_path_factory.mktemp("live")
-    roots = tmp / "ckpts"
-    roots.mkdir()
-    svc = Service(tmp=tmp, db_url=pg_url, broker_url=redis_url, roots=roots)
-    svc.migrate_and_token()
-    svc.start_api()
-    svc.start_worker("w1")
-    yield svc
-    svc.stop()
+    with live_service(tmp_path_factory.mktemp("live"), redis_url, db_url=pg_url) as svc:
+        yield svc
 
 
 def wait_all(client, ids, timeout=240):

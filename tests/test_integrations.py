@@ -14,8 +14,7 @@ import uuid
 
 import pytest
 import torch
-from layertrack.service.db import get_engine
-from services import Service, create_pg_database, drop_pg_database, free_port, layertrack_exe
+from services import Service, free_port, layertrack_exe, live_service
 from tiny_models import lm_examples, tiny_lm
 
 CFG = {"max_tokens": 600, "seq_len": 64}
@@ -23,18 +22,8 @@ CFG = {"max_tokens": 600, "seq_len": 64}
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, redis_url):
-    tmp = tmp_path_factory.mktemp("train")
-    roots = tmp / "ckpts"
-    roots.mkdir()
-    db = create_pg_database()
-    svc = Service(tmp=tmp, db_url=db, broker_url=redis_url, roots=roots)
-    svc.migrate_and_token()
-    svc.start_api()
-    svc.start_worker("w1")
-    yield svc
-    svc.stop()
-    get_engine(db).dispose()
-    drop_pg_database(db)
+    with live_service(tmp_path_factory.mktemp("train"), redis_url) as svc:
+        yield svc
 
 
 def hf_trainer(tokenizer, out_dir, callbacks, max_steps: int):

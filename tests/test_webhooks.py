@@ -17,8 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from layertrack.service.db import get_engine
-from services import Service, create_pg_database, drop_pg_database
+from services import live_service
 
 CFG = {"max_tokens": 600, "seq_len": 64}
 
@@ -64,24 +63,15 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, redis_url):
-    tmp = tmp_path_factory.mktemp("hooks")
-    roots = tmp / "ckpts"
-    roots.mkdir()
-    db = create_pg_database()
-    svc = Service(tmp=tmp, db_url=db, broker_url=redis_url, roots=roots, extra_env={
+    env = {
         "LAYERTRACK_WEBHOOK_ALLOW_HOSTS": "127.0.0.0/8,::1",
         "LAYERTRACK_WEBHOOK_BACKOFF_S": "0.3",
         "LAYERTRACK_WEBHOOK_MAX_ATTEMPTS": "4",
         "LAYERTRACK_WEBHOOK_TIMEOUT_S": "5",
-    })
-    svc.migrate_and_token()
-    svc.start_api()
-    svc.start_worker("w1")
-    svc.start_worker("hooks", queues="webhooks")
-    yield svc
-    svc.stop()
-    get_engine(db).dispose()
-    drop_pg_database(db)
+    }
+    with live_service(tmp_path_factory.mktemp("hooks"), redis_url, extra_env=env,
+                      workers=(("w1", "gpu"), ("hooks", "webhooks"))) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from layertrack.workers.probe import default_probe
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -66,20 +65,10 @@ FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt")
 
 
 def train_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    docs = default_probe().documents
-    tok.train_from_iterator(docs[:40], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    """A small byte-level BPE trained on the first 40 probe documents (the demo's recipe)."""
+    from layertrack.service.demo import train_tokenizer as train
+
+    return train(list(default_probe().documents[:40]), vocab)
 
 
 def build_checkpoint(

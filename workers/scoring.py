@@ -381,8 +381,7 @@ def score_checkpoint(
     t_tok = time.perf_counter()
     maps: dict[int, LinearMap] | None = {} if lm is not None else None
     scores, n_passes = score_model(model, tokens, config=config, progress=progress, maps=maps)
-    t_done = time.perf_counter()
-    timings: dict[str, float] = {}
+    t_scored = time.perf_counter()
     holdout = None
     if lm is not None:
         held, held_warnings = holdout_tokens(probe, tokenizer, used=tokens, n_tokens=config.holdout_tokens,
@@ -393,9 +392,8 @@ def score_checkpoint(
                                                batch_size=config.batch_size)
         for p in scores.pairs:
             p.loss_delta_linear, p.loss_delta_drop = deltas[p.layer]
-        timings["replaceability_s"] = time.perf_counter() - t_done
         holdout = {"n_tokens": held.n_tokens, "intact_loss": base_loss}
-        t_done = time.perf_counter()
+    t_done = time.perf_counter()
     scores.warnings = warnings + scores.warnings
     return ScoreResult(
         scores=scores,
@@ -414,8 +412,8 @@ def score_checkpoint(
         timings={
             "load_s": t_load - t0,
             "tokenize_s": t_tok - t_load,
-            "score_s": t_done - t_tok - timings.get("replaceability_s", 0.0),
-            **timings,
+            "score_s": t_scored - t_tok,
+            **({"replaceability_s": t_done - t_scored} if lm is not None else {}),
             "total_s": t_done - t0,
         },
     )

@@ -1,11 +1,18 @@
-"""A run name that stays the same when training resumes from its own checkpoints."""
+"""What the training callbacks share: a run name that stays the same when training resumes
+from its own checkpoints, and the Reporter a callback starts once and closes at the end."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from .reporter import Reporter
+
+log = logging.getLogger("layertrack.integrations")
 
 RUN_FILE = "layertrack.json"
 
@@ -32,3 +39,32 @@ def stable_run_name(folder: str | Path, wanted: str | None, fallback: str) -> st
         folder.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps({"run": name}) + "\n")
     return name
+
+
+class Tracking:
+    """Mixed into the Trainer and Lightning callbacks: owns their Reporter."""
+
+    def _init_tracking(self, run: str | None, *, log_scores: bool, flush_timeout_s: float, **options: Any) -> None:
+        self.run = run
+        self.options = dict(pull_scores=log_scores, **options)
+        self.log_scores = log_scores
+        self.flush_timeout_s = flush_timeout_s
+        self.reporter: Reporter | None = None
+
+    def _start_reporter(self, folder: str | Path, wanted: str | None, fallback: str) -> Reporter:
+        """The Reporter of this training, started on first use with the run's stable name."""
+        if self.reporter is None:
+            self.run = stable_run_name(folder, wanted, fallback)
+            self.reporter = Reporter(self.run, **self.options)
+            log.info("layertrack: tracking run %r at %s", self.run, self.reporter.url)
+        return self.reporter
+
+    def _close_reporter(self) -> None:
+        """At the end of training: post what is queued (bounded wait), say what stays spooled."""
+        if self.reporter is None:
+            return
+        left = self.reporter.close(timeout=self.flush_timeout_s)
+        if left:
+            log.warning("layertrack: %d checkpoint submission(s) stay spooled in %s; they are sent by the next "
+                        "run or by 'layertrack spool flush'", left, self.reporter.spool)
+        self.reporter = None

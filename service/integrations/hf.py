@@ -32,13 +32,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ._runs import stable_run_name
-from .reporter import Reporter
+from ._runs import Tracking
 
 log = logging.getLogger("layertrack.integrations")
 
 
-class LayertrackCallback(TrainerCallback):
+class LayertrackCallback(Tracking, TrainerCallback):
     def __init__(
         self,
         run: str | None = None,
@@ -53,12 +52,9 @@ class LayertrackCallback(TrainerCallback):
         flush_timeout_s: float = 60.0,
         **reporter_options: Any,
     ):
-        self.run = run
-        self.options = dict(phase=phase, parent_run=parent_run, parent_step=parent_step, config=config, url=url,
-                            token=token, pull_scores=log_scores, **reporter_options)
-        self.log_scores = log_scores
-        self.flush_timeout_s = flush_timeout_s
-        self.reporter: Reporter | None = None
+        self._init_tracking(run, log_scores=log_scores, flush_timeout_s=flush_timeout_s, phase=phase,
+                            parent_run=parent_run, parent_step=parent_step, config=config, url=url, token=token,
+                            **reporter_options)
         self._to_log: list[dict[str, Any]] = []
 
     @classmethod
@@ -73,10 +69,7 @@ class LayertrackCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or self.reporter is not None:
             return
-        fallback = args.run_name or Path(args.output_dir).resolve().name
-        self.run = stable_run_name(args.output_dir, self.run, fallback)
-        self.reporter = Reporter(self.run, **self.options)
-        log.info("layertrack: tracking run %r at %s", self.run, self.reporter.url)
+        self._start_reporter(args.output_dir, self.run, args.run_name or Path(args.output_dir).resolve().name)
 
     def on_save(self, args, state, control, **kwargs):
         if self.reporter is None:
@@ -105,10 +98,4 @@ class LayertrackCallback(TrainerCallback):
         self._to_log = []
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.reporter is None:
-            return
-        left = self.reporter.close(timeout=self.flush_timeout_s)
-        if left:
-            log.warning("layertrack: %d checkpoint submission(s) stay spooled in %s; they are sent by the next "
-                        "run or by 'layertrack spool flush'", left, self.reporter.spool)
-        self.reporter = None
+        self._close_reporter()

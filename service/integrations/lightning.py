@@ -22,17 +22,14 @@ reach the trainer's loggers.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 
-from ._runs import stable_run_name
+from ._runs import Tracking
 from .reporter import Reporter
-
-log = logging.getLogger("layertrack.integrations")
 
 
 def find_hf_model(module) -> Any:
@@ -49,7 +46,7 @@ def find_hf_model(module) -> Any:
     )
 
 
-class LayertrackCallback(pl.Callback):
+class LayertrackCallback(Tracking, pl.Callback):
     def __init__(
         self,
         run: str | None = None,
@@ -67,15 +64,12 @@ class LayertrackCallback(pl.Callback):
         flush_timeout_s: float = 60.0,
         **reporter_options: Any,
     ):
-        self.run = run
+        self._init_tracking(run, log_scores=log_scores, flush_timeout_s=flush_timeout_s, phase=phase,
+                            parent_run=parent_run, parent_step=parent_step, config=config, url=url, token=token,
+                            **reporter_options)
         self.export_dir = export_dir
         self.tokenizer = tokenizer
         self.get_model = get_model or find_hf_model
-        self.options = dict(phase=phase, parent_run=parent_run, parent_step=parent_step, config=config, url=url,
-                            token=token, pull_scores=log_scores, **reporter_options)
-        self.log_scores = log_scores
-        self.flush_timeout_s = flush_timeout_s
-        self.reporter: Reporter | None = None
         self._restored_run: str | None = None
 
     # ------------------------------------------------------------------ state in Lightning checkpoints
@@ -87,12 +81,8 @@ class LayertrackCallback(pl.Callback):
 
     # ------------------------------------------------------------------ events
     def _reporter(self, trainer: pl.Trainer) -> Reporter:
-        if self.reporter is None:
-            fallback = Path(trainer.default_root_dir).resolve().name
-            self.run = stable_run_name(trainer.default_root_dir, self.run or self._restored_run, fallback)
-            self.reporter = Reporter(self.run, **self.options)
-            log.info("layertrack: tracking run %r at %s", self.run, self.reporter.url)
-        return self.reporter
+        root = trainer.default_root_dir
+        return self._start_reporter(root, self.run or self._restored_run, Path(root).resolve().name)
 
     def on_fit_start(self, trainer, pl_module):
         if trainer.is_global_zero:
@@ -121,10 +111,4 @@ class LayertrackCallback(pl.Callback):
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def on_fit_end(self, trainer, pl_module):
-        if self.reporter is None:
-            return
-        left = self.reporter.close(timeout=self.flush_timeout_s)
-        if left:
-            log.warning("layertrack: %d checkpoint submission(s) stay spooled in %s; they are sent by the next "
-                        "run or by 'layertrack spool flush'", left, self.reporter.spool)
-        self.reporter = None
+        self._close_reporter()
