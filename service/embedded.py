@@ -43,9 +43,9 @@ def free_port() -> int:
 class EmbeddedService:
     """An API server process and worker processes sharing one database and broker.
 
-    ``roots`` are the checkpoint roots (default: the service's own default, the working
-    directory); ``log_dir`` receives ``api.log`` and ``worker-NAME.log`` (default:
-    ``data_dir``).
+    ``roots`` are the checkpoint roots, kept as ``checkpoint_roots`` (default: the service's
+    own default, the working directory the service starts in); ``log_dir`` receives
+    ``api.log`` and ``worker-NAME.log`` (default: ``data_dir``).
     """
 
     def __init__(self, *, data_dir: Path, db_url: str | None = None, broker_url: str | None = None,
@@ -53,7 +53,7 @@ class EmbeddedService:
         self.data_dir = Path(data_dir)
         self.db_url = db_url or f"sqlite:///{self.data_dir / 'layertrack.db'}"
         self.broker_url = broker_url or "filesystem://"
-        self.roots = [Path(r) for r in roots]
+        self.checkpoint_roots = [Path(r) for r in roots]
         self.extra_env: dict[str, str] = dict(env or {})
         self.log_dir = Path(log_dir) if log_dir is not None else self.data_dir
         self.url = ""
@@ -74,8 +74,8 @@ class EmbeddedService:
             "MKL_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         })
-        if self.roots:
-            env["LAYERTRACK_CHECKPOINT_ROOTS"] = os.pathsep.join(str(r) for r in self.roots)
+        if self.checkpoint_roots:
+            env["LAYERTRACK_CHECKPOINT_ROOTS"] = os.pathsep.join(str(r) for r in self.checkpoint_roots)
         env.update(self.extra_env)
         return env
 
