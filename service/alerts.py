@@ -19,12 +19,14 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .models import AlertFiring, AlertRule, Score
+from .errors import NotFound
+from .models import AlertFiring, AlertRule, Run, Score
 
 
 @dataclass
@@ -114,3 +116,40 @@ def rule_out(rule: AlertRule, run_name: str) -> dict[str, Any]:
             "above": rule.above, "below": rule.below, "k": rule.k, "window": rule.window,
             "description": rule.description, "enabled": rule.enabled,
             "created_at": rule.created_at.isoformat() if rule.created_at else None}
+
+
+# ------------------------------------------------------------------ rules
+def create_rule(session: Session, run: Run, *, metric: str, layer: int | None, kind: str, above: float | None,
+                below: float | None, k: float | None, window: int | None, description: str) -> AlertRule:
+    """Store a rule for the run (committed)."""
+    rule = AlertRule(run_id=run.id, metric=metric, layer=layer, kind=kind, above=above, below=below, k=k,
+                     window=window, description=description, enabled=True, created_at=datetime.now(UTC))
+    session.add(rule)
+    session.commit()
+    return rule
+
+
+def list_rules(session: Session, run: Run) -> list[AlertRule]:
+    return list(session.scalars(select(AlertRule).where(AlertRule.run_id == run.id).order_by(AlertRule.id)))
+
+
+def delete_rule(session: Session, run: Run, rule_id: int) -> None:
+    """Remove one of the run's rules (committed); its firings go with it."""
+    rule = session.get(AlertRule, rule_id)
+    if rule is None or rule.run_id != run.id:
+        raise NotFound(f"run {run.name!r} has no alert rule {rule_id}")
+    session.delete(rule)
+    session.commit()
+
+
+def firings(session: Session, run: Run, *, metric: str | None = None, layer_mean_only: bool = False,
+            limit: int = 10_000) -> list[AlertFiring]:
+    """The run's firings in step order (of one metric's rules, or of layer-mean rules only)."""
+    stmt = select(AlertFiring).where(AlertFiring.run_id == run.id)
+    if metric is not None or layer_mean_only:
+        stmt = stmt.join(AlertRule, AlertRule.id == AlertFiring.rule_id)
+    if metric is not None:
+        stmt = stmt.where(AlertRule.metric == metric)
+    if layer_mean_only:
+        stmt = stmt.where(AlertRule.layer.is_(None))
+    return list(session.scalars(stmt.order_by(AlertFiring.step, AlertFiring.id).limit(limit)))

@@ -12,24 +12,28 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from layertrack.workers.vocabulary import (
+    BASE_METRICS,
+    DEFAULT_PROBE,
+    PER_PAIR_METRICS,
+    REPLACEABILITY_METRICS,
+    JobStatus,
+    Phase,
+)
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from . import alerts, webhooks
 from .db import get_sessionmaker, session_scope
-from .models import Checkpoint, Job, JobStatus, Phase, Probe, Run, Score
+from .errors import Conflict, Invalid, NotFound
+from .models import Checkpoint, Job, Probe, Run, Score
 
 log = logging.getLogger("layertrack.jobs")
 
-#: measured by every job unless the submission names fewer
-BASE_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy")
-#: measured when the job's config asks for replaceability (per block; see workers/scoring.py)
-REPLACEABILITY_METRICS = ("loss_delta_linear", "loss_delta_drop")
-KNOWN_METRICS = BASE_METRICS + REPLACEABILITY_METRICS
-PAIR_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio", *REPLACEABILITY_METRICS)
 
 
 def now() -> datetime:
@@ -58,7 +62,7 @@ class Submission:
     config: dict[str, Any]
 
 
-class SubmitConflict(Exception):
+class SubmitConflict(Conflict):
     """The request contradicts what is stored (a run's parent, an Idempotency-Key's body)."""
 
 
@@ -68,8 +72,8 @@ _probe_ids: dict[tuple[str, str], int] = {}  # (database, sha256) -> probes.id; 
 def probe_row(session: Session, name: str) -> Probe:
     from layertrack.workers.probe import default_probe  # stdlib only, no torch
 
-    if name != "default":
-        raise ValueError(name)
+    if name != DEFAULT_PROBE:
+        raise Invalid(f"unknown probe {name!r}; available: {DEFAULT_PROBE}")
     p = default_probe()
     key = (str(session.get_bind().url), p.sha256)
     if key in _probe_ids:
@@ -95,7 +99,7 @@ def _run_row(session: Session, sub: Submission) -> Run:
     if sub.parent_run is not None:
         parent = session.scalar(select(Run).where(Run.name == sub.parent_run))
         if parent is None:
-            raise LookupError(f"parent run {sub.parent_run!r} does not exist; submit its checkpoints first")
+            raise Invalid(f"parent run {sub.parent_run!r} does not exist; submit its checkpoints first")
     if run is None:
         phase = sub.phase or (Phase.finetune if parent else Phase.pretrain)
         run = Run(
@@ -170,70 +174,101 @@ def submit(
     return job, True
 
 
-def publish(job_id: str) -> bool:
-    """Send the job to the broker; False when the broker cannot be reached."""
-    from layertrack.workers.celery_app import GPU_QUEUE, SCORE_TASK, app
+def job_metrics(config: dict[str, Any]) -> list[str]:
+    """The metrics a job's config asks for (what a submission without ``metrics`` gets)."""
+    if config.get("metrics"):
+        return list(config["metrics"])
+    return list(BASE_METRICS) + (list(REPLACEABILITY_METRICS) if config.get("replaceability") else [])
 
+
+#: the job config keys the worker's ScoreConfig takes
+SCORE_OPTIONS = ("max_tokens", "seq_len", "drop_first_token", "dtype", "replaceability", "holdout_tokens",
+                 "allow_pickle")
+
+
+def score_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the worker's ScoreConfig in a job's config (absent keys keep
+    the scoring defaults)."""
+    return {k: config[k] for k in SCORE_OPTIONS if config.get(k) is not None}
+
+
+def accept_checkpoint(
+    session: Session, body: Any, *, roots: list, idempotency_key: str | None = None, receipt: Any = None,
+) -> tuple[Job, bool]:
+    """Check a submitted checkpoint (``schemas.CheckpointIn``), store its job and commit;
+    (job, created). The same checkpoint again (run, step, content fingerprint, probe and
+    config) gives the stored job. ``receipt`` (a signed hook's HookReceipt) is committed in
+    the same transaction, so a failure leaves neither. The caller sends a created job to the
+    queue after this returns."""
+    from layertrack.workers import checkpoint as ckpt_files  # stdlib only: no torch
+    from layertrack.workers.errors import LayertrackError
+
+    replaceable = [m for m in body.metrics or [] if m in REPLACEABILITY_METRICS]
+    if replaceable and not body.config.replaceability:
+        raise Invalid(f"metric(s) {', '.join(replaceable)} need config.replaceability = true")
+    config = body.config.model_dump()
+    config["metrics"] = body.metrics or job_metrics(config)
     try:
-        app.send_task(SCORE_TASK, args=[job_id], queue=GPU_QUEUE, retry=False)
-    except Exception as e:  # broker down: the sweeper sends it later
-        log.warning("could not enqueue job %s (%s: %s); the sweeper will retry", job_id, type(e).__name__, e)
-        return False
-    return True
+        path = ckpt_files.resolve_checkpoint_path(body.uri, roots)
+        info = ckpt_files.inspect_checkpoint(path, allow_pickle=body.config.allow_pickle, check_causal_lm=False)
+    except LayertrackError as e:
+        raise Invalid(e.message, code=e.code, title="Invalid checkpoint") from None
+    sub = Submission(
+        run=body.run, step=body.step, uri=str(path), fingerprint=info.fingerprint,
+        phase=Phase(body.phase) if body.phase else None, parent_run=body.parent_run,
+        parent_step=body.parent_step, probe=body.probe, config=config,
+    )
+    for attempt in (1, 2):
+        try:
+            job, created = submit(session, sub, idempotency_key=idempotency_key)
+            if receipt is not None:
+                receipt.job_id = job.id
+                session.add(receipt)
+            session.commit()
+            return job, created
+        except IntegrityError:  # a concurrent identical submission won the race: take its job
+            session.rollback()
+            if receipt is not None and _receipt_taken(session, receipt):
+                raise Conflict(f"webhook id {receipt.msg_id!r} was already accepted; send a new webhook-id for "
+                               "a new submission", title="Replayed webhook") from None
+            if attempt == 2:
+                raise
+        except Exception:
+            session.rollback()
+            raise
+    raise AssertionError("unreachable")
+
+
+def _receipt_taken(session: Session, receipt: Any) -> bool:
+    from .models import HookReceipt
+
+    return session.scalar(select(HookReceipt.id).where(
+        HookReceipt.source_id == receipt.source_id, HookReceipt.msg_id == receipt.msg_id)) is not None
 
 
 def mark_unsent(session: Session, job: Job) -> None:
+    """The broker could not take the job: clear ``enqueued_at`` so the sweeper sends it."""
     job.enqueued_at = None
+    session.commit()
 
 
-def enqueue(db_url: str, job_id: str) -> bool:
-    """Send the job to the broker; record when. False (and the job stays queued) on failure."""
-    if not publish(job_id):
-        return False
-    with session_scope(db_url) as s:
-        s.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.queued).values(enqueued_at=now())
-        )
-    return True
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id) if len(job_id) <= 36 else None
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    return job
 
 
-def sweep(db_url: str, *, stale_after_s: float, requeue_after_s: float) -> dict[str, int]:
-    """Re-queue jobs whose worker vanished; (re-)send queued jobs never or long ago sent;
-    re-send webhook deliveries whose task was lost; forget old inbound-hook receipts."""
-    from . import webhooks
-    from .models import HookReceipt
-
-    t = now()
-    with session_scope(db_url) as s:
-        stale = s.execute(
-            update(Job)
-            .where(
-                Job.status == JobStatus.running,
-                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < t - timedelta(seconds=stale_after_s)),
-                or_(Job.started_at.is_(None), Job.started_at < t - timedelta(seconds=stale_after_s)),
-            )
-            .values(status=JobStatus.queued, worker=None, enqueued_at=None)
-            .returning(Job.id)
-        ).scalars().all()
-        pending = s.scalars(
-            select(Job.id).where(
-                Job.status == JobStatus.queued,
-                or_(Job.enqueued_at.is_(None), Job.enqueued_at < t - timedelta(seconds=requeue_after_s)),
-            )
-        ).all()
-    if stale:
-        log.warning("re-queued %d job(s) whose worker stopped sending heartbeats: %s", len(stale), stale)
-    sent = sum(enqueue(db_url, job_id) for job_id in pending)
-    lost = webhooks.overdue(db_url)
-    if lost:
-        log.warning("re-sending %d webhook deliveries whose task was lost", len(lost))
-        webhooks.publish(lost)
-    with session_scope(db_url) as s:  # replays older than this fail the timestamp check anyway
-        s.execute(delete(HookReceipt).where(HookReceipt.received_at < t - timedelta(hours=1)))
-    return {"stale_requeued": len(stale), "pending": len(pending), "sent": sent, "deliveries_resent": len(lost)}
+def list_jobs(session: Session, *, run_id: int | None, status: JobStatus | None, limit: int) -> list[Job]:
+    stmt = select(Job).order_by(Job.queued_at.desc()).limit(limit)
+    if run_id is not None:
+        stmt = stmt.where(Job.run_id == run_id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    return list(session.scalars(stmt))
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(Conflict):
     """The job's state does not allow the change asked for."""
 
 
@@ -244,13 +279,16 @@ def _require(job: Job, allowed: tuple[JobStatus, ...], action: str) -> None:
 
 
 def cancel(session: Session, job: Job) -> Job:
+    """Cancel a queued or running job (a running one's worker discards its result); committed."""
     _require(job, (JobStatus.queued, JobStatus.running), "cancelled")
     job.status = JobStatus.cancelled
     job.finished_at = now()
+    session.commit()
     return job
 
 
 def retry(session: Session, job: Job) -> Job:
+    """Queue a failed or cancelled job again; committed. The caller sends it to the queue."""
     _require(job, (JobStatus.failed, JobStatus.cancelled), "retried")
     job.status = JobStatus.queued
     job.error = job.error_code = None
@@ -258,6 +296,7 @@ def retry(session: Session, job: Job) -> Job:
     job.enqueued_at = None
     job.started_at = job.finished_at = job.heartbeat_at = None
     job.queued_at = now()
+    session.commit()
     return job
 
 
@@ -344,8 +383,6 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
     """Store the scores and mark the job succeeded, in one transaction, with the alert
     firings and webhook deliveries that follow. Idempotent: the step's previous scores are
     replaced. Falsy (nothing written) if the job is not ours."""
-    from . import alerts, webhooks
-
     t = now()
     with get_sessionmaker(db_url)() as s, s.begin():
         job = s.scalar(
@@ -359,7 +396,7 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
         rows = []
         for p in result["pairs"]:
             for m in metrics:
-                if m in PAIR_METRICS and m in p:
+                if m in PER_PAIR_METRICS and m in p:
                     rows.append(dict(job_id=job_id, run_id=job.run_id, step=step, layer=p["layer"], metric=m,
                                      value=_finite(p[m]), final_norm=bool(p.get("final_norm"))))
         for layer in result["layers"]:
@@ -384,8 +421,6 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
 
 def fail(db_url: str, job_id: str, worker: str, code: str, message: str) -> Finished:
     """Mark the job failed with why, and store the job.failed deliveries. Falsy if not ours."""
-    from . import webhooks
-
     with get_sessionmaker(db_url)() as s, s.begin():
         res = s.execute(
             update(Job)

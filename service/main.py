@@ -1,5 +1,5 @@
 """ASGI entry point for production servers: ``uvicorn layertrack.service.main:app``."""
 
-from .app import create_app
+from .api import create_app
 
 app = create_app()

@@ -7,11 +7,11 @@ schema (tests/test_migrations.py checks that the two agree).
 
 from __future__ import annotations
 
-import enum
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from layertrack.workers.vocabulary import JobStatus, Phase
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -44,19 +44,6 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-
-
-class Phase(str, enum.Enum):
-    pretrain = "pretrain"
-    finetune = "finetune"
-
-
-class JobStatus(str, enum.Enum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
 
 
 TZDateTime = DateTime(timezone=True)

@@ -1,14 +1,63 @@
-"""Read side: score series, layer-mean trends, heatmaps and exports (keyword-only helpers)."""
+"""Read side: runs and their summaries, score series, layer-mean trends, heatmaps, profiles
+and exports (keyword-only helpers)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
+from layertrack.workers.vocabulary import JobStatus
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .models import Score
+from .errors import NotFound
+from .models import Checkpoint, Job, Run, Score
+
+
+# ------------------------------------------------------------------ runs
+def get_run(session: Session, name: str) -> Run:
+    run = session.scalar(select(Run).where(Run.name == name))
+    if run is None:
+        raise NotFound(f"no run named {name!r}")
+    return run
+
+
+def list_runs(session: Session, *, name_contains: str | None = None) -> list[Run]:
+    stmt = select(Run).order_by(Run.created_at)
+    if name_contains:
+        stmt = stmt.where(Run.name.contains(name_contains, autoescape=True))
+    return list(session.scalars(stmt))
+
+
+@dataclass
+class RunSummary:
+    """A run with what the runs page shows of it."""
+
+    run: Run
+    last_step: int | None
+    n_checkpoints: int
+    jobs: dict[str, int]
+    last_activity: datetime
+
+
+def run_summary(session: Session, run: Run) -> RunSummary:
+    last_step, n_ckpt = session.execute(
+        select(func.max(Checkpoint.step), func.count(Checkpoint.id)).where(Checkpoint.run_id == run.id)
+    ).one()
+    counts = dict(session.execute(
+        select(Job.status, func.count(Job.id)).where(Job.run_id == run.id).group_by(Job.status)
+    ).all())
+    last_activity = session.scalar(
+        select(func.max(func.coalesce(Job.finished_at, Job.started_at, Job.queued_at))).where(Job.run_id == run.id)
+    )
+    return RunSummary(run=run, last_step=last_step, n_checkpoints=n_ckpt,
+                      jobs={st.value: counts.get(st, 0) for st in JobStatus},
+                      last_activity=last_activity or run.created_at)
+
+
+# ------------------------------------------------------------------ scores
 
 
 def downsample(points: Sequence[tuple[int, float | None]], max_points: int) -> list[tuple[int, float | None]]:
@@ -134,7 +183,7 @@ def profile(session: Session, *, run_id: int, metric: str, steps: list[int] | No
     steps = steps or [known[-1]]
     missing = [s for s in steps if s not in set(known)]
     if missing:
-        raise LookupError(f"no {metric} scores at step(s) {', '.join(map(str, missing))}")
+        raise NotFound(f"no {metric} scores at step(s) {', '.join(map(str, missing))}")
     rows = session.execute(
         select(Score.step, Score.layer, Score.value, Score.final_norm).where(
             Score.run_id == run_id, Score.metric == metric, Score.step.in_(steps))

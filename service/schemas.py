@@ -1,27 +1,68 @@
-"""Request and response bodies of the HTTP API (the API never returns ORM rows)."""
+"""Request and response bodies of the HTTP API. The API never returns ORM rows: each
+response model has one ``of(...)`` that builds it from what the service layer returns."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from layertrack.workers.vocabulary import (
+    DEFAULT_HOLDOUT_TOKENS,
+    DEFAULT_PROBE,
+    DEFAULT_SEQ_LEN,
+    KNOWN_METRICS,
+    WEBHOOK_EVENTS,
+)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .jobs import KNOWN_METRICS
+from . import alerts
+from .models import AlertFiring, AlertRule, Delivery, HookSource, Job, Webhook
+from .queries import RunSummary
 
-RunName = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+#: a metric's name (an enum in the OpenAPI document)
+MetricName = Literal[KNOWN_METRICS]  # type: ignore[valid-type]
+WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
+
+#: the last segment of these paths under /v1/runs/{run}/ names a view of the run, so a run
+#: name may not contain them as a segment (``org/trend`` would be ambiguous)
+RESERVED_SEGMENTS = frozenset({"scores", "trend", "heatmap", "export", "profile", "alerts", "firings"})
+
+
+def _run_name(v: str) -> str:
+    segments = v.split("/")
+    if any(not seg for seg in segments):
+        raise ValueError("a run name may contain '/' between parts (org/model), but no empty part: "
+                         "no leading, trailing or double '/'")
+    if any(seg in (".", "..") for seg in segments):
+        raise ValueError("a run name's parts may not be '.' or '..'")
+    taken = sorted(seg for seg in segments if seg in RESERVED_SEGMENTS or seg.startswith("plot."))
+    if taken:
+        raise ValueError(f"a run name may not have a part named {', '.join(map(repr, taken))}: those words "
+                         "name views of a run in its URLs (/v1/runs/NAME/trend ...); rename that part")
+    return v
+
+
+RunName = Annotated[
+    str,
+    Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$",
+          description="letters, digits and . _ : / @ + -; '/' separates parts, as in org/llama-350m"),
+    AfterValidator(_run_name),
+]
 
 
 class ScoreOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
-    seq_len: int = Field(default=512, ge=2, le=131_072)
+    seq_len: int = Field(default=DEFAULT_SEQ_LEN, ge=2, le=131_072)
     drop_first_token: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     #: also measure linear replaceability per block (metrics loss_delta_linear, loss_delta_drop)
     replaceability: bool = False
-    holdout_tokens: int = Field(default=4096, ge=16, le=1_000_000)
+    holdout_tokens: int = Field(default=DEFAULT_HOLDOUT_TOKENS, ge=16, le=1_000_000)
+    #: read pickle ``pytorch_model.bin`` weights (loaded with ``weights_only=True``) when the
+    #: checkpoint has no safetensors
+    allow_pickle: bool = False
 
 
 class CheckpointIn(BaseModel):
@@ -29,30 +70,25 @@ class CheckpointIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    run: str = RunName
+    run: RunName
     step: int = Field(ge=0, le=2**62)
     uri: str = Field(min_length=1, max_length=4096, description="checkpoint directory: a path or file:// URI")
     phase: Literal["pretrain", "finetune"] | None = None
     parent_run: str | None = Field(default=None, min_length=1, max_length=200)
     parent_step: int | None = Field(default=None, ge=0)
-    probe: str = Field(default="default", max_length=200)
-    metrics: list[str] | None = Field(default=None, max_length=16)
+    probe: str = Field(default=DEFAULT_PROBE, max_length=200)
+    metrics: list[MetricName] | None = Field(default=None, min_length=1, max_length=16)
     config: ScoreOptions = Field(default_factory=ScoreOptions)
 
     @field_validator("metrics")
     @classmethod
-    def _known_metrics(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        unknown = [m for m in v if m not in KNOWN_METRICS]
-        if unknown:
-            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(KNOWN_METRICS)}")
-        if not v:
-            raise ValueError("metrics, when given, must name at least one metric")
-        return sorted(set(v))
+    def _sorted(cls, v: list[str] | None) -> list[str] | None:
+        return v if v is None else sorted(set(v))
 
 
 class JobOut(BaseModel):
+    """A job as ``GET /v1/jobs/{id}`` shows it."""
+
     id: str
     status: str
     status_url: str
@@ -72,6 +108,17 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     duration_s: float | None
 
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        started, finished = job.started_at, job.finished_at
+        return cls(
+            id=job.id, status=job.status.value, status_url=f"/v1/jobs/{job.id}", run=job.run.name,
+            step=job.checkpoint.step, phase=job.checkpoint.phase.value, uri=job.checkpoint.uri, probe=job.probe.name,
+            config=job.config, attempts=job.attempts, worker=job.worker, error_code=job.error_code, error=job.error,
+            result=job.result, queued_at=job.queued_at, started_at=started, finished_at=finished,
+            duration_s=(finished - started).total_seconds() if started and finished else None,
+        )
+
 
 class RunOut(BaseModel):
     name: str
@@ -85,18 +132,15 @@ class RunOut(BaseModel):
     #: the latest time one of its jobs was queued, started or finished
     last_activity: datetime
 
-
-class TokenOut(BaseModel):
-    id: int
-    name: str
-    prefix: str
-    created_at: datetime
-    revoked_at: datetime | None
+    @classmethod
+    def of(cls, summary: RunSummary) -> RunOut:
+        run = summary.run
+        return cls(name=run.name, phase=run.phase.value, parent_run=run.parent.name if run.parent else None,
+                   parent_step=run.parent_step, created_at=run.created_at, last_step=summary.last_step,
+                   n_checkpoints=summary.n_checkpoints, jobs=summary.jobs, last_activity=summary.last_activity)
 
 
 # ------------------------------------------------------------------ webhooks
-WebhookEvent = Literal["job.succeeded", "job.failed", "trend.alert"]
-
 
 class WebhookIn(BaseModel):
     """A subscription: where to POST which events, for one run or (no run) for every run."""
@@ -104,8 +148,7 @@ class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=8, max_length=2000, description="http(s) URL of the receiver")
-    events: list[WebhookEvent] = Field(default_factory=lambda: ["job.succeeded", "job.failed", "trend.alert"],
-                                       min_length=1)
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1)
     run: str | None = Field(default=None, min_length=1, max_length=200, description="only this run's events")
     secret: str | None = Field(default=None, max_length=200,
                                description="whsec_<base64> signing secret; generated when left out")
@@ -134,8 +177,15 @@ class WebhookOut(BaseModel):
     #: only in the answer to the creation
     secret: str | None = None
 
+    @classmethod
+    def of(cls, w: Webhook, secret: str | None = None) -> WebhookOut:
+        return cls(id=w.id, url=w.url, events=list(w.events), run=w.run.name if w.run else None,
+                   description=w.description, active=w.active, created_at=w.created_at, secret=secret)
+
 
 class AttemptOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     attempted_at: datetime
     status_code: int | None
     error: str | None
@@ -156,11 +206,21 @@ class DeliveryOut(BaseModel):
     payload: dict[str, Any]
     attempt_log: list[AttemptOut]
 
+    @classmethod
+    def of(cls, d: Delivery) -> DeliveryOut:
+        return cls(
+            id=d.id, webhook_id=d.webhook_id, event=d.event, status=d.status, attempts=d.attempts,
+            next_attempt_at=d.next_attempt_at if d.status == "pending" else None,
+            last_status_code=d.last_status_code, last_error=d.last_error, created_at=d.created_at,
+            finished_at=d.finished_at, payload=d.payload,
+            attempt_log=[AttemptOut.model_validate(a) for a in d.attempt_log],
+        )
+
 
 class HookSourceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = RunName
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")
     secret: str | None = Field(default=None, max_length=200,
                                description="whsec_<base64> signing secret; generated when left out")
 
@@ -170,7 +230,12 @@ class HookSourceOut(BaseModel):
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    #: only in the answer to the creation
     secret: str | None = None
+
+    @classmethod
+    def of(cls, src: HookSource, secret: str | None = None) -> HookSourceOut:
+        return cls(id=src.id, name=src.name, created_at=src.created_at, revoked_at=src.revoked_at, secret=secret)
 
 
 # ------------------------------------------------------------------ alerts
@@ -181,7 +246,7 @@ class AlertRuleIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: str
+    metric: MetricName
     layer: int | None = Field(default=None, ge=0)
     kind: Literal["threshold", "sigma"]
     above: float | None = None
@@ -189,13 +254,6 @@ class AlertRuleIn(BaseModel):
     k: float | None = Field(default=None, gt=0)
     window: int | None = Field(default=None, ge=2, le=1000)
     description: str = Field(default="", max_length=200)
-
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        if v not in KNOWN_METRICS:
-            raise ValueError(f"unknown metric {v!r}; known: {', '.join(KNOWN_METRICS)}")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> AlertRuleIn:
@@ -230,6 +288,10 @@ class AlertRuleOut(BaseModel):
     enabled: bool
     created_at: datetime
 
+    @classmethod
+    def of(cls, rule: AlertRule, run_name: str) -> AlertRuleOut:
+        return cls.model_validate(alerts.rule_out(rule, run_name))  # the same dict trend.alert events carry
+
 
 class AlertFiringOut(BaseModel):
     id: int
@@ -241,3 +303,9 @@ class AlertFiringOut(BaseModel):
     details: dict[str, Any]
     job_id: str | None
     created_at: datetime
+
+    @classmethod
+    def of(cls, f: AlertFiring, run_name: str) -> AlertFiringOut:
+        return cls(id=f.id, rule_id=f.rule_id, run=run_name, step=f.step, value=f.value, message=f.message,
+                   details=f.details, job_id=f.job_id, created_at=f.created_at)
+

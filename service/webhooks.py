@@ -1,7 +1,7 @@
 """Signed webhooks out: subscriptions, the outbox of deliveries, and sending one attempt.
 
 Events are written as delivery rows in the same transaction as what caused them (a job's
-scores, an alert firing), then handed to the ``webhooks`` Celery queue. A delivery is
+scores, an alert firing), then handed to the ``webhooks`` Celery queue (``layertrack.service.queue``). A delivery is
 signed per the Standard Webhooks spec (``webhook-id``, ``webhook-timestamp``,
 ``webhook-signature: v1,<base64 HMAC-SHA256>``) with the ``standardwebhooks`` library, and
 retried with exponential back-off on timeouts, connection errors, 429 and 5xx, up to
@@ -19,26 +19,22 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from layertrack.workers.vocabulary import TEST_EVENT
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from .db import session_scope
-from .models import Delivery, DeliveryAttempt, Webhook
+from .errors import Conflict, Invalid, NotFound
+from .models import Delivery, DeliveryAttempt, Run, Webhook
 
 log = logging.getLogger("layertrack.webhooks")
 
-EVENTS = ("job.succeeded", "job.failed", "trend.alert")
-TEST_EVENT = "webhook.test"
-DELIVER_TASK = "layertrack.deliver_webhook"
-#: webhook deliveries need no GPU and no torch: serve them with a light worker,
-#: ``celery -A layertrack.workers.celery_app worker -Q webhooks -c 4``
-WEBHOOK_QUEUE = "webhooks"
 #: a pending delivery this far past its due time has lost its task: the sweeper re-sends it
 OVERDUE_S = 30.0
 
@@ -68,8 +64,10 @@ def check_secret(secret: str) -> str:
 
 
 # ------------------------------------------------------------------ where we may send
-class TargetRefused(ValueError):
+class TargetRefused(Invalid):
     """The URL is not one we send to (scheme, or a private address not allow-listed)."""
+
+    title = "Webhook target refused"
 
 
 def _allowed(host: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: Sequence[str]) -> bool:
@@ -117,6 +115,83 @@ def check_target(url: str, allow_hosts: str) -> None:
             )
 
 
+# ------------------------------------------------------------------ subscriptions
+def secret_or_new(given: str | None) -> str:
+    if given is None:
+        return new_secret()
+    try:
+        return check_secret(given)
+    except ValueError as e:
+        raise Invalid(str(e)) from None
+
+
+def create(session: Session, *, url: str, events: list[str], run: Run | None, secret: str | None,
+           description: str, allow_hosts: str) -> tuple[Webhook, str]:
+    """Store a subscription (committed); (webhook, its signing secret)."""
+    check_target(url, allow_hosts)
+    secret = secret_or_new(secret)
+    w = Webhook(url=url, events=sorted(set(events)), run_id=run.id if run else None, secret=secret,
+                description=description, active=True, created_at=now())
+    session.add(w)
+    session.commit()
+    return w, secret
+
+
+def list_subscriptions(session: Session) -> list[Webhook]:
+    return list(session.scalars(select(Webhook).order_by(Webhook.id)))
+
+
+def get(session: Session, webhook_id: int) -> Webhook:
+    w = session.get(Webhook, webhook_id)
+    if w is None:
+        raise NotFound(f"no webhook with id {webhook_id}")
+    return w
+
+
+def update_subscription(session: Session, w: Webhook, *, active: bool | None, events: list[str] | None,
+                        description: str | None) -> Webhook:
+    """Pause or resume, or change the events or description (committed)."""
+    if active is not None:
+        w.active = active
+    if events is not None:
+        w.events = sorted(set(events))
+    if description is not None:
+        w.description = description
+    session.commit()
+    return w
+
+
+def delete_subscription(session: Session, w: Webhook) -> None:
+    """Remove the subscription and its delivery log (committed)."""
+    session.delete(w)
+    session.commit()
+
+
+def get_delivery(session: Session, webhook_id: int, delivery_id: str) -> Delivery:
+    d = session.get(Delivery, delivery_id) if len(delivery_id) <= 40 else None
+    if d is None or d.webhook_id != webhook_id:
+        raise NotFound(f"webhook {webhook_id} has no delivery {delivery_id!r}")
+    return d
+
+
+def list_deliveries(session: Session, webhook_id: int, *, status: str | None, event: str | None,
+                    limit: int) -> list[Delivery]:
+    stmt = select(Delivery).where(Delivery.webhook_id == webhook_id)
+    if status:
+        stmt = stmt.where(Delivery.status == status)
+    if event:
+        stmt = stmt.where(Delivery.event == event)
+    return list(session.scalars(stmt.order_by(Delivery.created_at.desc()).limit(limit)))
+
+
+def test_delivery(session: Session, w: Webhook) -> Delivery:
+    """Store a ``webhook.test`` delivery (committed); the caller sends it to the queue."""
+    delivery_id = add_delivery(session, w, TEST_EVENT, {
+        "webhook_id": w.id, "message": "a test event from layertrack: your receiver is reachable"})
+    session.commit()
+    return session.get(Delivery, delivery_id)
+
+
 # ------------------------------------------------------------------ the outbox
 def emit(session: Session, event: str, data: dict[str, Any], *, run_id: int | None) -> list[str]:
     """Store a delivery of ``event`` for every active subscription that wants it; their ids.
@@ -146,21 +221,6 @@ def add_delivery(session: Session, sub: Webhook, event: str, data: dict[str, Any
     return d.id
 
 
-def publish(ids: Iterable[str], *, countdown: float = 0.0) -> int:
-    """Hand deliveries to the webhooks queue; how many were sent (the rest: the sweeper)."""
-    from layertrack.workers.celery_app import app
-
-    sent = 0
-    for delivery_id in ids:
-        try:
-            app.send_task(DELIVER_TASK, args=[delivery_id], queue=WEBHOOK_QUEUE,
-                          countdown=countdown or None, retry=False)
-            sent += 1
-        except Exception as e:  # broker down: the sweeper sends it later
-            log.warning("could not queue webhook delivery %s (%s: %s)", delivery_id, type(e).__name__, e)
-    return sent
-
-
 def overdue(db_url: str) -> list[str]:
     """Pending deliveries whose task must have been lost."""
     with session_scope(db_url) as s:
@@ -173,8 +233,12 @@ def overdue(db_url: str) -> list[str]:
 
 
 def redeliver(session: Session, d: Delivery) -> Delivery:
-    """Start a new round of attempts for a delivery (same webhook-id, fresh timestamp)."""
+    """Start a new round of attempts for a delivery (same webhook-id, fresh timestamp);
+    committed. The caller sends it to the queue."""
+    if d.status == "pending":
+        raise Conflict(f"delivery {d.id} is still being attempted; wait for it to finish")
     d.status, d.attempts, d.next_attempt_at, d.finished_at = "pending", 0, now(), None
+    session.commit()
     return d
 
 

@@ -1,0 +1,44 @@
+"""Trend alert rules of a run, and their firings."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from ... import alerts, queries
+from ...schemas import AlertFiringOut, AlertRuleIn, AlertRuleOut
+from ..deps import SessionDep, current_caller
+
+router = APIRouter(prefix="/v1/runs", tags=["alerts"], dependencies=[Depends(current_caller)])
+
+
+@router.post("/{run:path}/alerts", status_code=201, response_model=AlertRuleOut)
+def create_alert(run: str, body: AlertRuleIn, session: SessionDep) -> AlertRuleOut:
+    """A rule checked every time one of the run's jobs succeeds; firings are stored and sent
+    as ``trend.alert`` webhooks."""
+    r = queries.get_run(session, run)
+    rule = alerts.create_rule(session, r, metric=body.metric, layer=body.layer, kind=body.kind, above=body.above,
+                              below=body.below, k=body.k, window=body.window, description=body.description)
+    return AlertRuleOut.of(rule, r.name)
+
+
+@router.get("/{run:path}/alerts", response_model=list[AlertRuleOut])
+def list_alerts(run: str, session: SessionDep) -> list[AlertRuleOut]:
+    r = queries.get_run(session, run)
+    return [AlertRuleOut.of(rule, r.name) for rule in alerts.list_rules(session, r)]
+
+
+@router.get("/{run:path}/alerts/firings", response_model=list[AlertFiringOut])
+def list_firings(
+    run: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> list[AlertFiringOut]:
+    """Every firing of the run's rules, in step order."""
+    r = queries.get_run(session, run)
+    return [AlertFiringOut.of(f, r.name) for f in alerts.firings(session, r, limit=limit)]
+
+
+@router.delete("/{run:path}/alerts/{rule_id}", status_code=204)
+def delete_alert(run: str, rule_id: int, session: SessionDep) -> Response:
+    alerts.delete_rule(session, queries.get_run(session, run), rule_id)
+    return Response(status_code=204)

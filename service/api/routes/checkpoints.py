@@ -1,0 +1,33 @@
+"""``POST /v1/checkpoints``: queue a checkpoint for scoring."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Response
+
+from ... import jobs, queue
+from ...schemas import CheckpointIn, JobOut
+from ..deps import SessionDep, SettingsDep, current_caller
+
+router = APIRouter(prefix="/v1", tags=["checkpoints"], dependencies=[Depends(current_caller)])
+
+
+@router.post("/checkpoints", status_code=202, response_model=JobOut,
+             responses={200: {"model": JobOut, "description": "the same checkpoint was already submitted"}})
+def submit_checkpoint(
+    body: CheckpointIn,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
+    """Queue a checkpoint for scoring; the same checkpoint again returns the existing job (200)."""
+    job, created = jobs.accept_checkpoint(session, body, roots=settings.roots, idempotency_key=idempotency_key)
+    out = JobOut.of(job)
+    if created:
+        queue.dispatch(session, job)
+    else:
+        response.status_code = 200
+    response.headers["Location"] = out.status_url
+    return out

@@ -1,0 +1,148 @@
+"""Runs and their scores: list, read, per-layer series, layer-mean trends, heatmaps,
+per-layer profiles, exports, and several runs compared.
+
+A run's name may contain ``/`` (``org/llama-350m``): every route takes it as ``{run:path}``.
+The routes with a suffix (``/trend`` ...) are declared before ``GET /runs/{run:path}``, which
+would otherwise match them; run names may not contain those suffix words as a part."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import StreamingResponse
+
+from ... import queries
+from ...errors import Invalid
+from ...schemas import RunOut
+from ..deps import SessionDep, current_caller
+from ..params import MaxPoints, MetricQ, StepQ, Steps
+
+router = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(current_caller)])
+
+EXPORT_COLUMNS = ["run", "step", "layer", "metric", "value", "final_norm", "job_id"]
+
+
+@router.get("/runs", response_model=list[RunOut])
+def list_runs(session: SessionDep, name: str | None = Query(default=None, max_length=200)) -> list[RunOut]:
+    """Every run (or those whose name contains ``name``), oldest first."""
+    return [RunOut.of(queries.run_summary(session, r)) for r in queries.list_runs(session, name_contains=name)]
+
+
+@router.get("/runs/{run:path}/scores")
+def run_scores(
+    run: str, session: SessionDep, metric: MetricQ = "linearity", layer: Annotated[int | None, Query(ge=0)] = None,
+    from_step: StepQ = None, to_step: StepQ = None, max_points: MaxPoints = 500,
+) -> dict[str, Any]:
+    """Per-layer series, downsampled server-side to at most max_points per layer (extremes kept)."""
+    r = queries.get_run(session, run)
+    s = queries.series(session, run_id=r.id, metric=metric, layer=layer, from_step=from_step, to_step=to_step,
+                       max_points=max_points)
+    return {"run": run, "metric": metric, "series": s}
+
+
+@router.get("/runs/{run:path}/trend")
+def run_trend(
+    run: str, session: SessionDep, metric: MetricQ = "linearity",
+    from_step: StepQ = None, to_step: StepQ = None, max_points: MaxPoints = 500,
+) -> dict[str, Any]:
+    """Layer mean per step (the final-norm pair left out)."""
+    r = queries.get_run(session, run)
+    t = queries.trend(session, run_id=r.id, metric=metric, from_step=from_step, to_step=to_step,
+                      max_points=max_points)
+    return {"run": run, "metric": metric, **t}
+
+
+@router.get("/runs/{run:path}/heatmap")
+def run_heatmap(
+    run: str, session: SessionDep, metric: MetricQ = "linearity",
+    max_steps: Annotated[int, Query(ge=2, le=5000)] = 200,
+) -> dict[str, Any]:
+    """step × layer values, at most max_steps steps (evenly spread, first and last kept)."""
+    r = queries.get_run(session, run)
+    return {"run": run, "metric": metric, **queries.heatmap(session, run_id=r.id, metric=metric, max_steps=max_steps)}
+
+
+@router.get("/runs/{run:path}/profile")
+def run_profile(run: str, session: SessionDep, metric: MetricQ = "linearity", step: Steps = None) -> dict:
+    """Per-layer values at one or more steps (to compare); ``available_steps`` lists the rest."""
+    r = queries.get_run(session, run)
+    return {"run": run, "metric": metric, **queries.profile(session, run_id=r.id, metric=metric, steps=step)}
+
+
+@router.get("/runs/{run:path}/export")
+def run_export(
+    run: str, session: SessionDep, format: Literal["csv", "parquet"] = "csv", metric: MetricQ | None = None,
+):
+    """Every stored score of the run as CSV (streamed) or Parquet."""
+    r = queries.get_run(session, run)
+    rows = queries.export_rows(session, run_id=r.id, metric=metric)
+    filename = run.replace("/", "_")
+    if format == "csv":
+        return StreamingResponse(_csv(run, rows), media_type="text/csv",
+                                 headers={"Content-Disposition": f'attachment; filename="{filename}.csv"'})
+    return Response(_parquet(run, rows), media_type="application/vnd.apache.parquet",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}.parquet"'})
+
+
+def _csv(run: str, rows) -> Iterator[str]:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(EXPORT_COLUMNS)
+    for i, (step, layer, m, value, fn, job_id) in enumerate(rows):
+        w.writerow([run, step, layer, m, "" if value is None else repr(value), int(fn), job_id])
+        if i % 2000 == 1999:
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+    yield buf.getvalue()
+
+
+def _parquet(run: str, rows) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list] = {c: [] for c in EXPORT_COLUMNS}
+    for step, layer, m, value, fn, job_id in rows:
+        for c, v in zip(EXPORT_COLUMNS, (run, step, layer, m, value, bool(fn), job_id), strict=True):
+            cols[c].append(v)
+    table = pa.table({
+        "run": pa.array(cols["run"], pa.string()), "step": pa.array(cols["step"], pa.int64()),
+        "layer": pa.array(cols["layer"], pa.int32()), "metric": pa.array(cols["metric"], pa.string()),
+        "value": pa.array(cols["value"], pa.float64()), "final_norm": pa.array(cols["final_norm"], pa.bool_()),
+        "job_id": pa.array(cols["job_id"], pa.string()),
+    })
+    out = io.BytesIO()
+    pq.write_table(table, out)
+    return out.getvalue()
+
+
+@router.get("/compare")
+def compare_runs(
+    session: SessionDep, runs: Annotated[str, Query(max_length=4200, description="run names, comma separated")],
+    metric: MetricQ = "linearity", max_points: MaxPoints = 500,
+) -> dict[str, Any]:
+    """Layer-mean trends of several runs in one call."""
+    names = [n for n in (x.strip() for x in runs.split(",")) if n]
+    if not 1 <= len(names) <= 20:
+        raise Invalid("give between 1 and 20 run names, comma separated")
+    out = []
+    for name in names:
+        r = queries.get_run(session, name)
+        out.append({"run": name, "phase": r.phase.value,
+                    "parent_run": r.parent.name if r.parent else None, "parent_step": r.parent_step,
+                    **queries.trend(session, run_id=r.id, metric=metric, max_points=max_points)})
+    return {"metric": metric, "runs": out}
+
+
+def read_run(run: str, session: SessionDep) -> RunOut:
+    """One run: phase, parent, last step, job counts by status, last activity."""
+    return RunOut.of(queries.run_summary(session, queries.get_run(session, run)))
+
+
+#: declared by create_app after every other /v1/runs/{run:path}/... route, which it would match
+last = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(current_caller)])
+last.add_api_route("/runs/{run:path}", read_run, methods=["GET"], response_model=RunOut)

@@ -1,0 +1,94 @@
+"""The words every part of layertrack shares: metric names and labels, job statuses and
+phases, webhook events, and the scoring defaults.
+
+Standard library only (no torch, no SQLAlchemy): the engine, the API, the CLI, the client and
+the dashboard (through ``GET /v1/meta``) all take these from here, so one edit changes them
+everywhere. It sits in the compute package because that package is the lowest layer: the
+compute side may not import the HTTP side, while the HTTP side may import this.
+"""
+
+from __future__ import annotations
+
+import enum
+
+# ------------------------------------------------------------------ metrics
+#: scores of the map from hidden state i to hidden state i+1, from the engine's statistics
+PAIR_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio")
+#: scores of one hidden state
+LAYER_METRICS = ("anisotropy",)
+#: what every job measures unless the submission names fewer
+BASE_METRICS = PAIR_METRICS + LAYER_METRICS
+#: the paper's pruning experiment, per block (stored under the pair's index); only measured
+#: when the job's config asks for replaceability
+REPLACEABILITY_METRICS = ("loss_delta_linear", "loss_delta_drop")
+#: every metric a score row can hold
+KNOWN_METRICS = BASE_METRICS + REPLACEABILITY_METRICS
+#: stored per pair (layer index i means the block i → i+1)
+PER_PAIR_METRICS = PAIR_METRICS + REPLACEABILITY_METRICS
+
+#: the metric pages, plots and the CLI show when none is named
+DEFAULT_METRIC = "linearity_nores"
+
+#: how a metric is labelled on axes and in tables
+METRIC_LABELS = {
+    "linearity": "linearity (with residual)",
+    "linearity_nores": "linearity, residual removed",
+    "cosine": "cosine(h_i, h_i+1)",
+    "norm_ratio": "‖h_i+1 − h_i‖ / ‖h_i‖",
+    "anisotropy": "anisotropy (λ_max / trace)",
+    "loss_delta_linear": "Δ loss, block → linear map (nats/token)",
+    "loss_delta_drop": "Δ loss, block dropped (nats/token)",
+}
+
+#: the values a metric can take, (low, high); None where it is unbounded on that side.
+#: Charts clamp their axes to these, so a flat series never shows impossible values.
+METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "linearity": (0.0, 1.0),
+    "linearity_nores": (0.0, 1.0),
+    "cosine": (-1.0, 1.0),
+    "norm_ratio": (0.0, None),
+    "anisotropy": (0.0, 1.0),
+    "loss_delta_linear": (None, None),
+    "loss_delta_drop": (None, None),
+}
+
+
+# ------------------------------------------------------------------ jobs and runs
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+#: statuses a job does not leave by itself
+FINAL_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class Phase(str, enum.Enum):
+    pretrain = "pretrain"
+    finetune = "finetune"
+
+
+# ------------------------------------------------------------------ webhooks
+#: events a webhook subscription can ask for
+WEBHOOK_EVENTS = ("job.succeeded", "job.failed", "trend.alert")
+#: the event ``POST /v1/webhooks/{id}/test`` sends
+TEST_EVENT = "webhook.test"
+
+
+# ------------------------------------------------------------------ scoring defaults
+#: tokens per probe sequence
+DEFAULT_SEQ_LEN = 512
+#: scored tokens when the job names no max_tokens: at least this many, and at least
+#: WARN_TOKENS_PER_DIM · d
+DEFAULT_MIN_TOKENS = 16384
+#: held-out probe tokens for the replaceability losses (taken after the scored ones)
+DEFAULT_HOLDOUT_TOKENS = 4096
+#: scoring is refused below MIN_TOKENS_PER_DIM · d tokens (a least-squares fit of d
+#: dimensions on fewer tokens is trivially good) and warns below WARN_TOKENS_PER_DIM · d
+MIN_TOKENS_PER_DIM = 2.0
+WARN_TOKENS_PER_DIM = 8.0
+#: the built-in probe's name
+DEFAULT_PROBE = "default"
