@@ -34,19 +34,26 @@ def pg_url():
 
 
 @pytest.fixture(scope="session")
-def redis_url():
-    """A Redis database index of the session's own (flushed at the end)."""
-    from services import redis_db_url, release_redis_db
+def redis_server():
+    """A private redis-server for the session (stopped at the end). Fixtures that need an
+    empty Redis take ``redis_server.new_url()``: a database index nothing else uses."""
+    from services import RedisServer
 
-    url = redis_db_url()
-    yield url
-    release_redis_db(url)
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def redis_url(redis_server):
+    """An empty Redis database of this test's own, on the session's private server."""
+    return redis_server.new_url()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api_service(request, tmp_path_factory):
     """The API server (no worker) on SQLite + filesystem broker, or PostgreSQL + Redis."""
-    from services import Service, create_pg_database, drop_pg_database, redis_db_url, release_redis_db
+    from services import Service, create_pg_database, drop_pg_database
 
     tmp = tmp_path_factory.mktemp(f"api-{request.param}")
     roots = tmp / "ckpts"
@@ -54,9 +61,10 @@ def api_service(request, tmp_path_factory):
     if request.param == "sqlite":
         db, broker = f"sqlite:///{tmp / 'lt.db'}", "filesystem://"
     else:
-        db, broker = create_pg_database(), redis_db_url()
-    svc = Service(tmp=tmp, db_url=db, broker_url=broker, roots=roots)
-    svc.extra_env["LAYERTRACK_SWEEP_INTERVAL_S"] = "0"  # no worker: keep jobs where they are
+        db, broker = create_pg_database(), request.getfixturevalue("redis_server").new_url()
+    # no worker: the sweeper is off, so jobs stay where the tests put them
+    svc = Service(tmp=tmp, db_url=db, broker_url=broker, roots=roots,
+                  extra_env={"LAYERTRACK_SWEEP_INTERVAL_S": "0"})
     svc.migrate_and_token()
     svc.start_api()
     svc.backend = request.param
@@ -64,4 +72,3 @@ def api_service(request, tmp_path_factory):
     svc.stop()
     if request.param == "postgresql":
         drop_pg_database(db)
-        release_redis_db(broker)

@@ -1,48 +1,66 @@
 """Real PostgreSQL, Redis, API server and Celery worker processes for the service tests.
 
-Nothing here is mocked: databases are created in the machine's PostgreSQL, queues live in
-its Redis (a database index of their own), and the API and workers run as the separate
-processes they are in production. When PostgreSQL or Redis is missing the tests fail
-(.ci/run starts them); they never skip.
+Nothing here is mocked: databases are created in the machine's PostgreSQL (a database of
+the tests' own, dropped afterwards), the broker is a private ``redis-server`` the tests start
+on a free port (each service gets a database index of its own on it), and the API and
+workers run as the separate processes they are in production
+(layertrack.service.embedded). When PostgreSQL or redis-server is missing the tests fail;
+they never skip. Nothing shared is flushed or dropped.
+
+Waiting for something to happen is always :func:`wait_until` (poll with a deadline), never a
+fixed sleep.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-import httpx
 import pytest
+from layertrack.service.embedded import EmbeddedService, free_port
+
+__all__ = ["RedisServer", "Service", "create_pg_database", "drop_pg_database", "free_port", "layertrack_exe",
+           "live_service", "wait_until"]
 
 PG_ADMIN = os.environ.get("LAYERTRACK_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("LAYERTRACK_TEST_REDIS", "redis://127.0.0.1:6379")
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 60, *, what: str, interval: float = 0.1) -> T:
+    """Call ``predicate`` until it returns something truthy and return that; fail the test
+    with ``what`` and the last value seen when ``timeout`` seconds pass first. An exception
+    raised by ``predicate`` is not caught: it fails the test at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}; last seen: {value!r}"[:4000])
+        time.sleep(interval)
 
 
 def layertrack_exe() -> str:
     """The installed console script beside this interpreter (the venv need not be on PATH)."""
-    import shutil
-
     exe = shutil.which("layertrack", path=str(Path(sys.executable).parent)) or shutil.which("layertrack")
     if exe is None:
         pytest.fail("the layertrack console script is not installed")
     return exe
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# ------------------------------------------------------------------ PostgreSQL
 def create_pg_database() -> str:
+    """A new, empty database ``lt_test_*`` in the machine's PostgreSQL; its URL."""
     from sqlalchemy import create_engine, text
 
     name = f"lt_test_{uuid.uuid4().hex[:12]}"
@@ -58,140 +76,117 @@ def create_pg_database() -> str:
 
 
 def drop_pg_database(url: str) -> None:
+    """Drop a database made by :func:`create_pg_database` (and nothing else)."""
+    from layertrack.service.db import get_engine
     from sqlalchemy import create_engine, text
 
     name = url.rsplit("/", 1)[1]
+    assert name.startswith("lt_test_"), f"refusing to drop {name!r}: not made by the tests"
+    get_engine(url).dispose()  # this process's own pooled connections
     eng = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with eng.connect() as c:
-        c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     eng.dispose()
 
 
-def redis_db_url() -> str:
-    import redis
+# ------------------------------------------------------------------ Redis
+class RedisServer:
+    """A private ``redis-server`` on a free port of 127.0.0.1, in a temporary directory,
+    nothing saved to disk. ``new_url()`` hands out a database index nobody used yet, so a
+    test that needs an empty Redis gets one without flushing anything. ``stop()`` and
+    ``start()`` again (same port) stand for an outage."""
 
-    try:
-        r = redis.Redis.from_url(REDIS_URL + "/0", socket_connect_timeout=2)
-        r.ping()
-    except Exception as e:
-        pytest.fail(f"Redis at {REDIS_URL} is required for these tests and is not reachable ({e}); "
-                    "start it (see DEVELOPERS.md / .ci/run)")
-    for db in range(2, 16):  # claim an empty database index
-        r = redis.Redis.from_url(f"{REDIS_URL}/{db}")
-        if r.setnx("layertrack-test-lock", str(os.getpid())):
-            r.expire("layertrack-test-lock", 3600)
-            return f"{REDIS_URL}/{db}"
-    pytest.fail("no free Redis database index (2-15) for the tests")
+    DATABASES = 1000
 
+    def __init__(self, directory: Path | None = None):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is required for these tests and is not installed "
+                        "(apt-get install redis-server; see DEVELOPERS.md / .ci/run)")
+        self.exe = exe
+        self._own_dir = directory is None
+        self.dir = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="lt-redis-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self._next_db = 0
 
-def release_redis_db(url: str) -> None:
-    import redis
+    @property
+    def base_url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
 
-    redis.Redis.from_url(url).flushdb()
+    def new_url(self) -> str:
+        """The URL of a database index of this server that nothing has used."""
+        if self._next_db >= self.DATABASES:
+            pytest.fail(f"the private Redis has only {self.DATABASES} databases")
+        db, self._next_db = self._next_db, self._next_db + 1
+        return f"{self.base_url}/{db}"
 
+    def start(self, timeout: float = 20) -> RedisServer:
+        import redis
 
-@dataclass
-class Service:
-    """An API server process and worker processes sharing one database and broker."""
+        cmd = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--daemonize", "no", "--databases", str(self.DATABASES), "--dir", str(self.dir)]
+        with open(self.dir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
 
-    tmp: Path
-    db_url: str
-    broker_url: str
-    roots: Path
-    extra_env: dict[str, str] = field(default_factory=dict)
-    url: str = ""
-    token: str = ""
-    api: subprocess.Popen | None = None
-    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                log_text = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"redis-server exited with code {self.proc.returncode}:\n{log_text}")
+            with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                return bool(client.ping())
+            return False
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update({
-            "LAYERTRACK_DATABASE_URL": self.db_url,
-            "LAYERTRACK_BROKER_URL": self.broker_url,
-            "LAYERTRACK_DATA_DIR": str(self.tmp / "data"),
-            "LAYERTRACK_CHECKPOINT_ROOTS": str(self.roots),
-            "LAYERTRACK_STALE_AFTER_S": "6",
-            "LAYERTRACK_HEARTBEAT_S": "1",
-            "LAYERTRACK_SWEEP_INTERVAL_S": "1",
-            "LAYERTRACK_REQUEUE_AFTER_S": "8",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-        })
-        env.update(self.extra_env)
-        return env
-
-    def migrate_and_token(self) -> None:
-        from layertrack.service.auth import create_token
-        from layertrack.service.db import session_scope, upgrade
-
-        upgrade(self.db_url)
-        with session_scope(self.db_url) as s:
-            _row, self.token = create_token(s, "tests")
-
-    def start_api(self, processes: int = 1, port: int | None = None) -> None:
-        port = port or free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        with open(self.tmp / "api.log", "ab") as log:  # the child keeps its own descriptor
-            self.api = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "layertrack.service.main:app", "--host", "127.0.0.1",
-                 "--port", str(port), "--log-level", "warning", "--workers", str(processes)],
-                env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.api.poll() is not None:
-                raise RuntimeError(f"the API server exited: {(self.tmp / 'api.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("the API server did not start within 60 s")
-
-    def stop_api(self) -> None:
-        os.killpg(self.api.pid, signal.SIGTERM)
-        self.api.wait(timeout=15)
-        self.api = None
-
-    def start_worker(self, name: str, queues: str = "gpu") -> subprocess.Popen:
-        with open(self.tmp / f"worker-{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "layertrack.workers.celery_app", "worker", "-Q", queues,
-                 "-c", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
-                 "--without-gossip", "--without-mingle", "--without-heartbeat"],
-                env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        self.workers[name] = proc
-        return proc
-
-    def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.workers.pop(name)
-        os.killpg(proc.pid, sig)  # the worker and its pool process: a machine that died
-        proc.wait(timeout=30)
-
-    def client(self):
-        from layertrack.service.client import Client
-
-        return Client(self.url, self.token, timeout=30)
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.tmp.glob("*.log")))
+        try:
+            wait_until(up, timeout, what=f"redis-server on port {self.port} to answer")
+        finally:
+            client.close()
+        return self
 
     def stop(self) -> None:
-        for name in list(self.workers):
-            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-                self.kill_worker(name, signal.SIGTERM)
-        if self.api is not None:
+        if self.proc is not None:
+            self.proc.terminate()
             try:
-                os.killpg(self.api.pid, signal.SIGTERM)
-                self.api.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(self.api.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            self.proc = None
+
+    def close(self) -> None:
+        """Stop the server and remove its directory (when this object made it)."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the service
+#: fast sweeps and heartbeats, so that lost and stale jobs are found within seconds
+TEST_ENV = {
+    "LAYERTRACK_STALE_AFTER_S": "6",
+    "LAYERTRACK_HEARTBEAT_S": "1",
+    "LAYERTRACK_SWEEP_INTERVAL_S": "1",
+    "LAYERTRACK_REQUEUE_AFTER_S": "8",
+}
+
+
+class Service(EmbeddedService):
+    """The embedded service as the tests run it: logs and data under ``tmp``, checkpoints
+    under the single root ``roots``, the test timings of :data:`TEST_ENV`."""
+
+    def __init__(self, *, tmp: Path, db_url: str, broker_url: str, roots: Path,
+                 extra_env: dict[str, str] | None = None, token: str = ""):
+        super().__init__(data_dir=tmp / "data", db_url=db_url, broker_url=broker_url, roots=[roots],
+                         env={**TEST_ENV, **(extra_env or {})}, log_dir=tmp)
+        self.tmp = tmp
+        self.roots = roots
+        self.token = token
+
+    def migrate_and_token(self, name: str = "tests") -> str:
+        return super().migrate_and_token(name)
 
 
 @contextlib.contextmanager
@@ -203,7 +198,7 @@ def live_service(tmp: Path, redis_url: str, *, db_url: str | None = None, extra_
     roots = tmp / "ckpts"
     roots.mkdir()
     db = db_url or create_pg_database()
-    svc = Service(tmp=tmp, db_url=db, broker_url=redis_url, roots=roots, extra_env=dict(extra_env or {}))
+    svc = Service(tmp=tmp, db_url=db, broker_url=redis_url, roots=roots, extra_env=extra_env)
     try:
         svc.migrate_and_token()
         svc.start_api()
@@ -213,7 +208,4 @@ def live_service(tmp: Path, redis_url: str, *, db_url: str | None = None, extra_
     finally:
         svc.stop()
         if db_url is None:
-            from layertrack.service.db import get_engine
-
-            get_engine(db).dispose()
             drop_pg_database(db)
