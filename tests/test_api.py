@@ -3,6 +3,7 @@ idempotent submission, job state changes. (Scoring itself: tests/test_end_to_end
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 
@@ -40,14 +41,26 @@ def test_health_and_readiness_need_no_token(api_service):
     assert r.json()["checks"] == {"database": "ok", "broker": "ok"}
 
 
-def test_every_other_endpoint_needs_a_valid_token(api_service, ckpt):
-    from layertrack.service.app import create_app
+#: the routes that hold no data and take no bearer token (the signed inbound hook has a
+#: signature instead: tests/test_webhooks.py)
+OPEN_ROUTES = {("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/v1/hooks/checkpoint")}
+#: one route of every group the README lists, so that the schema walked below is the whole API
+README_ROUTES = {
+    ("POST", "/v1/checkpoints"), ("GET", "/v1/jobs"), ("POST", "/v1/jobs/{}/retry"), ("GET", "/v1/runs/{}"),
+    ("GET", "/v1/runs/{}/scores"), ("GET", "/v1/runs/{}/export"), ("GET", "/v1/compare"), ("GET", "/v1/meta"),
+    ("PATCH", "/v1/webhooks/{}"), ("POST", "/v1/webhooks/{}/deliveries/{}/redeliver"), ("POST", "/v1/hook-sources"),
+    ("GET", "/v1/runs/{}/alerts/firings"), ("GET", "/v1/runs/{}/profile"), ("GET", "/v1/runs/{}/heatmap/plot.{}"),
+    ("GET", "/metrics"),
+}
+PARAM_VALUES = {"job_id": "x", "run": "x", "delivery_id": "x", "name": "x", "fmt": "png"}  # ids: "1"
 
-    paths = create_app().openapi()["paths"]
-    # /v1/hooks/checkpoint takes a signed webhook instead (tests/test_integrations.py)
-    routes = [(m.upper(), path) for path, ops in paths.items() for m in ops
-              if path not in ("/healthz", "/readyz", "/v1/hooks/checkpoint")]
-    assert len(routes) == 33
+
+def test_every_other_endpoint_needs_a_valid_token(api_service, ckpt):
+    paths = httpx.get(api_service.url + "/openapi.json").json()["paths"]  # the schema the server serves
+    every = {(m.upper(), path) for path, ops in paths.items() for m in ops}
+    assert OPEN_ROUTES - every == set()
+    routes = sorted(every - OPEN_ROUTES)
+    assert README_ROUTES - {(m, re.sub(r"\{[^}]*\}", "{}", p)) for m, p in routes} == set()
     with session_scope(api_service.db_url) as s:
         row, revoked_secret = create_token(s, "to-revoke")
     with session_scope(api_service.db_url) as s:
@@ -60,11 +73,7 @@ def test_every_other_endpoint_needs_a_valid_token(api_service, ckpt):
         ({"Authorization": f"Basic {api_service.token}"}, "must be 'Bearer <token>'"),
     ]:
         for method, path in routes:
-            fill = {"{job_id}": "x", "{run}": "x", "{webhook_id}": "1", "{delivery_id}": "x", "{rule_id}": "1",
-                    "{name}": "x", "{fmt}": "png"}
-            url = api_service.url + path
-            for k, v in fill.items():
-                url = url.replace(k, v)
+            url = api_service.url + re.sub(r"\{(\w+)[^}]*\}", lambda m: PARAM_VALUES.get(m[1], "1"), path)
             r = httpx.request(method, url, headers=headers, json=body(ckpt) if method == "POST" else None)
             assert r.status_code == 401, (method, path, r.status_code, r.text)
             assert r.headers["content-type"].startswith("application/problem+json")
@@ -85,7 +94,7 @@ def test_every_other_endpoint_needs_a_valid_token(api_service, ckpt):
         ({"step": "ten"}, 422, "step: Input should be a valid integer"),
         ({"run": ""}, 422, "run: String should have at least 1 character"),
         ({"run": "bad name!"}, 422, "run: String should match pattern"),
-        ({"metrics": ["linearity", "vibes"]}, 422, "unknown metric(s) vibes"),
+        ({"metrics": ["linearity", "vibes"]}, 422, "unknown metric 'vibes'"),
         ({"config": {"seq_len": 1}}, 422, "config.seq_len"),
         ({"config": {"dtype": "int8"}}, 422, "config.dtype"),
         ({"surprise": 1}, 422, "surprise: Extra inputs are not permitted"),
@@ -185,3 +194,58 @@ def test_metrics_endpoint_counts_jobs(api_service):
         r = h.get("/metrics")
     assert r.status_code == 200
     assert 'layertrack_jobs{status="queued"}' in r.text
+
+
+def test_meta_is_the_vocabulary_clients_use(api_service):
+    with api_service.http() as h:
+        r = h.get("/v1/meta")
+    assert r.status_code == 200, r.text
+    meta = r.json()
+    metrics = {m["name"]: m for m in meta["metrics"]}
+    assert list(metrics) == ["linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy",
+                             "loss_delta_linear", "loss_delta_drop"]
+    assert {n: m["kind"] for n, m in metrics.items()} == {n: "layer" if n == "anisotropy" else "pair" for n in metrics}
+    assert {n: m["range"] for n, m in metrics.items()} == {
+        "linearity": [0, 1], "linearity_nores": [0, 1], "cosine": [-1, 1], "norm_ratio": [0, None],
+        "anisotropy": [0, 1], "loss_delta_linear": [None, None], "loss_delta_drop": [None, None]}
+    assert [n for n, m in metrics.items() if m["default"]] == [
+        "linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy"]
+    assert all(isinstance(m["label"], str) and m["label"] for m in metrics.values())
+    assert meta["default_metric"] == "linearity_nores"
+    assert meta["job_statuses"] == ["queued", "running", "succeeded", "failed", "cancelled"]
+    assert meta["webhook_events"] == ["job.succeeded", "job.failed", "trend.alert"]
+    assert isinstance(meta["defaults"], dict)
+
+
+def test_pages_static_files_favicon_and_docs_are_open_and_local(api_service):
+    for path in ("/", "/jobs", "/compare", "/runs/org/llama-350m", "/static/app.js", "/static/app.css",
+                 "/static/vendor/echarts.min.js", "/static/vendor/swagger-ui/swagger-ui-bundle.js",
+                 "/static/vendor/swagger-ui/swagger-ui.css"):
+        r = httpx.get(api_service.url + path)
+        assert r.status_code == 200, (path, r.status_code)
+    icon = httpx.get(api_service.url + "/favicon.ico")
+    assert icon.status_code == 200 and icon.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
+    docs = httpx.get(api_service.url + "/docs")
+    assert docs.status_code == 200
+    assert "/static/vendor/swagger-ui/swagger-ui-bundle.js" in docs.text
+    assert "/static/vendor/swagger-ui/swagger-ui.css" in docs.text
+    assert "cdn" not in docs.text.lower() and "https://" not in docs.text
+    assert httpx.get(api_service.url + "/redoc").status_code == 404
+
+
+def test_run_names_with_a_slash_work_in_the_run_routes(api_service, ckpt):
+    """``org/llama-350m``: the dashboard sends such names with the ``/`` unencoded."""
+    run = f"org-{uuid.uuid4().hex[:6]}/llama-350m"
+    with api_service.http() as h:
+        r = h.post("/v1/checkpoints", json=body(ckpt, run=run))
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["run"] == run
+        got = h.get(f"/v1/runs/{run}")
+        assert got.status_code == 200 and got.json()["name"] == run, got.text
+        for view in ("trend", "heatmap", "scores", "profile", "alerts", "alerts/firings"):
+            r = h.get(f"/v1/runs/{run}/{view}", params={"metric": "linearity"} if view != "alerts" else None)
+            assert r.status_code == 200, (view, r.text)
+        assert h.get(f"/v1/runs/{run}/trend").json()["steps"] == []
+        assert [j["id"] for j in h.get("/v1/jobs", params={"run": run}).json()] == [job["id"]]
+        assert [x["name"] for x in h.get("/v1/runs", params={"name": run}).json()] == [run]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from layertrack.service.app import create_app
+from layertrack.service.api import create_app
 from layertrack.service.auth import create_token
 from layertrack.service.client import ApiError, AppTransport, Client, ServiceUnavailable
 from layertrack.service.db import session_scope, upgrade
@@ -54,8 +54,11 @@ def test_in_process_client_reads_and_gets_the_servers_message_on_4xx(app_and_tok
             c.create_alert("r", metric="linearity", kind="sigma", k=2)
         assert e.value.status == 404
         with pytest.raises(ApiError) as e:
-            c.trend("r", metric="bogus")
-        assert e.value.status in (404, 422)
+            c.trend("r", metric="linearity")
+        assert e.value.status == 404 and e.value.detail == "no run named 'r'"
+        with pytest.raises(ApiError) as e:
+            c.trend("r", metric="bogus")  # an invalid request is refused before anything is looked up
+        assert e.value.status == 422 and "metric" in e.value.detail
     with Client.for_app(app, "lt_wrong") as c, pytest.raises(ApiError) as e:
         c.runs()
     assert e.value.status == 401 and "unknown or revoked API token" in e.value.detail

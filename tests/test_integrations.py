@@ -9,20 +9,20 @@ import json
 import logging
 import os
 import subprocess
-import time
 import uuid
 
 import pytest
 import torch
-from services import Service, free_port, layertrack_exe, live_service
+from services import Service, free_port, layertrack_exe, live_service, wait_until
 from tiny_models import lm_examples, tiny_lm
 
 CFG = {"max_tokens": 600, "seq_len": 64}
+FINAL = ("succeeded", "failed", "cancelled")
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, redis_url):
-    with live_service(tmp_path_factory.mktemp("train"), redis_url) as svc:
+def live(tmp_path_factory, redis_server):
+    with live_service(tmp_path_factory.mktemp("train"), redis_server.new_url()) as svc:
         yield svc
 
 
@@ -40,13 +40,11 @@ def hf_trainer(tokenizer, out_dir, callbacks, max_steps: int):
 
 def finished_jobs(client, run: str, n: int, timeout: float = 240) -> dict[int, dict]:
     """step -> job, once ``n`` jobs of the run have finished."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def done() -> list[dict] | None:
         jobs = client.jobs(run=run)
-        if len(jobs) >= n and all(j["status"] in ("succeeded", "failed", "cancelled") for j in jobs):
-            return {j["step"]: j for j in jobs}
-        assert time.monotonic() < deadline, jobs
-        time.sleep(0.5)
+        return jobs if len(jobs) >= n and all(j["status"] in FINAL for j in jobs) else None
+
+    return {j["step"]: j for j in wait_until(done, timeout, what=f"{n} finished jobs of run {run}")}
 
 
 def test_hf_trainer_posts_every_save_and_resume_keeps_the_run(live, tokenizer, tmp_path):
@@ -61,14 +59,18 @@ def test_hf_trainer_posts_every_save_and_resume_keeps_the_run(live, tokenizer, t
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 5:
+                reporter = ours.reporter
+                wait_until(lambda: 4 in reporter.submitted, 120, what="the checkpoint of step 4 to be posted")
                 with live.client() as c:
-                    deadline = time.monotonic() + 120
-                    while 4 not in ours.reporter.submitted:
-                        assert time.monotonic() < deadline
-                        time.sleep(0.1)
                     for step in (2, 4):
-                        assert c.wait(ours.reporter.submitted[step], timeout=180, poll=0.3)["status"] == "succeeded"
-                time.sleep(1.5)  # the reporter polls every 0.2 s
+                        assert c.wait(reporter.submitted[step], timeout=180, poll=0.3)["status"] == "succeeded"
+                ids = {reporter.submitted[step] for step in (2, 4)}
+
+                def pulled() -> bool:  # the reporter has fetched both jobs' scores
+                    with reporter._lock:
+                        return not ids & set(reporter._pending_jobs)
+
+                wait_until(pulled, 30, what="the reporter to pull the scores of steps 2 and 4")
 
     seen_logs: list[dict] = []
 

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from services import live_service
+from services import live_service, wait_until
 
 CFG = {"max_tokens": 600, "seq_len": 64}
 
@@ -50,26 +50,28 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def got(self, path: str, where=lambda r: True) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if r["path"] == path and where(r)]
+
     def at(self, path: str, n: int, timeout: float = 120, where=lambda r: True) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.lock:
-                got = [r for r in self.requests if r["path"] == path and where(r)]
-            if len(got) >= n:
-                return got
-            assert time.monotonic() < deadline, f"{path}: {len(got)} of {n} requests: {self.requests}"
-            time.sleep(0.1)
+        """The requests to ``path`` (that satisfy ``where``), once there are at least ``n``."""
+        def enough() -> list[dict] | None:
+            got = self.got(path, where)
+            return got if len(got) >= n else None
+
+        return wait_until(enough, timeout, what=f"{n} request(s) to {path}")
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, redis_url):
+def live(tmp_path_factory, redis_server):
     env = {
         "LAYERTRACK_WEBHOOK_ALLOW_HOSTS": "127.0.0.0/8,::1",
         "LAYERTRACK_WEBHOOK_BACKOFF_S": "0.3",
         "LAYERTRACK_WEBHOOK_MAX_ATTEMPTS": "4",
         "LAYERTRACK_WEBHOOK_TIMEOUT_S": "5",
     }
-    with live_service(tmp_path_factory.mktemp("hooks"), redis_url, extra_env=env,
+    with live_service(tmp_path_factory.mktemp("hooks"), redis_server.new_url(), extra_env=env,
                       workers=(("w1", "gpu"), ("hooks", "webhooks"))) as svc:
         yield svc
 
@@ -80,6 +82,11 @@ def receiver():
     yield r
     r.server.shutdown()
     r.server.server_close()
+
+
+def finished(delivery: dict) -> dict | None:
+    """The delivery once it is no longer pending."""
+    return delivery if delivery["status"] != "pending" else None
 
 
 def oracle_signature(secret: str, msg_id: str, timestamp: str, body: bytes) -> str:
@@ -132,11 +139,11 @@ def test_job_succeeded_arrives_signed_with_a_summary_of_scores(live, receiver, t
         delivery = c.delivery(everything["id"], h["webhook-id"])
         assert delivery["status"] == "succeeded" and [a["status_code"] for a in delivery["attempt_log"]] == [200]
 
-        # the run's own subscription got its run's later job, and nothing of the other run
+        # the run's own subscription got its run's later job, and nothing of the other run: the
+        # deliveries are stored with the job's completion, so by now every one of them exists
+        assert [d["payload"]["data"]["job_id"] for d in c.deliveries(mine["id"])] == [job2["id"]]
         mine_got = receiver.at("/mine", 1)
-        time.sleep(1)
-        assert [json.loads(r["body"])["data"]["job_id"] for r in receiver.at("/mine", 1)] == [job2["id"]]
-        assert len(mine_got) == 1
+        assert [json.loads(r["body"])["data"]["job_id"] for r in mine_got] == [job2["id"]]
         for w in (everything, mine):
             c.delete_webhook(w["id"])
 
@@ -155,10 +162,7 @@ def test_a_receiver_failing_twice_gets_the_event_on_the_third_attempt_and_redeli
         for r in got:  # each attempt signed afresh
             assert r["headers"]["webhook-signature"] == oracle_signature(
                 w["secret"], r["headers"]["webhook-id"], r["headers"]["webhook-timestamp"], r["body"])
-        deadline = time.monotonic() + 30
-        while (d := c.deliveries(w["id"])[0])["status"] == "pending":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        d = wait_until(lambda: finished(c.deliveries(w["id"])[0]), 30, what="the delivery to finish")
         assert d["status"] == "succeeded" and d["payload"]["data"]["job_id"] == job["id"]
         log = d["attempt_log"]
         assert [a["status_code"] for a in log] == [500, 500, 200]
@@ -172,10 +176,7 @@ def test_a_receiver_failing_twice_gets_the_event_on_the_third_attempt_and_redeli
         assert again["status"] == "pending"
         got = receiver.at("/flaky", 4)
         assert got[3]["headers"]["webhook-id"] == d["id"] and got[3]["body"] == got[0]["body"]
-        deadline = time.monotonic() + 30
-        while (d := c.delivery(w["id"], d["id"]))["status"] == "pending":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        d = wait_until(lambda: finished(c.delivery(w["id"], d["id"])), 30, what="the redelivery to finish")
         assert d["status"] == "succeeded" and len(d["attempt_log"]) == 4 and d["attempts"] == 1
         c.delete_webhook(w["id"])
 
@@ -189,10 +190,9 @@ def test_attempts_are_capped_and_a_4xx_is_not_retried(live, receiver):
         t1 = c.test_webhook(down["id"])
         t2 = c.test_webhook(gone["id"])
         assert t1["event"] == "webhook.test" and t1["status"] == "pending"
-        deadline = time.monotonic() + 60
-        while {c.delivery(down["id"], t1["id"])["status"], c.delivery(gone["id"], t2["id"])["status"]} != {"failed"}:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until(lambda: {c.delivery(down["id"], t1["id"])["status"],
+                            c.delivery(gone["id"], t2["id"])["status"]} == {"failed"}, 60,
+                   what="both test deliveries to fail")
         d1, d2 = c.delivery(down["id"], t1["id"]), c.delivery(gone["id"], t2["id"])
         assert [a["status_code"] for a in d1["attempt_log"]] == [503] * 4  # LAYERTRACK_WEBHOOK_MAX_ATTEMPTS
         assert [a["status_code"] for a in d2["attempt_log"]] == [410]
@@ -305,12 +305,16 @@ def test_inbound_signed_hook_accepts_valid_and_refuses_bad_old_and_replayed(live
 
 
 # ------------------------------------------------------------------ trend alerts
-def test_alert_rules_fire_exactly_at_the_crossings(live, receiver):
+def test_alert_rules_fire_exactly_at_the_crossings(live, receiver, monkeypatch):
     """Synthetic scores through the real completion path (jobs.complete on PostgreSQL): the
     firings, and the trend.alert webhooks the webhook worker sends for them."""
-    from layertrack.service import jobs
+    from layertrack.service import jobs, queue
     from layertrack.service.db import session_scope
     from layertrack.service.models import Phase
+    from layertrack.service.settings import Settings
+
+    # this process sends the deliveries as a worker does, to the live service's broker
+    monkeypatch.setattr(queue, "app", queue.make_app(Settings(data_dir=live.data_dir, broker_url=live.broker_url)))
 
     run = f"alerts-{uuid.uuid4().hex[:6]}"
     lin_means = [0.30, 0.60, 0.70, 0.40, 0.55, 0.52]  # threshold above 0.5: crossings at steps 2 and 5
@@ -337,9 +341,7 @@ def test_alert_rules_fire_exactly_at_the_crossings(live, receiver):
         result = {"pairs": pairs, "layers": [{"layer": k, "anisotropy": 0.1} for k in range(4)], "n_tokens": 1}
         done = jobs.complete(live.db_url, job_id, "test", result, list(jobs.KNOWN_METRICS))
         assert done
-        from layertrack.service import webhooks
-
-        webhooks.publish(done.deliveries)
+        assert queue.send_deliveries(done.deliveries) == len(done.deliveries)
 
     finish(1)  # the run exists now
     with live.client() as c:
@@ -423,10 +425,8 @@ def test_a_delivery_whose_task_was_lost_is_sent_by_the_sweeper(live, receiver):
                            next_attempt_at=long_ago, created_at=long_ago))
         got = receiver.at("/lost", 1, timeout=60)
         assert got[0]["headers"]["webhook-id"] == msg_id
-        deadline = time.monotonic() + 30
-        while c.delivery(w["id"], msg_id)["status"] != "succeeded":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until(lambda: c.delivery(w["id"], msg_id)["status"] == "succeeded", 30,
+                   what="the lost delivery to be recorded as succeeded")
         c.delete_webhook(w["id"])
 
 
