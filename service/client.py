@@ -7,7 +7,8 @@
         print(lt.trend("my-run", metric="linearity_nores"))
 
 Every method returns plain Python data (dicts and lists, as the API's JSON; the TypedDicts
-below describe the common ones). With no URL or token given, the client reads
+below describe the common ones, and tests/test_run_names.py checks them against the API's
+answers field for field). Run names may contain ``/`` (``org/llama-350m``). With no URL or token given, the client reads
 LAYERTRACK_URL / LAYERTRACK_TOKEN, else what ``layertrack up`` saved.
 
 Errors: ``ApiError`` (the server refused the request: ``.status`` and the server's
@@ -23,6 +24,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any, TypedDict
+from urllib.parse import quote
 
 import httpx
 
@@ -61,6 +63,7 @@ class RunInfo(TypedDict):
     last_step: int | None
     n_checkpoints: int
     jobs: dict[str, int]
+    last_activity: str
 
 
 class Series(TypedDict):
@@ -75,6 +78,13 @@ class Trend(TypedDict):
     metric: str
     steps: list[int]
     values: list[float | None]
+    #: steps with scores before downsampling
+    n_steps: int
+
+
+def _run(name: str) -> str:
+    """A run's path under /v1/runs/ (its '/' separators kept, anything else escaped)."""
+    return quote(name, safe="/")
 
 
 class ApiError(Exception):
@@ -232,26 +242,26 @@ class Client:
         return self._request("GET", "/v1/runs", params={"name": name} if name else None).json()
 
     def run(self, name: str) -> RunInfo:
-        return self._request("GET", f"/v1/runs/{name}").json()
+        return self._request("GET", f"/v1/runs/{_run(name)}").json()
 
     def scores(self, run: str, *, metric: str = "linearity", **params) -> dict:
         """{"run", "metric", "series": [Series per layer]}; params: layer, from_step, to_step, max_points."""
-        return self._request("GET", f"/v1/runs/{run}/scores", params={"metric": metric, **params}).json()
+        return self._request("GET", f"/v1/runs/{_run(run)}/scores", params={"metric": metric, **params}).json()
 
     def trend(self, run: str, *, metric: str = "linearity", **params) -> Trend:
         """Layer mean per step; params: from_step, to_step, max_points."""
-        return self._request("GET", f"/v1/runs/{run}/trend", params={"metric": metric, **params}).json()
+        return self._request("GET", f"/v1/runs/{_run(run)}/trend", params={"metric": metric, **params}).json()
 
     def heatmap(self, run: str, *, metric: str = "linearity", **params) -> dict:
         """{"run", "metric", "steps", "layers", "values" (steps × layers)}; params: max_steps."""
-        return self._request("GET", f"/v1/runs/{run}/heatmap", params={"metric": metric, **params}).json()
+        return self._request("GET", f"/v1/runs/{_run(run)}/heatmap", params={"metric": metric, **params}).json()
 
     def export(self, run: str, *, format: str = "csv") -> bytes:
-        return self._request("GET", f"/v1/runs/{run}/export", params={"format": format}).content
+        return self._request("GET", f"/v1/runs/{_run(run)}/export", params={"format": format}).content
 
     def profile(self, run: str, *, metric: str = "linearity", steps: list[int] | None = None) -> dict:
         """Per-layer values at the given steps (default: the last); lists ``available_steps``."""
-        return self._request("GET", f"/v1/runs/{run}/profile", params={"metric": metric, "step": steps or []}).json()
+        return self._request("GET", f"/v1/runs/{_run(run)}/profile", params={"metric": metric, "step": steps or []}).json()
 
     def plot(self, run: str, kind: str = "trend", *, format: str = "png", metric: str = "linearity",
              steps: list[int] | None = None, log_x: bool = False) -> bytes:
@@ -261,7 +271,7 @@ class Client:
             params["step"] = steps
         if kind == "trend" and log_x:
             params["log_x"] = "true"
-        return self._request("GET", f"/v1/runs/{run}/{kind}/plot.{format}", params=params).content
+        return self._request("GET", f"/v1/runs/{_run(run)}/{kind}/plot.{format}", params=params).content
 
     def compare(self, runs: list[str], *, metric: str = "linearity") -> dict:
         return self._request("GET", "/v1/compare", params={"runs": ",".join(runs), "metric": metric}).json()
@@ -312,7 +322,7 @@ class Client:
         return self._request("GET", "/v1/hook-sources").json()
 
     def revoke_hook_source(self, name: str) -> dict:
-        return self._request("DELETE", f"/v1/hook-sources/{name}").json()
+        return self._request("DELETE", f"/v1/hook-sources/{quote(name, safe='')}").json()
 
     # ---------------------------------------------------------------- trend alerts
     def create_alert(self, run: str, *, metric: str, kind: str, layer: int | None = None,
@@ -321,15 +331,15 @@ class Client:
         """kind "threshold" (above/below) or "sigma" (k, window); layer None = the layer mean."""
         body = {"metric": metric, "kind": kind, "layer": layer, "above": above, "below": below, "k": k,
                 "window": window, "description": description}
-        return self._request("POST", f"/v1/runs/{run}/alerts",
+        return self._request("POST", f"/v1/runs/{_run(run)}/alerts",
                              json={k_: v for k_, v in body.items() if v is not None}).json()
 
     def alerts(self, run: str) -> list[dict]:
-        return self._request("GET", f"/v1/runs/{run}/alerts").json()
+        return self._request("GET", f"/v1/runs/{_run(run)}/alerts").json()
 
     def delete_alert(self, run: str, rule_id: int) -> None:
-        self._request("DELETE", f"/v1/runs/{run}/alerts/{rule_id}")
+        self._request("DELETE", f"/v1/runs/{_run(run)}/alerts/{rule_id}")
 
     def firings(self, run: str) -> list[dict]:
         """Every firing of the run's alert rules, in step order."""
-        return self._request("GET", f"/v1/runs/{run}/alerts/firings").json()
+        return self._request("GET", f"/v1/runs/{_run(run)}/alerts/firings").json()

@@ -70,7 +70,7 @@ def test_there_is_no_import_cycle(graph):
 
     def visit(node: str, stack: list[str]) -> None:
         if node in stack:
-            cycle = stack[stack.index(node):] + [node]
+            cycle = [*stack[stack.index(node):], node]
             pytest.fail("import cycle: " + " -> ".join(cycle))
         if node in done:
             return
