@@ -261,7 +261,8 @@ class Client:
 
     def profile(self, run: str, *, metric: str = "linearity", steps: list[int] | None = None) -> dict:
         """Per-layer values at the given steps (default: the last); lists ``available_steps``."""
-        return self._request("GET", f"/v1/runs/{_run(run)}/profile", params={"metric": metric, "step": steps or []}).json()
+        params = {"metric": metric, "step": steps or []}
+        return self._request("GET", f"/v1/runs/{_run(run)}/profile", params=params).json()
 
     def plot(self, run: str, kind: str = "trend", *, format: str = "png", metric: str = "linearity",
              steps: list[int] | None = None, log_x: bool = False) -> bytes:

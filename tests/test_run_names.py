@@ -8,11 +8,10 @@ import re
 import subprocess
 import typing
 
-import httpx
 import pytest
 from layertrack.service.api import create_app
 from layertrack.service.client import Job, RunInfo, Trend
-from services import layertrack_exe, live_service, wait_until
+from services import layertrack_exe, live_service
 from tiny_models import build_checkpoint
 
 RUN = "org/llama-350m"
