@@ -12,6 +12,7 @@ RUN pip install "torch==2.13.0" --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md alembic.ini ./
 COPY service ./service
 COPY workers ./workers
+COPY integrations ./integrations
 COPY migrations ./migrations
 RUN pip install ".[worker]"
 
