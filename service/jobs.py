@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import alerts, webhooks
-from .db import get_sessionmaker, session_scope
+from .db import session_scope
 from .errors import Conflict, Invalid, NotFound
 from .models import Checkpoint, Job, Probe, Run, Score
 
@@ -384,7 +384,7 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
     firings and webhook deliveries that follow. Idempotent: the step's previous scores are
     replaced. Falsy (nothing written) if the job is not ours."""
     t = now()
-    with get_sessionmaker(db_url)() as s, s.begin():
+    with session_scope(db_url) as s:
         job = s.scalar(
             select(Job).where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
             .with_for_update()
@@ -421,7 +421,7 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
 
 def fail(db_url: str, job_id: str, worker: str, code: str, message: str) -> Finished:
     """Mark the job failed with why, and store the job.failed deliveries. Falsy if not ours."""
-    with get_sessionmaker(db_url)() as s, s.begin():
+    with session_scope(db_url) as s:
         res = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
