@@ -2,16 +2,16 @@
 "use strict";
 
 const POLL_MS = 4000;
-const METRICS = ["linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy"];
-const EXTRA_METRICS = ["loss_delta_linear", "loss_delta_drop"];
-const LABELS = {
-  linearity: "linearity (with residual)",
-  linearity_nores: "linearity, residual removed",
-  cosine: "cosine(h_i, h_i+1)",
-  norm_ratio: "‖h_i+1 − h_i‖ / ‖h_i‖",
-  anisotropy: "anisotropy (λmax / trace)",
-  loss_delta_linear: "Δ loss, block → linear map (nats/token)",
-  loss_delta_drop: "Δ loss, block dropped (nats/token)",
+// The vocabulary (metrics with their labels and ranges, job statuses) comes from GET /v1/meta,
+// loaded once after sign-in: the dashboard keeps no list of its own.
+let META = null;
+const meta = {
+  all: () => META.metrics.map((m) => m.name),                            // every metric
+  shown: () => META.metrics.filter((m) => m.default).map((m) => m.name),  // the ones every job measures
+  label: (name) => (META.metrics.find((m) => m.name === name) || {}).label || name,
+  range: (name) => (META.metrics.find((m) => m.name === name) || {}).range || [null, null],
+  statuses: () => META.job_statuses,
+  defaultMetric: () => META.default_metric,
 };
 // Okabe & Ito: distinguishable with colour-vision deficiencies
 const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"];
@@ -25,6 +25,13 @@ let refresh = null;
 
 // ------------------------------------------------------------------ API
 function token() { return localStorage.getItem("layertrack_token"); }
+
+// A run name may contain "/" (org/llama-350m): each part is encoded, the separators kept, so
+// /v1/runs/org/llama-350m/trend and /runs/org/llama-350m are what the server routes.
+function runPath(name) { return String(name).split("/").map(encodeURIComponent).join("/"); }
+function runApi(name, rest = "") { return `/v1/runs/${runPath(name)}${rest}`; }
+function runLink(name) { return `/runs/${runPath(name)}`; }
+function fileName(s) { return String(s).replace(/[^A-Za-z0-9._-]+/g, "_"); }
 
 async function api(path, options = {}) {
   const headers = Object.assign({ Authorization: `Bearer ${token()}` }, options.headers || {});
@@ -56,7 +63,9 @@ function showLogin(message) {
   stop();
   app.innerHTML = `<form class="login" id="login">
     <h1>Sign in</h1>
-    <p class="muted">Paste an API token (create one with <code>layertrack token create NAME</code>). It stays in this browser.</p>
+    <p class="muted">Paste an API token. <code>layertrack up</code> saved the first one in
+      <code>$LAYERTRACK_DATA_DIR/client.json</code> (by default <code>~/.local/share/layertrack/client.json</code>);
+      or create one with <code>layertrack token create NAME</code>. It stays in this browser.</p>
     ${message ? `<p class="error">${esc(message)}</p>` : ""}
     <input id="token-input" type="password" autocomplete="off" placeholder="lt_..." required aria-label="API token">
     <button type="submit">Open the dashboard</button></form>`;
@@ -86,7 +95,8 @@ async function route() {
   document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active",
     (a.dataset.nav === "runs" && (path === "/" || path.startsWith("/runs/"))) || path === "/" + a.dataset.nav));
   try {
-    if (path.startsWith("/runs/")) await runPage(decodeURIComponent(path.slice(6)));
+    if (!META) META = await api("/v1/meta");
+    if (path.startsWith("/runs/")) await runPage(path.slice(6).split("/").map(decodeURIComponent).join("/"));
     else if (path === "/jobs") await jobsPage();
     else if (path === "/compare") await comparePage();
     else await runsPage();
@@ -106,19 +116,18 @@ async function runsPage() {
     <div class="controls"><label for="run-filter">Filter by name</label>
       <input id="run-filter" type="search" value="${esc(q)}" placeholder="part of a run name"></div>
     <table id="runs"><thead><tr><th>run</th><th>phase</th><th>parent</th><th class="num">last step</th>
-      <th class="num">queued</th><th class="num">running</th><th class="num">succeeded</th><th class="num">failed</th>
-      <th class="num">cancelled</th><th>last activity</th></tr></thead><tbody></tbody></table>`;
+      ${meta.statuses().map((s) => `<th class="num">${esc(s)}</th>`).join("")}<th>last activity</th></tr></thead><tbody></tbody></table>`;
   const input = document.getElementById("run-filter");
   const load = async () => {
     const name = input.value.trim();
     const runs = await api("/v1/runs" + (name ? "?name=" + encodeURIComponent(name) : ""));
     document.querySelector("#runs tbody").innerHTML = runs.length ? runs.map((r) => `<tr data-run="${esc(r.name)}">
-      <td><a href="/runs/${encodeURIComponent(r.name)}">${esc(r.name)}</a></td><td>${esc(r.phase)}</td>
-      <td>${r.parent_run ? `<a href="/runs/${encodeURIComponent(r.parent_run)}">${esc(r.parent_run)}</a> @ ${r.parent_step ?? "?"}` : "–"}</td>
+      <td><a href="${runLink(r.name)}">${esc(r.name)}</a></td><td>${esc(r.phase)}</td>
+      <td>${r.parent_run ? `<a href="${runLink(r.parent_run)}">${esc(r.parent_run)}</a> @ ${r.parent_step ?? "?"}` : "–"}</td>
       <td class="num">${r.last_step ?? "–"}</td>
-      ${["queued", "running", "succeeded", "failed", "cancelled"].map((s) => `<td class="num">${r.jobs[s]}</td>`).join("")}
+      ${meta.statuses().map((s) => `<td class="num">${r.jobs[s] ?? 0}</td>`).join("")}
       <td>${when(r.last_activity)}</td></tr>`).join("")
-      : `<tr><td colspan="10" class="muted">no runs${name ? " match" : " yet: post a checkpoint"}</td></tr>`;
+      : `<tr><td colspan="${5 + meta.statuses().length}" class="muted">no runs${name ? " match" : " yet: post a checkpoint"}</td></tr>`;
   };
   input.addEventListener("input", () => { history.replaceState(null, "", input.value ? "/?name=" + encodeURIComponent(input.value) : "/"); load(); });
   await load();
@@ -126,7 +135,26 @@ async function runsPage() {
 }
 
 // ------------------------------------------------------------------ one run
-function lineOption(title, yName, series, { logX = false, xName = "training step" } = {}) {
+// The y-axis of a metric's chart: the data's extent with a little margin, on round numbers,
+// never beyond the values the metric can take (/v1/meta's range): a flat linearity series at
+// 1.0 gets an axis up to 1, not 1.6.
+function yBounds(metric, series) {
+  const values = series.flatMap((s) => (s.data || []).map((d) => (Array.isArray(d) ? d[1] : d)))
+    .filter((v) => v !== null && v !== undefined && Number.isFinite(v));
+  const [lo, hi] = meta.range(metric);
+  if (!values.length) return lo !== null && hi !== null ? { min: lo, max: hi } : {};
+  let min = Math.min(...values), max = Math.max(...values);
+  const span = max - min || Math.max(Math.abs(max) * 0.1, 1e-3);
+  const step = Math.pow(10, Math.floor(Math.log10(span / 4)));
+  min = Math.floor((min - span * 0.05) / step) * step;
+  max = Math.ceil((max + span * 0.05) / step) * step;
+  if (lo !== null) min = Math.max(lo, min);
+  if (hi !== null) max = Math.min(hi, max);
+  const digits = Math.max(0, -Math.floor(Math.log10(step)));
+  return { min: Number(min.toFixed(digits)), max: Number(max.toFixed(digits)) };
+}
+
+function lineOption(title, yName, series, { logX = false, xName = "training step", metric = null } = {}) {
   return {
     color: PALETTE, animation: false,
     title: { text: title, left: 8, top: 4, textStyle: { fontSize: 13 } },
@@ -134,21 +162,23 @@ function lineOption(title, yName, series, { logX = false, xName = "training step
     legend: { top: 4, right: 8, textStyle: { fontSize: 11 } },
     grid: { left: 64, right: 20, top: 40, bottom: 48 },
     xAxis: { type: logX ? "log" : "value", name: xName, nameLocation: "middle", nameGap: 28, scale: true },
-    yAxis: { type: "value", name: yName, nameLocation: "middle", nameGap: 48, scale: true },
+    yAxis: Object.assign({ type: "value", name: yName, nameLocation: "middle", nameGap: 48, scale: true },
+      metric ? yBounds(metric, series) : {}),
     series,
   };
 }
 
 async function runPage(name) {
-  const run = await api(`/v1/runs/${encodeURIComponent(name)}`);
+  const run = await api(runApi(name));
+  const METRICS = meta.shown();
   const offset = run.parent_run ? (run.parent_step || 0) : 0;
   app.innerHTML = `<h1>${esc(run.name)} <span class="pill">${esc(run.phase)}</span></h1>
-    <p class="muted">${run.parent_run ? `fine-tuned from <a href="/runs/${encodeURIComponent(run.parent_run)}">${esc(run.parent_run)}</a> at step ${run.parent_step}; steps are shown continuing from there. ` : ""}
+    <p class="muted">${run.parent_run ? `fine-tuned from <a href="${runLink(run.parent_run)}">${esc(run.parent_run)}</a> at step ${run.parent_step}; steps are shown continuing from there. ` : ""}
       last step ${run.last_step ?? "–"} · ${run.n_checkpoints} checkpoints · jobs: ${Object.entries(run.jobs).filter(([, n]) => n).map(([s, n]) => `${n} ${s}`).join(", ") || "none"}</p>
     <div class="controls">
       <label><input id="logx" type="checkbox"> log-scaled step axis</label>
       <label for="metric">metric for the heatmap and the profile</label>
-      <select id="metric">${[...METRICS, ...EXTRA_METRICS].map((m) => `<option value="${m}">${m}</option>`).join("")}</select>
+      <select id="metric">${meta.all().map((m) => `<option value="${esc(m)}" title="${esc(meta.label(m))}">${esc(m)}</option>`).join("")}</select>
       <button id="png" type="button">Download PNGs</button><button id="svg" type="button">Download SVGs</button>
     </div>
     <h2>Layer mean per step</h2>
@@ -159,19 +189,19 @@ async function runPage(name) {
       <label for="compare-step">compare with</label><select id="compare-step"><option value="">(none)</option></select>
       <span class="muted">Click a point of a trend or a heatmap cell to pick the step.</span></div>
     <div class="chart" id="profile"></div>`;
-  const state = { metric: "linearity_nores", step: null, compare: null, steps: [] };
+  const state = { metric: meta.defaultMetric(), step: null, compare: null, steps: [] };
   document.getElementById("metric").value = state.metric;
 
   const drawTrends = async () => {
     const logX = document.getElementById("logx").checked;
-    const firings = await api(`/v1/runs/${encodeURIComponent(name)}/alerts/firings`);
-    const rules = firings.length ? await api(`/v1/runs/${encodeURIComponent(name)}/alerts`) : [];
+    const firings = await api(runApi(name, "/alerts/firings"));
+    const rules = firings.length ? await api(runApi(name, "/alerts")) : [];
     const ruleMetric = Object.fromEntries(rules.filter((r) => r.layer === null).map((r) => [r.id, r.metric]));
     await Promise.all(METRICS.map(async (m) => {
-      const t = await api(`/v1/runs/${encodeURIComponent(name)}/trend?metric=${m}&max_points=1000`);
+      const t = await api(runApi(name, `/trend?metric=${m}&max_points=1000`));
       const series = [];
       if (run.parent_run) {
-        const p = await api(`/v1/runs/${encodeURIComponent(run.parent_run)}/trend?metric=${m}&max_points=1000&to_step=${offset}`);
+        const p = await api(runApi(run.parent_run, `/trend?metric=${m}&max_points=1000&to_step=${offset}`));
         series.push({ name: `${run.parent_run} (parent)`, type: "line", symbolSize: 3, color: "#999999", data: p.steps.map((s, i) => [Math.max(s, logX ? 1 : s), p.values[i]]) });
       }
       const mine = firings.filter((f) => ruleMetric[f.rule_id] === m);
@@ -181,14 +211,14 @@ async function runPage(name) {
           data: mine.map((f) => ({ name: "alert", coord: [f.step + offset, f.value], value: "!", tooltip: { formatter: esc(f.message) } })) } : undefined,
       });
       const c = chart(`trend-${m}`, `trend-${m}`);
-      c.setOption(lineOption(m, LABELS[m], series, { logX, xName: run.parent_run ? "training step (parent's steps, then fine-tuning)" : "training step" }), { notMerge: true });
+      c.setOption(lineOption(m, meta.label(m), series, { logX, metric: m, xName: run.parent_run ? "training step (parent's steps, then fine-tuning)" : "training step" }), { notMerge: true });
       c.off("click");
       c.on("click", (params) => { if (params.seriesName === run.name && Array.isArray(params.data)) pickStep(params.data[0] - offset); });
     }));
   };
 
   const drawHeatmap = async () => {
-    const h = await api(`/v1/runs/${encodeURIComponent(name)}/heatmap?metric=${state.metric}&max_steps=300`);
+    const h = await api(runApi(name, `/heatmap?metric=${state.metric}&max_steps=300`));
     const keep = h.layers.map((l, j) => [l, j]).filter(([l]) => !h.final_norm_layers.includes(l));
     const data = [];
     h.steps.forEach((s, i) => keep.forEach(([, j], k) => data.push([i, k, h.values[i][j]])));
@@ -209,8 +239,8 @@ async function runPage(name) {
   };
 
   const drawProfile = async () => {
-    const meta = await api(`/v1/runs/${encodeURIComponent(name)}/profile?metric=${state.metric}`);
-    state.steps = meta.available_steps;
+    const available = await api(runApi(name, `/profile?metric=${state.metric}`));
+    state.steps = available.available_steps;
     if (!state.steps.length) { chart("profile", "profile").setOption(lineOption("no scores yet", "", []), { notMerge: true }); return; }
     if (state.step === null || !state.steps.includes(state.step)) state.step = state.steps[state.steps.length - 1];
     const ps = document.getElementById("profile-step"), cs = document.getElementById("compare-step");
@@ -219,11 +249,11 @@ async function runPage(name) {
     ps.value = String(state.step);
     cs.value = state.compare === null ? "" : String(state.compare);
     const steps = [state.step, ...(state.compare !== null && state.compare !== state.step ? [state.compare] : [])];
-    const p = await api(`/v1/runs/${encodeURIComponent(name)}/profile?metric=${state.metric}&${steps.map((s) => "step=" + s).join("&")}`);
+    const p = await api(runApi(name, `/profile?metric=${state.metric}&${steps.map((s) => "step=" + s).join("&")}`));
     const keep = p.layers.map((l, j) => [l, j]).filter(([l]) => !p.final_norm_layers.includes(l));
     const series = p.steps.map((s, k) => ({ name: `step ${s + offset}`, type: "line", symbolSize: 7, data: keep.map(([l, j]) => [l, p.values[k][j]]) }));
     const c = chart("profile", "profile");
-    const opt = lineOption(`${state.metric} per block`, LABELS[state.metric], series, { xName: "block i (hidden state i → i+1)" });
+    const opt = lineOption(`${state.metric} per block`, meta.label(state.metric), series, { xName: "block i (hidden state i → i+1)", metric: state.metric });
     opt.xAxis.minInterval = 1;
     c.setOption(opt, { notMerge: true });
     document.getElementById("profile").dataset.step = String(state.step);
@@ -237,9 +267,9 @@ async function runPage(name) {
   for (const kind of ["png", "svg"]) {
     document.getElementById(kind).addEventListener("click", async () => {
       for (const [what, q] of [["trend", `metric=${state.metric}`], ["heatmap", `metric=${state.metric}`], ["profile", `metric=${state.metric}&step=${state.step}`]]) {
-        const blob = await api(`/v1/runs/${encodeURIComponent(name)}/${what}/plot.${kind}?${q}`);
+        const blob = await api(runApi(name, `/${what}/plot.${kind}?${q}`));
         const a = document.createElement("a");
-        a.href = URL.createObjectURL(blob); a.download = `${name}-${state.metric}-${what}.${kind}`; a.click();
+        a.href = URL.createObjectURL(blob); a.download = `${fileName(name)}-${state.metric}-${what}.${kind}`; a.click();
       }
     });
   }
@@ -252,7 +282,7 @@ async function runPage(name) {
 async function jobsPage() {
   app.innerHTML = `<h1>Jobs</h1>
     <div class="controls"><label for="job-status">status</label>
-      <select id="job-status"><option value="">all</option>${["queued", "running", "succeeded", "failed", "cancelled"].map((s) => `<option>${s}</option>`).join("")}</select>
+      <select id="job-status"><option value="">all</option>${meta.statuses().map((s) => `<option>${esc(s)}</option>`).join("")}</select>
       <label for="job-run">run</label><input id="job-run" type="search" placeholder="exact run name"></div>
     <table id="jobs"><thead><tr><th>job</th><th>run</th><th class="num">step</th><th>status</th><th class="num">attempts</th>
       <th>worker</th><th class="num">duration</th><th>queued</th><th>error</th><th></th></tr></thead><tbody></tbody></table>`;
@@ -263,7 +293,7 @@ async function jobsPage() {
     if (run) q.set("run", run);
     const jobs = await api("/v1/jobs?" + q);
     document.querySelector("#jobs tbody").innerHTML = jobs.length ? jobs.map((j) => `<tr data-job="${j.id}" data-status="${j.status}">
-      <td title="${j.id}"><code>${j.id.slice(0, 8)}</code></td><td><a href="/runs/${encodeURIComponent(j.run)}">${esc(j.run)}</a></td>
+      <td title="${j.id}"><code>${j.id.slice(0, 8)}</code></td><td><a href="${runLink(j.run)}">${esc(j.run)}</a></td>
       <td class="num">${j.step}</td><td><span class="pill ${j.status}">${j.status}</span></td><td class="num">${j.attempts}</td>
       <td>${esc(j.worker || "–")}</td><td class="num">${j.duration_s === null ? "–" : j.duration_s.toFixed(1) + " s"}</td>
       <td>${when(j.queued_at)}</td>
@@ -292,17 +322,17 @@ async function comparePage() {
   app.innerHTML = `<h1>Compare runs</h1>
     <div class="controls"><label for="compare-runs">runs</label>
       <input id="compare-runs" size="50" value="${esc(params.get("runs") || "")}" placeholder="run names, comma separated">
-      <label for="compare-metric">metric</label><select id="compare-metric">${METRICS.map((m) => `<option>${m}</option>`).join("")}</select>
+      <label for="compare-metric">metric</label><select id="compare-metric">${meta.all().map((m) => `<option title="${esc(meta.label(m))}">${esc(m)}</option>`).join("")}</select>
       <label><input id="compare-logx" type="checkbox"> log-scaled step axis</label>
       <label><input id="compare-continue" type="checkbox" checked> fine-tunes continue from their parent's step</label></div>
     <div class="chart tall" id="compare"></div><p id="compare-error" class="error"></p>`;
-  document.getElementById("compare-metric").value = params.get("metric") || "linearity_nores";
+  document.getElementById("compare-metric").value = params.get("metric") || meta.defaultMetric();
   const load = async () => {
     const runs = document.getElementById("compare-runs").value.split(",").map((s) => s.trim()).filter(Boolean);
     const metric = document.getElementById("compare-metric").value;
-    history.replaceState(null, "", `/compare?runs=${encodeURIComponent(runs.join(","))}&metric=${metric}`);
+    history.replaceState(null, "", `/compare?runs=${runs.map(encodeURIComponent).join(",")}&metric=${metric}`);
     const c = chart("compare", "compare");
-    if (!runs.length) { c.setOption(lineOption("pick two or more runs", LABELS[metric], []), { notMerge: true }); return; }
+    if (!runs.length) { c.setOption(lineOption("pick two or more runs", meta.label(metric), [], { metric }), { notMerge: true }); return; }
     document.getElementById("compare-error").textContent = "";
     let data;
     try { data = await api(`/v1/compare?runs=${encodeURIComponent(runs.join(","))}&metric=${metric}&max_points=1000`); }
@@ -312,7 +342,7 @@ async function comparePage() {
       const off = cont && r.parent_run ? (r.parent_step || 0) : 0;
       return { name: r.run, type: "line", symbolSize: 5, data: r.steps.map((s, i) => [s + off, r.values[i]]) };
     });
-    c.setOption(lineOption(`${metric}, layer mean`, LABELS[metric], series, { logX: document.getElementById("compare-logx").checked }), { notMerge: true });
+    c.setOption(lineOption(`${metric}, layer mean`, meta.label(metric), series, { logX: document.getElementById("compare-logx").checked, metric }), { notMerge: true });
   };
   ["compare-runs", "compare-metric", "compare-logx", "compare-continue"].forEach((id) => document.getElementById(id).addEventListener("change", load));
   await load();
