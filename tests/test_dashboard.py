@@ -1,6 +1,7 @@
-"""The dashboard in real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)
-against the live service with real data (API server, Celery worker, PostgreSQL, Redis), and
-the plot endpoints and ``layertrack plot``. Screenshots go to test-artifacts/ (or
+"""The dashboard and the API docs in real headless Chromium (Debian's /usr/bin/chromium, driven
+by Playwright) against the live service with real data (API server, Celery worker,
+PostgreSQL, Redis), and the plot endpoints and ``layertrack plot``. A page that logs an error
+to its console, or throws, fails its test. Screenshots go to test-artifacts/ (or
 $LAYERTRACK_TEST_ARTIFACTS)."""
 
 from __future__ import annotations
@@ -8,31 +9,57 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
-from services import layertrack_exe, live_service
+from services import layertrack_exe, live_service, wait_until
 
 CFG = {"max_tokens": 600, "seq_len": 64}
 ARTIFACTS = Path(os.environ.get("LAYERTRACK_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SLASHED = "org/llama-350m"  # a run name with a "/", as Hugging Face names models
+
+
+def flat_run(db_url: str, run: str, steps: tuple[int, ...]) -> None:
+    """Scores through the real completion path (jobs.complete) that are the same at every
+    step: linearity, linearity_nores, cosine and anisotropy 1.0, norm_ratio 0.5."""
+    from layertrack.service import jobs
+    from layertrack.service.db import session_scope
+    from layertrack.service.models import Phase
+
+    for step in steps:
+        sub = jobs.Submission(run=run, step=step, uri=f"/synthetic/{run}/{step}", fingerprint=f"flat{step}",
+                              phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
+                              config={"metrics": list(jobs.BASE_METRICS)})
+        with session_scope(db_url) as s:
+            job, _ = jobs.submit(s, sub)
+            s.flush()
+            job_id = job.id
+        assert jobs.claim(db_url, job_id, "test") is not None
+        pair = {"linearity": 1.0, "linearity_nores": 1.0, "cosine": 1.0, "norm_ratio": 0.5}
+        result = {"pairs": [{"layer": 0, **pair}, {"layer": 1, **pair}, {"layer": 2, **pair, "final_norm": True}],
+                  "layers": [{"layer": k, "anisotropy": 1.0} for k in range(4)], "n_tokens": 1}
+        assert jobs.complete(db_url, job_id, "test", result, list(jobs.BASE_METRICS))
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, redis_url, tokenizer):
-    """Three runs: a pretraining run (steps 100, 200, 300) with an alert that fired at 200, a
-    fine-tune of it (steps 10, 20 from step 300), and a run whose only job failed."""
+def live(tmp_path_factory, redis_server, tokenizer):
+    """Five runs: a pretraining run (steps 100, 200, 300) with an alert that fired at 200, a
+    fine-tune of it (steps 10, 20 from step 300), a run whose only job failed, a run named
+    ``org/llama-350m`` (steps 1000, 2000) and a run whose scores are flat at the top of their
+    range (steps 1, 2, 3)."""
     from layertrack.workers.scoring import ScoreConfig, score_checkpoint
     from tiny_models import build_checkpoint
     from transformers import BertConfig, BertForMaskedLM
 
-    with live_service(tmp_path_factory.mktemp("dash"), redis_url) as svc:
+    with live_service(tmp_path_factory.mktemp("dash"), redis_server.new_url()) as svc:
         roots = svc.roots
         tag = uuid.uuid4().hex[:4]
-        svc.runs = {"pre": f"pre-{tag}", "ft": f"ft-{tag}", "bad": f"bad-{tag}"}
+        svc.runs = {"pre": f"pre-{tag}", "ft": f"ft-{tag}", "bad": f"bad-{tag}", "slash": SLASHED,
+                    "flat": f"flat-{tag}"}
         pre, ft, bad = svc.runs["pre"], svc.runs["ft"], svc.runs["bad"]
         ck = {s: build_checkpoint(roots / pre / f"s{s}", "llama", tokenizer, seed=s) for s in (100, 200, 300)}
         with svc.client() as c:
@@ -54,9 +81,14 @@ def live(tmp_path_factory, redis_url, tokenizer):
             BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                        intermediate_size=64, vocab_size=384)).save_pretrained(bert)
             ids.append(c.submit(run=bad, step=1, uri=str(bert), config=CFG)["id"])
+            for s, seed in ((1000, 21), (2000, 22)):
+                p = build_checkpoint(roots / SLASHED / f"s{s}", "llama", tokenizer, seed=seed)
+                ids.append(c.submit(run=SLASHED, step=s, uri=str(p), config=CFG)["id"])
             for i in ids:
                 c.wait(i, timeout=240, poll=0.5)
             assert [f["step"] for f in c.firings(pre)] == [200]
+            assert [j["status"] for j in c.jobs(run=SLASHED)] == ["succeeded"] * 2
+        flat_run(svc.db_url, svc.runs["flat"], (1, 2, 3))
         yield svc
 
 
@@ -73,12 +105,19 @@ def browser():
         b.close()
 
 
+def watch_errors(pg) -> list[str]:
+    """Uncaught exceptions and console errors (a failed request logs one too) of the page."""
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    pg.on("console", lambda m: m.type == "error" and errors.append(f"console error: {m.text} ({m.location})"))
+    return errors
+
+
 @pytest.fixture()
 def page(browser, live):
     ctx = browser.new_context(viewport={"width": 1366, "height": 900})
     pg = ctx.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
+    errors = watch_errors(pg)
     pg.goto(live.url + "/")
     pg.fill("#token-input", live.token)
     pg.click("button[type=submit]")
@@ -114,13 +153,22 @@ def chart_info(pg, el_id: str) -> dict:
 
 
 def wait_chart(pg, el_id: str, n_series: int, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+    def drawn() -> dict | None:
         info = chart_info(pg, el_id)
-        if info and len(info["series"]) == n_series and info["inked"] > 500:
-            return info
-        assert time.monotonic() < deadline, (el_id, info)
-        time.sleep(0.2)
+        return info if info and len(info["series"]) == n_series and info["inked"] > 500 else None
+
+    return wait_until(drawn, timeout, what=f"chart {el_id} with {n_series} series drawn")
+
+
+def y_axis(pg, el_id: str) -> tuple[float, float]:
+    """The (min, max) the dashboard set on a chart's y-axis."""
+    return tuple(pg.evaluate("""(id) => { const y = echarts.getInstanceByDom(document.getElementById(id))
+                                                        .getOption().yAxis[0]; return [y.min, y.max]; }""", el_id))
+
+
+def meta(live) -> dict:
+    with live.http() as h:
+        return h.get("/v1/meta").json()
 
 
 def test_login_runs_list_filter_and_live_update(page, live, tokenizer):
@@ -197,8 +245,13 @@ def test_jobs_page_shows_errors_and_retry_and_cancel_work(page, live, tokenizer)
     shot(page, "jobs")
     job_id = failed.get_attribute("data-job")
     failed.locator("button[data-action=retry]").click()
-    with live.client() as c:
-        assert c.wait(job_id, timeout=120, poll=0.5)["attempts"] == 2  # it ran again (and failed again)
+    with live.client() as c:  # it runs again, and fails again
+        def failed_twice() -> dict | None:
+            j = c.job(job_id)
+            return j if j["attempts"] == 2 and j["status"] == "failed" else None
+
+        assert wait_until(failed_twice, 120, what="the retried job to fail a second time")["error_code"] == (
+            "not_a_causal_lm")
     # the page shows it without a reload
     page.wait_for_function(
         f"() => document.querySelector(\"#jobs tr[data-job='{job_id}'] td:nth-child(5)\").textContent === '2'",
@@ -261,3 +314,132 @@ def test_plot_cli_writes_files(live, tmp_path):
     bad = subprocess.run([layertrack_exe(), "plot", "nope", "-o", str(tmp_path / "x.png")], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "no run named 'nope'" in bad.stderr
+
+
+# ------------------------------------------------------------------ meta, run names with "/", axes
+def test_sign_in_says_where_the_first_token_is(browser, live):
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    errors = watch_errors(pg)
+    pg.goto(live.url + "/")
+    text = pg.locator("#login").inner_text()
+    assert "$LAYERTRACK_DATA_DIR/client.json" in text and "~/.local/share/layertrack/client.json" in text
+    assert "layertrack token create NAME" in text
+    assert pg.evaluate("() => fetch('/favicon.ico').then(r => r.status)") == 200
+    ctx.close()
+    assert errors == [], errors
+
+
+def test_metric_list_and_labels_come_from_meta(page, live):
+    m = meta(live)
+    page.click(f"a[href='/runs/{live.runs['pre']}']")
+    wait_chart(page, "heatmap", 1)
+    shown = [x["name"] for x in m["metrics"] if x["default"]]
+    assert page.eval_on_selector_all("#trends .chart", "cs => cs.map(c => c.dataset.metric)") == shown
+    options = page.eval_on_selector_all("#metric option", "os => os.map(o => o.value)")
+    assert options == [x["name"] for x in m["metrics"]]
+    assert page.input_value("#metric") == m["default_metric"]
+    for x in m["metrics"]:
+        if x["default"]:
+            y_name = page.evaluate("(id) => echarts.getInstanceByDom(document.getElementById(id)).getOption()"
+                                   ".yAxis[0].name", f"trend-{x['name']}")
+            assert y_name == x["label"]
+
+
+def test_bounded_metrics_keep_their_y_axis_within_their_range(page, live):
+    """A flat series at the top of its range: the axis ends at the range's end (linearity at
+    1.0 used to get an axis from 0.4 to 1.6). And real data never leaves its metric's range."""
+    metrics = meta(live)["metrics"]
+    ranges = {x["name"]: x["range"] for x in metrics}
+    page.goto(f"{live.url}/runs/{live.runs['flat']}")
+    for name in ("linearity", "linearity_nores", "cosine", "anisotropy"):
+        wait_chart(page, f"trend-{name}", 1)
+        low, high = y_axis(page, f"trend-{name}")
+        assert high == 1 and ranges[name][0] <= low < 1, (name, low, high)
+    wait_chart(page, "trend-norm_ratio", 1)
+    low, high = y_axis(page, "trend-norm_ratio")
+    assert 0 <= low < 0.5 < high, (low, high)
+    shot(page, "run-flat")
+    page.goto(f"{live.url}/runs/{live.runs['pre']}")
+    for name in [x["name"] for x in metrics if x["default"]]:
+        wait_chart(page, f"trend-{name}", 1)
+        low, high = y_axis(page, f"trend-{name}")
+        lo, hi = ranges[name]
+        assert low < high and (lo is None or low >= lo) and (hi is None or high <= hi), (name, low, high)
+
+
+def test_a_run_named_with_a_slash_walks_the_run_page(page, live):
+    run = live.runs["slash"]
+    link = page.locator(f"#runs tbody tr[data-run='{run}'] a").first
+    assert link.get_attribute("href") == "/runs/org/llama-350m"
+    link.click()
+    page.wait_for_url(f"{live.url}/runs/org/llama-350m")
+    assert page.locator("h1").inner_text().startswith(run)
+    for x in meta(live)["metrics"]:
+        if x["default"]:
+            assert wait_chart(page, f"trend-{x['name']}", 1)["series"][0]["n"] == 2
+    assert wait_chart(page, "heatmap", 1)["series"][0]["n"] == 2 * 2
+    prof = wait_chart(page, "profile", 1)
+    assert prof["series"][0]["name"] == "step 2000"
+    page.select_option("#profile-step", "1000")
+    page.wait_for_function("() => document.getElementById('profile').dataset.step === '1000'")
+    page.select_option("#compare-step", "2000")
+    assert [s["name"] for s in wait_chart(page, "profile", 2)["series"]] == ["step 1000", "step 2000"]
+    page.select_option("#metric", "cosine")
+    page.wait_for_function("() => echarts.getInstanceByDom(document.getElementById('heatmap')).getOption()"
+                           ".series[0].name === 'cosine'")
+    downloads = []
+    page.on("download", lambda d: downloads.append(d))
+    page.click("#png")
+
+    def three_downloads() -> bool:
+        page.evaluate("0")  # Playwright's sync API hands over events (downloads) only during its calls
+        return len(downloads) == 3
+
+    wait_until(three_downloads, 30, what="three PNG downloads")
+    assert sorted(d.suggested_filename for d in downloads) == [
+        "org_llama-350m-cosine-heatmap.png", "org_llama-350m-cosine-profile.png", "org_llama-350m-cosine-trend.png"]
+    for d in downloads:
+        assert Path(d.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shot(page, "run-slashed")
+    # the page at its own address (a reload, a shared link), and the links of the other pages
+    page.goto(f"{live.url}/runs/org/llama-350m")
+    wait_chart(page, "heatmap", 1)
+    page.goto(f"{live.url}/jobs")
+    page.wait_for_selector("#jobs tbody tr[data-job]")
+    page.select_option("#job-status", "succeeded")
+    page.fill("#job-run", run)
+    page.press("#job-run", "Enter")
+    page.wait_for_function("""() => { const rows = [...document.querySelectorAll('#jobs tbody tr[data-job]')];
+        return rows.length === 2
+            && rows.every(r => r.querySelector('a').getAttribute('href') === '/runs/org/llama-350m'); }""")
+    page.goto(f"{live.url}/compare?runs={live.runs['pre']},{run}&metric=linearity")
+    assert [s["name"] for s in wait_chart(page, "compare", 2)["series"]] == [live.runs["pre"], run]
+
+
+def test_api_docs_work_offline(browser, live):
+    """/docs draws every operation with Swagger UI's files from the package: nothing but the
+    local server is reachable, and nothing else is asked for."""
+    operations = sum(len(ops) for ops in httpx.get(live.url + "/openapi.json").json()["paths"].values())
+    ctx = browser.new_context(viewport={"width": 1366, "height": 900})
+    outside: list[str] = []
+
+    def only_local(route):
+        if urlparse(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    ctx.route("**/*", only_local)
+    pg = ctx.new_page()
+    errors = watch_errors(pg)
+    pg.goto(live.url + "/docs")
+    pg.wait_for_selector(".opblock")
+    wait_until(lambda: pg.locator(".opblock").count() == operations, 20,
+               what=f"{operations} operations listed")
+    paths = set(pg.eval_on_selector_all(".opblock-summary-path", "es => es.map(e => e.dataset.path)"))
+    assert {"/v1/checkpoints", "/v1/meta", "/v1/runs/{run}/trend"} <= paths
+    shot(pg, "docs")
+    ctx.close()
+    assert outside == [] and errors == [], (outside, errors)
