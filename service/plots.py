@@ -38,6 +38,22 @@ def _nan(values: list[float | None]) -> list[float]:
     return [math.nan if v is None else v for v in values]
 
 
+def log_step_axis(ax) -> None:
+    """Log-scale the x (step) axis of ``ax`` and label its ticks with plain step numbers
+    (1, 10, 100, 1000, not 10⁰ or 1.0); an axis spanning less than about two decades also
+    labels steps between the powers of ten (2, 3, 5, ...), so a short run is never left with
+    one label or none."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainSteps(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):  # LogFormatter's hook for the label text
+            return f"{x:.0f}" if x >= 1 else f"{x:g}"
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(PlainSteps(labelOnlyBase=False))
+    ax.xaxis.set_minor_formatter(PlainSteps(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def trend_figure(run: str, metric: str, trend: dict[str, Any], *, log_x: bool = False,
                  parent: dict[str, Any] | None = None, firings: list[dict[str, Any]] = (), fmt: str = "png") -> bytes:
     """Layer mean vs step; a fine-tune run continues from its parent (drawn in grey)."""
@@ -57,11 +73,7 @@ def trend_figure(run: str, metric: str, trend: dict[str, Any], *, log_x: bool = 
         fy = [by_step.get(f["step"], f["value"]) for f in firings]
         ax.scatter(fx, _nan(fy), marker="v", s=70, color=PALETTE[3], zorder=3, label="alert fired")
     if log_x:
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        log_step_axis(ax)
     ax.set_xlabel("training step" + (f" (fine-tuning from step {offset} of the parent)" if parent else ""))
     ax.set_ylabel(f"layer mean of {LABELS.get(metric, metric)}")
     ax.set_title(f"{run}: {metric}, layer mean per step")
