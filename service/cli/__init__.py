@@ -1,0 +1,49 @@
+"""The ``layertrack`` command line.
+
+    layertrack score PATH_OR_URI [--max-tokens N] [--seq-len N] [--json] ...   score here
+    layertrack up [--roots DIR ...]                                            run the service
+    layertrack submit RUN STEP PATH_OR_URI [--wait]                            use the service
+    layertrack demo                                                            the paper's dynamics
+
+Modules: ``parser`` (every option), ``local`` (score, demo: compute on this machine),
+``remote`` (commands that call the API), ``admin`` (tokens, migrations: the database),
+``up`` (the service's processes). This package imports no torch: commands that need the
+compute side import it when they run.
+
+Every failure ends as one line on stderr, ``error: <what to do>``, and a non-zero exit
+(2: usage, 3: refused input or service, 1: a job failed or timed out); an unexpected one
+too, unless LAYERTRACK_DEBUG=1 asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError, one_line
+from .parser import build_parser
+
+__all__ = ["CliError", "build_parser", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:  # no command (or a command group without its action): the list, not a traceback
+        args.help_parser.print_help()
+        return EXIT_USAGE
+    try:
+        return func(args)
+    except CliError as e:
+        print(f"error: {one_line(e.message)}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if os.environ.get("LAYERTRACK_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {one_line(e)} (LAYERTRACK_DEBUG=1 shows the traceback; "
+              "please report it)", file=sys.stderr)
+        return EXIT_FAILED

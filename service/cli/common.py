@@ -1,0 +1,48 @@
+"""What every command module shares: exit codes, the one-line error, number formatting."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+#: a job failed or did not finish in time; spooled submissions are left
+EXIT_FAILED = 1
+#: the command line is wrong (argparse's own code)
+EXIT_USAGE = 2
+#: the input or the service refused: a bad checkpoint, an API error, no database, no service
+EXIT_INPUT = 3
+#: interrupted with Ctrl-C
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A failure the user can act on. ``main`` prints ``error: <message>`` as one line on
+    stderr (no traceback) and exits with ``code``; the message says what to do."""
+
+    def __init__(self, message: str, code: int = EXIT_INPUT):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines too) folded into one space."""
+    return " ".join(str(text).split())
+
+
+def fmt(value: float | None, width: int = 10) -> str:
+    """A score right-aligned in ``width`` characters; ``-`` for a missing or undefined one."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-".rjust(width)
+    return f"{value:{width}.6f}"
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN: an undefined score (a block that does nothing) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value

@@ -1,0 +1,106 @@
+"""Commands that compute on this machine, without the service: ``layertrack score`` (one
+checkpoint, printed as a table or JSON) and ``layertrack demo`` (which trains here and uses
+a service for the scoring). Both need the ``worker`` extra; they import it when they run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .common import EXIT_USAGE, CliError, finite, fmt
+
+
+def _compute_side_missing(e: ImportError, extra: str) -> CliError:
+    return CliError(f"this command needs the {extra} extra ({e.name} is missing): pip install 'layertrack[{extra}]'",
+                    EXIT_USAGE)
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """The score table: one row per block i → i+1 (and per hidden state for anisotropy)."""
+    pairs = {p["layer"]: p for p in result["pairs"]}
+    layers = {s["layer"]: s for s in result["layers"]}
+    holdout = result.get("holdout")
+    lines = [
+        f"model {result['model_type']}  blocks {result['n_layers']}  d {result['d']}  "
+        f"dtype {result['dtype']}  device {result['device']}",
+        f"n_tokens {result['n_tokens']}  chance {result['chance']:.4f}  "
+        f"seq_len {result['seq_len']}  probe {result['probe_name']} ({result['probe_sha256'][:12]})",
+        "",
+        f"{'layer':>7} {'linearity':>10} {'lin_nores':>10} {'cosine':>10} {'norm_ratio':>10} {'anisotropy':>10}"
+        + (f" {'Δloss_lin':>10} {'Δloss_drop':>10}" if holdout else ""),
+    ]
+    flagged = False
+    for i in sorted(layers):
+        p = pairs.get(i)
+        mark = ""
+        if p and p.get("final_norm"):
+            mark, flagged = " *", True
+        label = f"{i}->{i + 1}" if p else f"{i}"
+        lines.append(
+            f"{label:>7} {fmt(p and p['linearity'])} {fmt(p and p['linearity_nores'])} "
+            f"{fmt(p and p['cosine'])} {fmt(p and p['norm_ratio'])} {fmt(layers[i]['anisotropy'])}"
+            + (f" {fmt(p and p['loss_delta_linear'])} {fmt(p and p['loss_delta_drop'])}" if holdout else "")
+            + mark
+        )
+    if flagged:
+        lines.append("")
+        lines.append("* into the final-norm output: a different kind of map, not comparable to the others")
+    if holdout:
+        lines.append("")
+        lines.append(f"Δloss: held-out LM loss (nats/token, {holdout['n_tokens']} tokens; intact "
+                     f"{holdout['intact_loss']:.4f}) with the block replaced by its fitted linear map (lin) or "
+                     "dropped (drop), minus intact")
+    for w in result.get("warnings", []):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    try:
+        from layertrack.workers.errors import LayertrackError
+        from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+    except ImportError as e:
+        raise _compute_side_missing(e, "worker") from None
+    config = ScoreConfig(
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
+        drop_first_token=args.drop_first_token,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        allow_pickle=args.allow_pickle,
+        replaceability=args.replaceability,
+        holdout_tokens=args.holdout_tokens,
+    )
+    try:
+        result = score_checkpoint(
+            args.checkpoint,
+            probe=args.probe,
+            config=config,
+            tokenizer_path=args.tokenizer,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+    except LayertrackError as e:
+        raise CliError(e.message) from None
+    out = result.to_dict()
+    if args.json:
+        print(json.dumps(finite(out), indent=2, allow_nan=False))
+    else:
+        print(render_table(out))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from layertrack.service.demo import DemoError, missing_requirement, run_demo
+
+    missing = missing_requirement()
+    if missing:
+        raise CliError(f"the demo needs the worker and integrations extras ({missing} is missing): "
+                       "pip install 'layertrack[worker,integrations]'", EXIT_USAGE)
+    try:
+        return run_demo(args)
+    except DemoError as e:
+        raise CliError(str(e)) from None

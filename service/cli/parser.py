@@ -1,0 +1,260 @@
+"""The ``layertrack`` command line: every command, option, unit and default.
+
+The names of metrics, webhook events, phases and the scoring defaults come from
+``layertrack.workers.vocabulary``, the one place they are defined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from layertrack.workers.checkpoint import DTYPES  # stdlib only: no torch
+from layertrack.workers.vocabulary import (
+    DEFAULT_HOLDOUT_TOKENS,
+    DEFAULT_METRIC,
+    DEFAULT_MIN_TOKENS,
+    DEFAULT_PROBE,
+    DEFAULT_SEQ_LEN,
+    KNOWN_METRICS,
+    WARN_TOKENS_PER_DIM,
+    WEBHOOK_EVENTS,
+    Phase,
+)
+
+from . import admin, local, remote, up
+from .common import EXIT_USAGE, one_line
+
+DEFAULT_PORT = 8321
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that says where the help is."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _group(sub, name: str, help: str) -> argparse._SubParsersAction:
+    """A command with actions of its own (``token create``); alone, it prints its help."""
+    parser = sub.add_parser(name, help=help, description=help)
+    parser.set_defaults(help_parser=parser)
+    return parser.add_subparsers(dest=f"{name}_action", metavar="ACTION", title="actions")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from layertrack.service.demo.training import PLANS  # plain data: no torch
+
+    parser = Parser(
+        prog="layertrack",
+        description="Track how the layers of a transformer language model change while it trains.",
+        epilog="'layertrack COMMAND --help' describes a command. Service commands find the service at "
+               "LAYERTRACK_URL with LAYERTRACK_TOKEN, else where 'layertrack up' saved them.",
+    )
+    parser.set_defaults(help_parser=parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    # ---------------------------------------------------------------- local scoring
+    score = sub.add_parser(
+        "score",
+        help="score every layer of one checkpoint on the probe text and print the table",
+        description=(
+            "Load a Hugging Face causal-LM checkpoint directory (safetensors), run the probe "
+            "text through it once, and print per-layer linearity, residual-removed linearity, "
+            "cosine, norm ratio and anisotropy. Runs here, without the service (needs the worker extra)."
+        ),
+    )
+    score.add_argument("checkpoint", metavar="PATH_OR_URI", help="checkpoint directory or file:// URI")
+    score.add_argument("--probe", metavar="FILE", help="probe text, a UTF-8 .txt or .jsonl file (default: built-in)")
+    score.add_argument("--max-tokens", type=positive_int, metavar="N",
+                       help=f"probe tokens to score (default: max({DEFAULT_MIN_TOKENS}, "
+                            f"{WARN_TOKENS_PER_DIM:g}·d), capped by the probe)")
+    score.add_argument("--seq-len", type=positive_int, default=DEFAULT_SEQ_LEN, metavar="N",
+                       help=f"tokens per sequence (default: {DEFAULT_SEQ_LEN})")
+    score.add_argument("--batch-size", type=positive_int, metavar="N",
+                       help="sequences per forward pass (default: 1024 tokens' worth on CPU, 16384 on CUDA)")
+    score.add_argument("--dtype", choices=DTYPES, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    score.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
+    score.add_argument("--drop-first-token", action="store_true",
+                       help="do not score the first token of each sequence (attention sink)")
+    score.add_argument("--tokenizer", metavar="DIR",
+                       help="tokenizer directory, for a checkpoint saved without one (default: the checkpoint's)")
+    score.add_argument("--allow-pickle", action="store_true",
+                       help="allow pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
+    score.add_argument("--seed", type=int, default=0, help="seed of the probe's document order (default: 0)")
+    score.add_argument("--replaceability", action="store_true",
+                       help="also measure, per block, the held-out LM loss change (nats/token) when the block is "
+                            "replaced by its fitted linear map and when it is dropped (2 extra passes per block)")
+    score.add_argument("--holdout-tokens", type=positive_int, default=DEFAULT_HOLDOUT_TOKENS, metavar="N",
+                       help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
+    score.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.set_defaults(func=local.cmd_score)
+
+    # ---------------------------------------------------------------- the service
+    up_ = sub.add_parser(
+        "up", help="start the API and its workers on this machine (SQLite and a file broker by default)",
+        description="Migrate the database, create a first API token (saved where the CLI finds it), start a "
+                    "scoring worker and a webhook worker, and serve the API until Ctrl-C.",
+    )
+    up_.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    up_.add_argument("--port", type=positive_int, default=DEFAULT_PORT,
+                     help=f"TCP port to listen on (default: {DEFAULT_PORT})")
+    up_.add_argument("--roots", nargs="+", metavar="DIR",
+                     help="checkpoint roots: the directories checkpoints may be read from, for the API and the "
+                          "workers (default: LAYERTRACK_CHECKPOINT_ROOTS, else the working directory)")
+    up_.add_argument("--no-worker", action="store_true", help="start only the API (default: API and workers)")
+    up_.set_defaults(func=up.cmd_up)
+
+    submit = sub.add_parser(
+        "submit", help="submit a checkpoint to the service for scoring",
+        description="Queue a checkpoint for scoring. A relative path is made absolute here; the service must "
+                    "be able to read it (it lies under the service's checkpoint roots).",
+    )
+    submit.add_argument("run", help="run name")
+    submit.add_argument("step", type=int, help="training step")
+    submit.add_argument("uri", metavar="PATH_OR_URI", help="checkpoint directory or file:// URI")
+    submit.add_argument("--phase", choices=tuple(p.value for p in Phase),
+                        help="the run's phase (default: pretrain for a new run)")
+    submit.add_argument("--parent-run", metavar="RUN", help="the run a fine-tune starts from")
+    submit.add_argument("--parent-step", type=int, metavar="STEP", help="the parent run's step it starts from")
+    submit.add_argument("--probe", metavar="NAME", help=f"probe the service scores with (default: {DEFAULT_PROBE})")
+    submit.add_argument("--max-tokens", type=positive_int, metavar="N",
+                        help=f"probe tokens to score (default: max({DEFAULT_MIN_TOKENS}, "
+                             f"{WARN_TOKENS_PER_DIM:g}·d), capped by the probe)")
+    submit.add_argument("--seq-len", type=positive_int, metavar="N",
+                        help=f"tokens per sequence (default: {DEFAULT_SEQ_LEN})")
+    submit.add_argument("--drop-first-token", action="store_true",
+                        help="do not score the first token of each sequence (attention sink)")
+    submit.add_argument("--dtype", choices=DTYPES, help="model dtype (default: the worker's device default)")
+    submit.add_argument("--replaceability", action="store_true",
+                        help="also store loss_delta_linear and loss_delta_drop per block (nats/token; 2 extra "
+                             "passes over the held-out tokens per block)")
+    submit.add_argument("--holdout-tokens", type=positive_int, metavar="N",
+                        help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
+    submit.add_argument("--allow-pickle", action="store_true",
+                        help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to finish; exit 0 if it succeeded")
+    submit.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="with --wait: give up after this many seconds (default: 3600)")
+    submit.set_defaults(func=remote.cmd_submit)
+
+    status = sub.add_parser("status", help="show a job", description="Show a job's status, worker, duration, error.")
+    status.add_argument("job_id", help="the job's id (printed by submit)")
+    status.set_defaults(func=remote.cmd_status)
+
+    wait = sub.add_parser("wait", help="wait until a job has finished; exit 0 if it succeeded")
+    wait.add_argument("job_id", help="the job's id (printed by submit)")
+    wait.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                      help="give up after this many seconds (default: 3600)")
+    wait.set_defaults(func=remote.cmd_wait)
+
+    trend = sub.add_parser("trend", help="print a run's layer-mean trend per step")
+    trend.add_argument("run", help="run name")
+    trend.add_argument("--metric", choices=KNOWN_METRICS, default=DEFAULT_METRIC,
+                       help=f"metric to average over the layers (default: {DEFAULT_METRIC})")
+    trend.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    trend.set_defaults(func=remote.cmd_trend)
+
+    plot = sub.add_parser("plot", help="save a run's trend, heatmap or layer profile as PNG or SVG")
+    plot.add_argument("run", help="run name")
+    plot.add_argument("--kind", choices=("trend", "heatmap", "profile"), default="trend",
+                      help="trend: layer mean per step; heatmap: step × layer; profile: per layer at a step "
+                           "(default: trend)")
+    plot.add_argument("--metric", choices=KNOWN_METRICS, default=DEFAULT_METRIC,
+                      help=f"metric to draw (default: {DEFAULT_METRIC})")
+    plot.add_argument("--step", type=int, action="append", metavar="STEP",
+                      help="profile: training step (repeat to compare; default: the last)")
+    plot.add_argument("--log-x", action="store_true", help="trend: log-scaled step axis (default: linear)")
+    plot.add_argument("-o", "--output", metavar="FILE",
+                      help="file to write, .png or .svg (default: RUN-METRIC-KIND.png)")
+    plot.set_defaults(func=remote.cmd_plot)
+
+    tokens = _group(sub, "token", "create, list or revoke API tokens (talks to the database, not the API)")
+    tc = tokens.add_parser("create", help="create a token and print it (shown once)")
+    tc.add_argument("name", help="what the token is for (shown by 'token list')")
+    tc.set_defaults(func=admin.cmd_token_create)
+    tokens.add_parser("list", help="list tokens (id, name, prefix, created, state)").set_defaults(
+        func=admin.cmd_token_list)
+    tr = tokens.add_parser("revoke", help="revoke a token by id")
+    tr.add_argument("id", type=int, help="the token's id (from 'token list')")
+    tr.set_defaults(func=admin.cmd_token_revoke)
+
+    sub.add_parser("migrate", help="bring the database schema up to date",
+                   description="Apply the database migrations (LAYERTRACK_DATABASE_URL, else SQLite under "
+                               "LAYERTRACK_DATA_DIR).").set_defaults(func=admin.cmd_migrate)
+
+    spool = _group(sub, "spool", "checkpoint submissions kept on disk while the service was unreachable")
+    for name, helptext, fn in (("flush", "send them now", remote.cmd_spool_flush),
+                               ("list", "list them", remote.cmd_spool_list)):
+        sp = spool.add_parser(name, help=helptext)
+        sp.add_argument("--dir", metavar="DIR", help="spool directory (default: <data dir>/spool)")
+        sp.set_defaults(func=fn)
+
+    hooks = _group(sub, "webhook", "outbound webhooks: subscribe, list, inspect deliveries, redeliver, test")
+    hc = hooks.add_parser("create", help="subscribe a URL (prints the signing secret once)")
+    hc.add_argument("url", help="the receiver's URL (https://...)")
+    hc.add_argument("--event", action="append", choices=WEBHOOK_EVENTS,
+                    help=f"event to send (repeat; default: all of {', '.join(WEBHOOK_EVENTS)})")
+    hc.add_argument("--run", help="only this run's events (default: every run)")
+    hc.set_defaults(func=remote.cmd_webhook_create)
+    hooks.add_parser("list", help="list subscriptions").set_defaults(func=remote.cmd_webhook_list)
+    hd = hooks.add_parser("deliveries", help="a subscription's deliveries and their attempts")
+    hd.add_argument("webhook_id", type=int, help="the subscription's id (from 'webhook list')")
+    hd.set_defaults(func=remote.cmd_webhook_deliveries)
+    hr = hooks.add_parser("redeliver", help="send a delivery again")
+    hr.add_argument("webhook_id", type=int, help="the subscription's id")
+    hr.add_argument("delivery_id", help="the delivery's id (from 'webhook deliveries')")
+    hr.set_defaults(func=remote.cmd_webhook_redeliver)
+    ht = hooks.add_parser("test", help="send a webhook.test event")
+    ht.add_argument("webhook_id", type=int, help="the subscription's id")
+    ht.set_defaults(func=remote.cmd_webhook_test)
+
+    src = sub.add_parser("hook-source", help="create a sender of signed POST /v1/hooks/checkpoint requests")
+    src.add_argument("name", help="the sender's name (the ?source= of its requests)")
+    src.set_defaults(func=remote.cmd_hook_source)
+
+    # ---------------------------------------------------------------- the demo
+    plan, short = PLANS["default"], PLANS["short"]
+    demo = sub.add_parser(
+        "demo", help="pretrain and fine-tune a small model on CPU, tracked by layertrack; print and plot the dynamics",
+        description="Reproduce the paper's training dynamics on this machine (docs/REPRODUCTION.md): pretrain a "
+                    "small Llama on the Python standard library's docstrings, fine-tune it on additions, score "
+                    "log-spaced checkpoints, and write trend.png, heatmap_*.png and summary.json. Needs the "
+                    "worker and integrations extras.",
+    )
+    demo.add_argument("--out", default="layertrack-demo", metavar="DIR",
+                      help="output directory: checkpoints, plots, summary.json (default: ./layertrack-demo); "
+                           "the service must be able to read it")
+    demo.add_argument("--url", help="layertrack service (default: LAYERTRACK_URL, else a running 'layertrack up' "
+                                    "that can read --out, else an embedded one)")
+    demo.add_argument("--token", help="API token (default: LAYERTRACK_TOKEN or the saved one)")
+    demo.add_argument("--short", action="store_true",
+                      help=f"a smoke test: {short.pretrain_steps} + {short.finetune_steps} steps of a "
+                           f"d={short.hidden}, {short.layers}-block model (seconds)")
+    demo.add_argument("--pretrain-steps", type=positive_int, metavar="N",
+                      help=f"pretraining steps (default: {plan.pretrain_steps})")
+    demo.add_argument("--finetune-steps", type=positive_int, metavar="N",
+                      help=f"fine-tuning steps (default: {plan.finetune_steps})")
+    demo.add_argument("--hidden", type=positive_int, metavar="D",
+                      help=f"model width d (default: {plan.hidden}; a multiple of {plan.heads}, the heads)")
+    demo.add_argument("--layers", type=positive_int, metavar="N", help=f"transformer blocks (default: {plan.layers})")
+    demo.add_argument("--regularizer", choices=("cosine", "mse"),
+                      help="train with the paper's consecutive-layer regulariser (default: none)")
+    demo.add_argument("--lambda", dest="reg_lambda", type=float, default=0.5, metavar="λ",
+                      help="regulariser weight λ (default: 0.5)")
+    demo.add_argument("--name", help="run name prefix (default: demo-<UTC time>)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data order and initialisation (default: 0)")
+    demo.set_defaults(func=local.cmd_demo)
+    return parser

@@ -1,0 +1,209 @@
+"""Commands that call the service's API: submit, status, wait, trend, plot, webhooks, hook
+sources, and the spool of submissions kept while the service was unreachable.
+
+Each command is a function ``(client, args) -> exit code`` wrapped in ``@api_command``,
+which opens the client (LAYERTRACK_URL / LAYERTRACK_TOKEN, else what ``layertrack up``
+saved) and turns every failure into one line: the API's problem-details ``detail``, or how
+to reach or start the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .common import EXIT_FAILED, EXIT_INPUT, EXIT_USAGE, CliError, fmt
+
+ApiCommand = Callable[[Any, argparse.Namespace], int | None]
+
+
+def api_command(fn: ApiCommand) -> Callable[[argparse.Namespace], int]:
+    """Run ``fn(client, args)`` with a client of the configured service (closed afterwards);
+    ``None`` from ``fn`` means success. A refused request ends as ``error: <detail>``, an
+    unreachable service as where it was looked for and how to start it, a timeout as what
+    was still unfinished."""
+
+    @functools.wraps(fn)
+    def command(args: argparse.Namespace) -> int:
+        from ..client import ApiError, Client, ServiceUnavailable
+
+        client = Client()
+        try:
+            with client:
+                code = fn(client, args)
+            return 0 if code is None else code
+        except ServiceUnavailable as e:
+            if e.status == 0:  # no connection at all
+                raise CliError(f"cannot reach layertrack at {client.url}: start it with 'layertrack up', or set "
+                               "LAYERTRACK_URL to where it runs", EXIT_INPUT) from None
+            raise CliError(f"layertrack at {client.url} is unavailable: {e.detail}", EXIT_INPUT) from None
+        except ApiError as e:
+            hint = ""
+            if e.status == 401:
+                hint = ("; set LAYERTRACK_TOKEN to a valid token (create one with 'layertrack token create NAME') "
+                        "or run 'layertrack up', which saves one")
+            raise CliError(f"{e.detail} (HTTP {e.status}){hint}", EXIT_INPUT) from None
+        except TimeoutError as e:
+            raise CliError(str(e), EXIT_FAILED) from None
+
+    return command
+
+
+def print_job(job: dict[str, Any]) -> None:
+    line = f"job {job['id']}  {job['status']}  run {job['run']} step {job['step']}"
+    if job.get("worker"):
+        line += f"  worker {job['worker']}"
+    if job.get("duration_s") is not None:
+        line += f"  {job['duration_s']:.1f} s"
+    print(line, flush=True)
+    if job.get("error"):
+        print(f"  error ({job.get('error_code')}): {job['error']}")
+
+
+def _finished(job: dict[str, Any]) -> int:
+    print_job(job)
+    return 0 if job["status"] == "succeeded" else EXIT_FAILED
+
+
+# ------------------------------------------------------------------ jobs
+def client_side_uri(uri: str) -> str:
+    """The checkpoint location to send: a URI with a scheme (file://, s3://, ...) as given; a
+    relative path made absolute here (``Path.resolve``), so the service's working directory
+    never matters. An absolute path is sent as given: the service resolves it itself."""
+    scheme = urlparse(uri).scheme
+    if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
+        return uri
+    path = Path(uri).expanduser()
+    return str(path if path.is_absolute() else path.resolve())
+
+
+@api_command
+def cmd_submit(c, args: argparse.Namespace) -> int | None:
+    options = {
+        "max_tokens": args.max_tokens, "seq_len": args.seq_len, "dtype": args.dtype,
+        "drop_first_token": args.drop_first_token or None, "replaceability": args.replaceability or None,
+        "holdout_tokens": args.holdout_tokens, "allow_pickle": args.allow_pickle or None,
+    }
+    config = {k: v for k, v in options.items() if v is not None}
+    job = c.submit(run=args.run, step=args.step, uri=client_side_uri(args.uri), phase=args.phase,
+                   parent_run=args.parent_run, parent_step=args.parent_step, probe=args.probe,
+                   config=config or None)
+    print_job(job)
+    if args.wait:
+        return _finished(c.wait(job["id"], timeout=args.timeout))
+    return None
+
+
+@api_command
+def cmd_status(c, args: argparse.Namespace) -> None:
+    print_job(c.job(args.job_id))
+
+
+@api_command
+def cmd_wait(c, args: argparse.Namespace) -> int:
+    return _finished(c.wait(args.job_id, timeout=args.timeout))
+
+
+# ------------------------------------------------------------------ results
+@api_command
+def cmd_trend(c, args: argparse.Namespace) -> None:
+    t = c.trend(args.run, metric=args.metric)
+    if args.json:
+        print(json.dumps(t, indent=2))
+        return
+    print(f"run {args.run}  metric {args.metric} (layer mean, final-norm pair left out)")
+    print(f"{'step':>10} {'value':>10}")
+    for step, value in zip(t["steps"], t["values"], strict=True):
+        print(f"{step:>10} {fmt(value)}")
+
+
+@api_command
+def cmd_plot(c, args: argparse.Namespace) -> None:
+    out = Path(args.output or f"{args.run.replace('/', '_')}-{args.metric}-{args.kind}.png")
+    format_ = out.suffix.lstrip(".").lower()
+    if format_ not in ("png", "svg"):  # checked before any request is sent
+        raise CliError(f"the output must end in .png or .svg, not {out.name!r}", EXIT_USAGE)
+    data = c.plot(args.run, args.kind, format=format_, metric=args.metric, steps=args.step, log_x=args.log_x)
+    try:
+        out.write_bytes(data)
+    except OSError as e:
+        raise CliError(f"cannot write {out}: {e.strerror}; pick another file with -o") from None
+    print(f"wrote {out} ({len(data)} bytes)")
+
+
+# ------------------------------------------------------------------ webhooks and hook sources
+@api_command
+def cmd_webhook_create(c, args: argparse.Namespace) -> None:
+    w = c.create_webhook(args.url, events=args.event, run=args.run)
+    scope = f"run {w['run']}" if w["run"] else "every run"
+    print(f"webhook {w['id']}  {w['url']}  events {', '.join(w['events'])}  {scope}")
+    print(f"signing secret (shown once): {w['secret']}")
+
+
+@api_command
+def cmd_webhook_list(c, _args: argparse.Namespace) -> None:
+    for w in c.webhooks():
+        print(f"{w['id']:>5}  {w['url']}  {', '.join(w['events'])}  run {w['run'] or '(all)'}")
+
+
+@api_command
+def cmd_webhook_deliveries(c, args: argparse.Namespace) -> None:
+    for d in c.deliveries(args.webhook_id):
+        print(f"{d['id']}  {d['event']:<14} {d['status']:<10} attempts {d['attempts']}")
+        for a in d["attempt_log"]:
+            print(f"    {a['attempted_at']}  {a['status_code'] or '-'}  {a['duration_ms']:.0f} ms"
+                  + (f"  {a['error']}" if a["error"] else ""))
+
+
+@api_command
+def cmd_webhook_redeliver(c, args: argparse.Namespace) -> None:
+    d = c.redeliver(args.webhook_id, args.delivery_id)
+    print(f"{d['id']} queued again")
+
+
+@api_command
+def cmd_webhook_test(c, args: argparse.Namespace) -> None:
+    d = c.test_webhook(args.webhook_id)
+    print(f"test event {d['id']} queued")
+
+
+@api_command
+def cmd_hook_source(c, args: argparse.Namespace) -> None:
+    src = c.create_hook_source(args.name)
+    print(f"hook source {src['name']}: sign POST /v1/hooks/checkpoint?source={src['name']} with")
+    print(f"secret (shown once): {src['secret']}")
+
+
+# ------------------------------------------------------------------ the spool
+def cmd_spool_flush(args: argparse.Namespace) -> int:
+    from layertrack.integrations import flush_spool
+
+    sent, left = flush_spool(args.dir)
+    print(f"sent {sent} spooled submission(s); {left} left")
+    if left:
+        raise CliError(f"{left} spooled submission(s) were not taken: check that the service answers "
+                       "(LAYERTRACK_URL, 'layertrack up') and run 'layertrack spool flush' again", EXIT_FAILED)
+    return 0
+
+
+def cmd_spool_list(args: argparse.Namespace) -> int:
+    from layertrack.integrations.reporter import default_spool_dir
+
+    folder = Path(args.dir) if args.dir else default_spool_dir()
+    entries = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    unreadable = 0
+    for p in entries:
+        try:
+            e = json.loads(p.read_text())
+            b = e["body"]
+            print(f"{e['url']}  run {b['run']} step {b['step']}  {b['uri']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            unreadable += 1
+            print(f"{p.name}: not a readable spooled submission")
+    print(f"{len(entries)} spooled submission(s) in {folder}" + (f" ({unreadable} unreadable)" if unreadable else ""))
+    return 0

@@ -1,0 +1,120 @@
+"""``layertrack up``: the whole service on this machine, supervised by one command.
+
+Migrates the database, creates a first API token when there is none (saved to
+``<data dir>/client.json``, where the CLI and the Python client find it), starts two Celery
+workers as child processes (scoring on the ``gpu`` queue, webhook deliveries on
+``webhooks``), and serves the API in this process until Ctrl-C; then stops the workers.
+``--roots`` sets the checkpoint roots of the API and of the workers it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .admin import database_errors, safe_url
+from .common import CliError
+
+CELERY = ("-m", "celery", "-A", "layertrack.service.queue", "worker", "--loglevel", "INFO")
+#: (name, queue arguments) of the workers ``up`` starts
+WORKERS = (
+    ("embedded", ("-Q", "gpu", "-c", "1", "--prefetch-multiplier", "1")),
+    # webhook deliveries: a light worker of their own, so a long scoring job never delays them
+    ("embedded-hooks", ("-Q", "webhooks", "-P", "threads", "-c", "4")),
+)
+
+
+def checkpoint_roots(given: list[str]) -> list[Path]:
+    """``--roots`` as absolute directories; a missing one is an error, not a silent root."""
+    roots = []
+    for r in given:
+        path = Path(r).expanduser().resolve()
+        if not path.is_dir():
+            raise CliError(f"checkpoint root {r!r} is not a directory ({path}); create it or give another --roots")
+        roots.append(path)
+    return roots
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise CliError(f"cannot listen on {host}:{port} ({e.strerror}); is another 'layertrack up' running? "
+                           "Pick another port with --port") from None
+
+
+def _save_token(settings, url: str) -> str:
+    """Create the first token when the database has none; the line ``up`` prints about it."""
+    from sqlalchemy import func, select
+
+    from ..auth import create_token
+    from ..db import session_scope
+    from ..models import ApiToken
+
+    cfile = settings.data_dir / "client.json"
+    with session_scope(settings.db_url) as s:
+        if not s.scalar(select(func.count(ApiToken.id))):
+            _row, secret = create_token(s, "default")
+            cfile.write_text(json.dumps({"url": url, "token": secret}))
+            os.chmod(cfile, 0o600)
+            return f"first API token saved to {cfile} (the CLI and the Python client read it from there)"
+    if cfile.is_file():
+        saved = json.loads(cfile.read_text())
+        saved["url"] = url
+        cfile.write_text(json.dumps(saved))
+        return f"API token for the CLI and client: {cfile}"
+    return "no saved token: create one with 'layertrack token create NAME'"
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.roots:
+        # before anything reads the settings: the API reads them below, the workers inherit them
+        os.environ["LAYERTRACK_CHECKPOINT_ROOTS"] = os.pathsep.join(map(str, checkpoint_roots(args.roots)))
+    import uvicorn
+
+    from ..api import create_app
+    from ..db import upgrade
+    from ..settings import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    _check_port(args.host, args.port)
+    url = f"http://{args.host}:{args.port}"
+    with database_errors(settings.db_url):
+        settings.ensure_dirs()
+        upgrade(settings.db_url)
+        token_line = _save_token(settings, url)
+    workers: list[subprocess.Popen] = []
+    try:
+        if not args.no_worker:
+            for name, queue in WORKERS:
+                workers.append(subprocess.Popen([sys.executable, *CELERY, *queue, "-n", f"{name}@%h"]))
+        print(f"layertrack is up at {url}  (API docs: {url}/docs)")
+        print(f"database {safe_url(settings.db_url)}; broker {settings.broker}")
+        print(f"checkpoint roots: {', '.join(map(str, settings.roots))}")
+        print(token_line, flush=True)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    finally:
+        _stop(workers)
+    return 0
