@@ -1,4 +1,4 @@
-"""Scoring job vs the paper-style reference pipeline vs a bare forward pass (DESIGN §6).
+"""Scoring job vs the paper-style reference pipeline vs a bare forward pass.
 
     python bench/score_vs_reference.py                 # d=576, 30 blocks, 16k tokens, sweep 4k/16k/64k
     python bench/score_vs_reference.py --tokens 4096 --sweep 4096   # a quick look
@@ -8,11 +8,13 @@ SmolLM-135M shape: d=576, 30 blocks, 134.5M parameters) and the same probe token
 
   reference  batch-1 forward per sequence, all hidden states kept in memory, then a float32
              SVD least-squares solve per pair for linearity and for linearity_nores (the way
-             the paper's code computes them)
+             the code of "Your Transformer is Secretly Linear", arXiv 2405.12250,
+             computes them)
   engine     layertrack's scoring path (score_model): one batched forward with hooks and
-             streamed float64 statistics
+             streamed float64 statistics (metrics defined in docs/engine.md)
   bare       the same batched forward, nothing computed or kept
-  oracle     (for accuracy only, not timed) the float64 oracle of tests/ on all hidden states
+  oracle     (for accuracy only, not timed) the float64 oracle (workers/reference.py) on all
+             hidden states
 
 All three call the model the same way: no attention mask for a batch without padding.
 Printed per pipeline: wall time of the work after loading, peak RSS above the RSS right after

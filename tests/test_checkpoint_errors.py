@@ -109,6 +109,18 @@ def test_roots_refuse_traversal_and_symlinks_out(tmp_path, checkpoints):
     assert resolve_checkpoint_path(str(outside), [outside.parent]) == outside.resolve()
 
 
+def test_outside_roots_error_says_how_to_allow_a_root(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    with pytest.raises(errors.CheckpointOutsideRoots) as caught:
+        resolve_checkpoint_path(str(elsewhere), [root])
+    message = caught.value.message
+    assert str(root) in message
+    assert "LAYERTRACK_CHECKPOINT_ROOTS" in message
+    assert "layertrack up --roots DIR" in message
+
+
 def test_fingerprint_follows_config_and_weights(tmp_path, tokenizer):
     a = build_checkpoint(tmp_path / "a", "llama", tokenizer, seed=1)
     b = build_checkpoint(tmp_path / "b", "llama", tokenizer, seed=1)

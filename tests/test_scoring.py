@@ -8,7 +8,8 @@ import torch
 from layertrack.workers import checkpoint as ckpt
 from layertrack.workers import engine, reference
 from layertrack.workers.probe import default_probe, tokenize_probe
-from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+from layertrack.workers.scoring import ScoreConfig, find_blocks, score_checkpoint, score_model
+from layertrack.workers.vocabulary import BASE_METRICS
 from tiny_models import FAMILIES, build_checkpoint
 
 TOL = 1e-6
@@ -37,7 +38,7 @@ def oracle(path, config: ScoreConfig) -> dict[str, list[float]]:
 
 
 def assert_close(result, want, tol=TOL):
-    for metric in engine.ALL_METRICS:
+    for metric in BASE_METRICS:
         got = result.scores.metric(metric)
         assert len(got) == len(want[metric])
         for layer, (a, b) in enumerate(zip(got, want[metric], strict=True)):
@@ -78,15 +79,33 @@ def test_layer_groups_in_several_passes_equal_one_pass(checkpoints):
     )
     assert one.n_passes == 1 and several.n_passes == 3
     assert several.scores.pairs[-1].final_norm
-    for metric in engine.ALL_METRICS:
+    for metric in BASE_METRICS:
         assert several.scores.metric(metric) == pytest.approx(one.scores.metric(metric), abs=1e-9)
+
+
+def test_a_pass_runs_only_the_blocks_it_needs_and_leaves_the_model_whole(checkpoints):
+    path = checkpoints("llama")
+    model = ckpt.load_model(ckpt.inspect_checkpoint(path), device=torch.device("cpu"), dtype=torch.float32)
+    blocks = find_blocks(model)
+    before = list(blocks)
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda *_args, i=i: calls.__setitem__(i, calls[i] + 1))
+    tokens = tokenize_probe(default_probe(), ckpt.load_tokenizer(path), max_tokens=1200, seq_len=64)
+    config = ScoreConfig(batch_size=4, stats_memory_budget=engine.stats_bytes(2, 32))  # one pair per pass
+    scores, passes = score_model(model, tokens, config=config)
+    n_batches = -(-len(tokens.input_ids) // 4)
+    assert passes == 3
+    assert calls == [3 * n_batches, 2 * n_batches, n_batches]  # pass k stops after block k
+    assert list(blocks) == before and len(blocks) == 3
+    assert scores.pairs[-1].final_norm and not scores.pairs[0].final_norm
 
 
 def test_batch_size_does_not_change_scores(checkpoints):
     path = checkpoints("gpt2")
     a = score_checkpoint(str(path), config=ScoreConfig(max_tokens=1200, seq_len=64, batch_size=1))
     b = score_checkpoint(str(path), config=ScoreConfig(max_tokens=1200, seq_len=64, batch_size=7))
-    for metric in engine.ALL_METRICS:
+    for metric in BASE_METRICS:
         assert a.scores.metric(metric) == pytest.approx(b.scores.metric(metric), abs=TOL)
 
 

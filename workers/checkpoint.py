@@ -3,8 +3,9 @@
 A checkpoint is a Hugging Face model directory: ``config.json`` plus safetensors weights,
 single-file (``model.safetensors``) or sharded (``model.safetensors.index.json`` + shards).
 Pickle weights (``pytorch_model*.bin``) are refused unless explicitly allowed, and then load
-with ``weights_only=True``. ``trust_remote_code`` is never set. Only the base model is
-loaded (``AutoModel``): the LM head is never run.
+with ``weights_only=True``. ``trust_remote_code`` is never set. Scoring loads and runs the
+base model (``AutoModel``); only the replaceability analysis loads the model with its LM head
+(``AutoModelForCausalLM``), to measure the LM loss.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from .errors import (
 )
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: the environment variable that lists the allowed checkpoint roots (os.pathsep-separated)
+ROOTS_ENV = "LAYERTRACK_CHECKPOINT_ROOTS"
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,10 @@ def resolve_checkpoint_path(uri: str, roots: Sequence[str | Path] | None = None)
         if not any(real == r or r in real.parents for r in real_roots):
             raise CheckpointOutsideRoots(
                 f"checkpoint {uri!r} resolves to {str(real)!r}, which is outside the allowed "
-                f"checkpoint roots ({', '.join(map(str, real_roots))}); move it under a root "
-                "or add a root in the settings"
+                f"checkpoint roots ({', '.join(map(str, real_roots))}). Move it under a root, or "
+                f"allow its directory as a root: add it to the environment variable {ROOTS_ENV} "
+                f"(directories separated by {os.pathsep!r}) or start the service with "
+                "`layertrack up --roots DIR...`"
             )
     if not real.exists():
         raise CheckpointNotFound(f"checkpoint path {str(path)!r} does not exist")
@@ -222,13 +227,13 @@ def translate_oom(what: str, advice: str) -> Iterator[None]:
 
 
 def load_model(info: CheckpointInfo, *, device=None, dtype=None, with_lm_head: bool = False):
-    """Load the base model (no LM head; with it when ``with_lm_head``) on ``device`` in
-    ``dtype``, in eval mode."""
+    """Load the base model (``AutoModel``), or with ``with_lm_head`` the causal LM around it
+    (``AutoModelForCausalLM``), on ``device`` in ``dtype``, in eval mode."""
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    # The load report lists the LM head as "unexpected" (we load the base model on
-    # purpose) and the progress bar is per tensor: neither helps a user here.
+    # Loading the base model, the load report lists the LM head's weights as "unexpected"
+    # (left out on purpose) and the progress bar is per tensor: neither helps a user here.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     with translate_oom(

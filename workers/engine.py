@@ -1,8 +1,8 @@
 """The metric engine: streamed sufficient statistics and exact per-layer scores.
 
-Pure functions and one accumulator class over tensors; no I/O, no model. DESIGN §1 defines
-the metrics. For hidden states h_0 … h_L (each n × d over the n probe tokens kept) and every
-consecutive pair X = h_i, Y = h_{i+1}:
+Pure functions and one accumulator class over tensors; no I/O, no model. The metrics are
+defined in docs/engine.md ("Metrics"); in short, for hidden states h_0 … h_L (each n × d over
+the n probe tokens kept) and every consecutive pair X = h_i, Y = h_{i+1}:
 
     linearity        1 − min_A ‖X̃A − Ỹ‖²_F, X̃, Ỹ centred and Frobenius-normalised
                      = tr(C_yx C_xx⁺ C_xy) / tr(C_yy)               (C = centred Gram)
@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-PAIR_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio")
-LAYER_METRICS = ("anisotropy",)
-ALL_METRICS = PAIR_METRICS + LAYER_METRICS
+from .errors import TooFewTokens
+from .vocabulary import BASE_METRICS, LAYER_METRICS, MIN_TOKENS_PER_DIM, PAIR_METRICS, WARN_TOKENS_PER_DIM
 
 #: Eigenvalues of the centred Gram matrix below RANK_RTOL · λ_max count as zero. Float64
 #: round-off in an exactly rank-deficient Gram sits near 1e-16 · λ_max; real directions of
@@ -57,9 +56,9 @@ class EngineConfig:
     #: by ~1e-5 on ill-conditioned hidden states (measured in tests/test_engine.py).
     gemm_precision: str = "float64"
     #: refuse to score when n_tokens < min_tokens_per_dim · d (the fit would be trivial)
-    min_tokens_per_dim: float = 2.0
+    min_tokens_per_dim: float = MIN_TOKENS_PER_DIM
     #: warn when n_tokens < warn_tokens_per_dim · d (chance level still high)
-    warn_tokens_per_dim: float = 8.0
+    warn_tokens_per_dim: float = WARN_TOKENS_PER_DIM
 
 
 @dataclass
@@ -100,7 +99,7 @@ class Scores:
             return [getattr(p, name) for p in self.pairs]
         if name in LAYER_METRICS:
             return [getattr(s, name) for s in self.layers]
-        raise KeyError(f"unknown metric {name!r}; known: {', '.join(ALL_METRICS)}")
+        raise KeyError(f"unknown metric {name!r}; known: {', '.join(BASE_METRICS)}")
 
     def to_dict(self) -> dict:
         return {
@@ -159,7 +158,7 @@ class StreamingStats:
     """Accumulates the sufficient statistics of hidden states ``first … last``, batch by batch.
 
     Per batch, call ``add(i, h_i)`` for i = first, …, last in order, each h_i an (n_b, d)
-    tensor over the same n_b kept tokens; then ``end_batch()``. ``scores()`` solves.
+    tensor over the same n_b kept tokens; the batch ends with h_last. ``scores()`` solves.
     """
 
     def __init__(
@@ -169,7 +168,6 @@ class StreamingStats:
         last: int,
         *,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float64,
         gemm_precision: str = "float64",
         gram_blocks: int | None = None,
     ):
@@ -184,11 +182,11 @@ class StreamingStats:
         b = gram_blocks or min(3, max(1, d // 128))
         edges = [round(i * d / b) for i in range(b + 1)]
         self._blocks = list(itertools.pairwise(edges))
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype = torch.device(device), torch.float64
         n_h = last - first + 1
 
         def zeros(*shape):
-            return torch.zeros(*shape, device=self.device, dtype=dtype)
+            return torch.zeros(*shape, device=self.device, dtype=self.dtype)
 
         self.n = 0
         # per hidden state (index j = i − first)
@@ -363,8 +361,6 @@ def _explained(vk: torch.Tensor, lk: torch.Tensor, cxt: torch.Tensor, tr_tt: flo
 
 def check_token_count(n_tokens: int, d: int, config: EngineConfig = EngineConfig()) -> list[str]:
     """Refuse a probe too small for width d; return warnings when it is only small."""
-    from .errors import TooFewTokens
-
     if n_tokens < config.min_tokens_per_dim * d:
         need = math.ceil(config.min_tokens_per_dim * d)
         raise TooFewTokens(
@@ -388,7 +384,6 @@ def score_hidden_states(
     *,
     config: EngineConfig = EngineConfig(),
     final_norm: bool = False,
-    device: torch.device | str | None = None,
 ) -> Scores:
     """Score a list of hidden states (each (n, d), all in memory) with the streaming engine.
 
@@ -400,7 +395,7 @@ def score_hidden_states(
     warnings = check_token_count(n, d, config)
     stats = StreamingStats(
         d, 0, len(hidden_states) - 1,
-        device=device or hidden_states[0].device,
+        device=hidden_states[0].device,
         gemm_precision=config.gemm_precision,
     )
     for i, h in enumerate(hidden_states):

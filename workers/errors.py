@@ -25,8 +25,6 @@ class LayertrackError(Exception):
     """Base class: a problem with the user's input or environment, with a clear message."""
 
     code = "error"
-    #: True when trying again later may succeed (used by the job queue's retry policy).
-    transient = False
 
     def __init__(self, message: str):
         super().__init__(message)

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ProbeError
+from .vocabulary import DEFAULT_PROBE, DEFAULT_SEQ_LEN
 
-DEFAULT_PROBE_NAME = "default"
 DEFAULT_SEED = 0
 
 
@@ -57,12 +57,12 @@ class ProbeTokens:
 @lru_cache(maxsize=1)
 def default_probe() -> Probe:
     data = resources.files("layertrack.workers").joinpath("probe_data/default.jsonl").read_bytes()
-    return _parse_jsonl(data, DEFAULT_PROBE_NAME, "the built-in default probe")
+    return _parse_jsonl(data, DEFAULT_PROBE, "the built-in default probe")
 
 
 def load_probe(path: str | Path | None) -> Probe:
     """Load a probe from a UTF-8 .txt or .jsonl file; ``None`` gives the built-in default."""
-    if path is None or str(path) == DEFAULT_PROBE_NAME:
+    if path is None or str(path) == DEFAULT_PROBE:
         return default_probe()
     p = Path(path).expanduser()
     if not p.exists():
@@ -133,7 +133,7 @@ def tokenize_probe(
     tokenizer: Any,
     *,
     max_tokens: int | None,
-    seq_len: int = 512,
+    seq_len: int = DEFAULT_SEQ_LEN,
     drop_first_token: bool = False,
     seed: int = DEFAULT_SEED,
 ) -> ProbeTokens:

@@ -1,4 +1,5 @@
-"""Plain float64 reference for the metric engine, written straight from DESIGN §1.
+"""Plain float64 reference for the metric engine, written straight from the definitions in
+docs/engine.md ("Metrics").
 
 All hidden states in memory, one least-squares solve per pair. Slow and memory-hungry on
 purpose: it is the oracle the streaming engine is tested against, not a code path jobs use.
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .engine import RANK_RTOL
+from .vocabulary import LAYER_METRICS, PAIR_METRICS
 
 
 def _centred_normalised(m: torch.Tensor) -> torch.Tensor:
@@ -59,18 +61,19 @@ def anisotropy(x: torch.Tensor) -> float:
 
 
 def score_pairs(hidden_states: Sequence[torch.Tensor], *, rank_rtol: float = RANK_RTOL) -> dict:
-    """Every metric for every pair / hidden state, as {metric: [value per layer]}."""
+    """Every metric for every pair / hidden state, as {metric: [value per layer]}, keyed by the
+    vocabulary's metric names (a name the oracle does not define fails with a KeyError)."""
     hs = [h.to(torch.float64).cpu() for h in hidden_states]
-    out: dict[str, list[float]] = {
-        "linearity": [],
-        "linearity_nores": [],
-        "cosine": [],
-        "norm_ratio": [],
-        "anisotropy": [anisotropy(h) for h in hs],
-    }
-    for x, y in itertools.pairwise(hs):
-        out["linearity"].append(linearity(x, y, rank_rtol=rank_rtol))
-        out["linearity_nores"].append(linearity(x, y - x, rank_rtol=rank_rtol))
-        out["cosine"].append(cosine(x, y))
-        out["norm_ratio"].append(norm_ratio(x, y))
+    per_pair = [
+        {
+            "linearity": linearity(x, y, rank_rtol=rank_rtol),
+            "linearity_nores": linearity(x, y - x, rank_rtol=rank_rtol),
+            "cosine": cosine(x, y),
+            "norm_ratio": norm_ratio(x, y),
+        }
+        for x, y in itertools.pairwise(hs)
+    ]
+    per_layer = [{"anisotropy": anisotropy(h)} for h in hs]
+    out = {name: [p[name] for p in per_pair] for name in PAIR_METRICS}
+    out.update({name: [s[name] for s in per_layer] for name in LAYER_METRICS})
     return out

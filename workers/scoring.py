@@ -1,19 +1,27 @@
-"""Load → tokenise the probe → one batched forward pass → streamed statistics → scores.
+"""Load → tokenise the probe → batched forward passes → streamed statistics → scores.
 
-Hidden states are taken with hooks, in the same order and with the same meaning as the
-model's own ``output_hidden_states=True``: h_0 is the input of the first block (embedding
-output), h_i the output of block i − 1, and h_L the model's ``last_hidden_state`` (with the
-final norm applied in every supported family; that last pair is flagged ``final_norm``).
-Each hidden state is folded into the statistics as soon as the block produces it and then
-dropped, so memory holds one block's activations plus the statistics, whatever n is.
+Hidden states are taken with forward hooks (``HiddenStateTap``), in the same order and with
+the same meaning as the model's own ``output_hidden_states=True``: h_0 is the input of the
+first block (embedding output), h_i the output of block i − 1, and h_L the model's
+``last_hidden_state`` (with the final norm applied in every supported family; that last pair
+is flagged ``final_norm``). Each hidden state is folded into the statistics as soon as the
+block produces it and then dropped, so memory holds one block's activations plus the
+statistics, whatever n is. When the statistics of every layer do not fit in memory, the
+layers are scored in groups, one forward pass each; a pass runs only the blocks it needs.
+
+With ``ScoreConfig.replaceability`` the model is loaded with its LM head, and the held-out LM
+loss is measured with each block replaced by its fitted affine map and with it dropped
+(``replaceability``). The metrics are defined in docs/engine.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,7 @@ import torch
 from . import checkpoint as ckpt
 from .engine import (
     EngineConfig,
+    LayerScores,
     LinearMap,
     PairScores,
     Scores,
@@ -32,7 +41,8 @@ from .engine import (
     stats_bytes,
 )
 from .errors import OutOfMemory
-from .probe import Probe, ProbeTokens, load_probe, tokenize_probe
+from .probe import DEFAULT_SEED, Probe, ProbeTokens, load_probe, tokenize_probe
+from .vocabulary import DEFAULT_HOLDOUT_TOKENS, DEFAULT_MIN_TOKENS, DEFAULT_SEQ_LEN, WARN_TOKENS_PER_DIM
 
 #: default tokens per forward batch. On CPU a bigger batch is no faster (measured: 1 to 8
 #: sequences of 512 within 10 %) and only costs memory; on CUDA it buys throughput.
@@ -41,32 +51,26 @@ BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}
 
 def batch_tokens(device: torch.device) -> int:
     return BATCH_TOKENS.get(device.type, BATCH_TOKENS["cpu"])
-#: default token budget: at least this many, and at least 8·d
-DEFAULT_MIN_TOKENS = 16384
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    max_tokens: int | None = None  # None: max(16384, 8·d), capped by the probe
-    seq_len: int = 512
+    #: scored tokens; None: default_max_tokens(d), capped by the probe
+    max_tokens: int | None = None
+    seq_len: int = DEFAULT_SEQ_LEN
     drop_first_token: bool = False
-    batch_size: int | None = None  # sequences per forward; None: 1024 tokens (CPU), 16384 (CUDA)
+    batch_size: int | None = None  # sequences per forward; None: BATCH_TOKENS // seq_len
     dtype: str | None = None  # float32 | bfloat16 | float16; None: per device
     device: str | None = None  # None: cuda when present, else cpu
     stats_memory_budget: int | None = None  # bytes for statistics; None: automatic
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     allow_pickle: bool = False
     #: also measure linear replaceability: held-out LM loss with each block replaced by its
     #: fitted linear map, and dropped (2 forward passes over the held-out tokens per block)
     replaceability: bool = False
     #: held-out probe tokens for the replaceability losses (taken after the scored ones)
-    holdout_tokens: int = 4096
+    holdout_tokens: int = DEFAULT_HOLDOUT_TOKENS
     engine: EngineConfig = field(default_factory=EngineConfig)
-
-    def public(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("engine")
-        return d
 
 
 @dataclass
@@ -91,10 +95,6 @@ class ScoreResult:
         out = {k: v for k, v in vars(self).items() if k != "scores"}
         out.update(self.scores.to_dict())
         return out
-
-
-class _StopForward(Exception):
-    """Raised from a hook once a pass has everything it needs (skips the later blocks)."""
 
 
 def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -127,7 +127,132 @@ def _auto_stats_budget(device: torch.device) -> int:
 
 
 def default_max_tokens(d: int) -> int:
-    return max(DEFAULT_MIN_TOKENS, 8 * d)
+    """Scored tokens when the job names none: DEFAULT_MIN_TOKENS, and at least WARN_TOKENS_PER_DIM · d."""
+    return max(DEFAULT_MIN_TOKENS, math.ceil(WARN_TOKENS_PER_DIM * d))
+
+
+def _sequences_per_batch(tokens: ProbeTokens, batch_size: int | None, device: torch.device) -> int:
+    return batch_size or max(1, batch_tokens(device) // tokens.seq_len)
+
+
+def _layer_groups(n_hidden: int, d: int, budget: int | None, device: torch.device) -> list[tuple[int, int]]:
+    """Groups of hidden states whose statistics fit the budget (None: half the free memory)."""
+    if budget is None:
+        budget = _auto_stats_budget(device)  # statistics live on the model's device
+    if stats_bytes(2, d) > budget:
+        raise OutOfMemory(
+            f"the statistics of one block pair need {stats_bytes(2, d) / 2**30:.2f} GiB "
+            f"(hidden size {d}) and only {budget / 2**30:.2f} GiB is available for them"
+        )
+    return plan_layer_groups(n_hidden, d, budget)
+
+
+@contextlib.contextmanager
+def _progress_reporter(progress: Callable[[int, int], None] | bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A function of the tokens done so far: a tqdm bar (``progress=True``), the caller's
+    ``progress(done, total)``, or nothing."""
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, unit="tok", unit_scale=True, desc="forward", leave=False) as bar:
+            yield lambda done: bar.update(done - bar.n)
+    elif callable(progress):
+        yield lambda done: progress(done, total)
+    else:
+        yield lambda done: None
+
+
+@contextlib.contextmanager
+def _first_blocks_only(blocks: torch.nn.ModuleList, n: int) -> Iterator[None]:
+    """Let the model run only its first ``n`` blocks (a pass that needs no later hidden
+    state skips their cost); the block list is restored on exit."""
+    if n >= len(blocks):
+        yield
+        return
+    later = list(blocks[n:])
+    del blocks[n:]
+    try:
+        yield
+    finally:
+        blocks.extend(later)
+
+
+class HiddenStateTap:
+    """Forward hooks that feed hidden states ``stats.first … stats.last`` of every batch into
+    ``stats``, each restricted to the batch's scored tokens.
+
+    h_0 is taken by a pre-hook on block 0, h_i (0 < i < L) by a hook on block i − 1. h_L is the
+    model's ``last_hidden_state``, which only exists once the forward has returned: pass the
+    output to ``end_batch``. The last block's own output is kept until then, to see whether
+    the model applies a final norm after it (``final_norm``).
+
+    Use as a context manager (the hooks are removed on exit); per batch ``start_batch(keep)``,
+    the forward, then ``end_batch(output)``.
+    """
+
+    def __init__(self, blocks: torch.nn.ModuleList, stats: StreamingStats):
+        self.blocks = blocks
+        self.stats = stats
+        self.n_blocks = len(blocks)
+        #: the first ``blocks_needed`` blocks produce every hidden state of this tap
+        self.blocks_needed = stats.last
+        #: whether h_L differs from the last block's output (None until a batch has told)
+        self.final_norm: bool | None = None
+        self._keep: torch.Tensor | None = None
+        self._last_block_output: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def takes_last_hidden_state(self) -> bool:
+        return self.stats.last == self.n_blocks
+
+    def __enter__(self) -> HiddenStateTap:
+        first, last, blocks = self.stats.first, self.stats.last, self.blocks
+        if first == 0:
+            self._handles.append(blocks[0].register_forward_pre_hook(self._take_input, with_kwargs=True))
+        for i in range(max(first, 1), min(last, self.n_blocks - 1) + 1):
+            self._handles.append(blocks[i - 1].register_forward_hook(self._output_taker(i)))
+        if self.takes_last_hidden_state:
+            self._handles.append(blocks[-1].register_forward_hook(self._keep_last_block_output))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def start_batch(self, keep: torch.Tensor) -> None:
+        """``keep``: the batch's (n_seq, seq_len) mask of scored tokens."""
+        self._keep = keep
+
+    def end_batch(self, output: Any) -> None:
+        """Feed h_L from the model's output when this tap covers it."""
+        if self.takes_last_hidden_state:
+            h_last = output.last_hidden_state
+            if self.final_norm is None:
+                self.final_norm = not torch.equal(self._last_block_output, h_last)
+            self._add(self.n_blocks, h_last)
+        self._last_block_output = None
+
+    def _add(self, i: int, h: torch.Tensor) -> None:
+        self.stats.add(i, h[self._keep])
+
+    def _take_input(self, _module, args, kwargs) -> None:
+        self._add(0, args[0] if args else kwargs["hidden_states"])
+
+    def _output_taker(self, i: int):
+        def hook(_module, _args, output) -> None:
+            self._add(i, _block_output(output))
+
+        return hook
+
+    def _keep_last_block_output(self, _module, _args, output) -> None:
+        self._last_block_output = _block_output(output)
+
+
+def _block_output(output: Any) -> torch.Tensor:
+    """A block's hidden-state output (some families return a tuple that starts with it)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def score_model(
@@ -144,113 +269,48 @@ def score_model(
     device = next(model.parameters()).device
     d = model.config.hidden_size
     blocks = find_blocks(model)
-    n_hidden = len(blocks) + 1
     warnings = check_token_count(tokens.n_tokens, d, config.engine)
-    budget = config.stats_memory_budget
-    if budget is None:
-        budget = _auto_stats_budget(device)  # statistics live on the model's device
-    if stats_bytes(2, d) > budget:
-        raise OutOfMemory(
-            f"the statistics of one block pair need {stats_bytes(2, d) / 2**30:.2f} GiB "
-            f"(hidden size {d}) and only {budget / 2**30:.2f} GiB is available for them"
-        )
-    groups = plan_layer_groups(n_hidden, d, budget)
+    groups = _layer_groups(len(blocks) + 1, d, config.stats_memory_budget, device)
 
     ids = torch.tensor(tokens.input_ids, dtype=torch.long)
     attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
     keep = torch.tensor(tokens.score_mask, dtype=torch.bool)
-    bs = config.batch_size or max(1, batch_tokens(device) // tokens.seq_len)
-    n_seq = ids.shape[0]
-    batches = [(s, min(s + bs, n_seq)) for s in range(0, n_seq, bs)]
-
-    bar = None
-    report: Callable[[int, int], None] | None = None
-    total = len(groups) * tokens.n_tokens
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="forward", leave=False)
-        report = lambda done, _total: bar.update(done - bar.n)  # noqa: E731
-    elif callable(progress):
-        report = progress
+    bs = _sequences_per_batch(tokens, config.batch_size, device)
+    batches = [slice(s, s + bs) for s in range(0, ids.shape[0], bs)]
 
     pairs: list[PairScores] = []
-    layer_scores = []
-    final_norm = False
+    layers: list[LayerScores] = []
     done = 0
-    try:
+    with _progress_reporter(progress, len(groups) * tokens.n_tokens) as report:
         for first, last in groups:
-            stats = StreamingStats(
-                d, first, last, device=device, gemm_precision=config.engine.gemm_precision
-            )
-            state: dict[str, Any] = {}
-
-            def feed(i: int, h: torch.Tensor, stats=stats, first=first, last=last, state=state):
-                if first <= i <= last:
-                    stats.add(i, h[state["keep"]])
-                if i >= last and last < n_hidden - 1:
-                    raise _StopForward
-
-            def pre_hook(_module, args, kwargs, feed=feed):
-                h = args[0] if args else kwargs["hidden_states"]
-                feed(0, h)
-
-            def make_hook(i: int, feed=feed, state=state):
-                def hook(_module, _args, output):
-                    h = output[0] if isinstance(output, tuple) else output
-                    if i == n_hidden - 1:  # the last block's own output (before the final norm)
-                        state["last_block"] = h
-                        return
-                    feed(i, h)
-
-                return hook
-
-            handles = [blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
-            handles += [blk.register_forward_hook(make_hook(j + 1)) for j, blk in enumerate(blocks)]
-            try:
-                for start, stop in batches:
-                    state["keep"] = keep[start:stop].to(device)
+            stats = StreamingStats(d, first, last, device=device, gemm_precision=config.engine.gemm_precision)
+            with HiddenStateTap(blocks, stats) as tap, _first_blocks_only(blocks, tap.blocks_needed):
+                for b in batches:
+                    tap.start_batch(keep[b].to(device))
                     with ckpt.translate_oom(
                         "running the forward pass",
                         "Lower --batch-size or --seq-len, or use --dtype bfloat16.",
                     ), torch.inference_mode():
-                        try:
-                            out = model(
-                                input_ids=ids[start:stop].to(device),
-                                attention_mask=_mask_or_none(attn[start:stop], device),
-                                use_cache=False,
-                            )
-                        except _StopForward:
-                            out = None
-                        if out is not None and last == n_hidden - 1:
-                            h_last = out.last_hidden_state
-                            if "final_norm" not in state:
-                                state["final_norm"] = not torch.equal(state["last_block"], h_last)
-                            feed(n_hidden - 1, h_last)
-                        state.pop("last_block", None)
-                    done += int(keep[start:stop].sum())
-                    if report:
-                        report(done, total)
-            finally:
-                for handle in handles:
-                    handle.remove()
+                        out = model(
+                            input_ids=ids[b].to(device),
+                            attention_mask=_mask_or_none(attn[b], device),
+                            use_cache=False,
+                        )
+                        tap.end_batch(out)
+                    done += int(keep[b].sum())
+                    report(done)
             with ckpt.translate_oom("solving the statistics", "Set a smaller stats memory budget."):
                 group_pairs, group_layers = stats.scores(config.engine, fit_maps=maps is not None)
+            group_pairs[-1].final_norm = bool(tap.final_norm)
             if maps is not None:
                 maps.update(stats.maps)
             pairs += group_pairs
-            # a hidden state shared by two groups is scored in both; keep the first
-            seen = {s.layer for s in layer_scores}
-            layer_scores += [s for s in group_layers if s.layer not in seen]
-            final_norm = final_norm or bool(state.get("final_norm", False))
-            del stats
-    finally:
-        if bar is not None:
-            bar.close()
-    pairs[-1].final_norm = final_norm
+            # consecutive groups share a hidden state, scored in both: keep the first score
+            layers += [s for s in group_layers if not layers or s.layer > layers[-1].layer]
+            del stats, tap  # free this group's statistics before the next group's are allocated
     n = tokens.n_tokens
     return (
-        Scores(n_tokens=n, d=d, chance=d / (n - 1), pairs=pairs, layers=layer_scores, warnings=warnings),
+        Scores(n_tokens=n, d=d, chance=d / (n - 1), pairs=pairs, layers=layers, warnings=warnings),
         len(groups),
     )
 
@@ -260,7 +320,7 @@ def lm_loss(lm: torch.nn.Module, tokens: ProbeTokens, *, batch_size: int | None 
     device = next(lm.parameters()).device
     ids = torch.tensor(tokens.input_ids, dtype=torch.long)
     attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
-    bs = batch_size or max(1, batch_tokens(device) // tokens.seq_len)
+    bs = _sequences_per_batch(tokens, batch_size, device)
     total, count = 0.0, 0
     with torch.inference_mode():
         for s in range(0, ids.shape[0], bs):
@@ -278,11 +338,12 @@ def replaceability(
     lm: torch.nn.Module, maps: dict[int, LinearMap], holdout: ProbeTokens, *, final_norm: bool,
     batch_size: int | None = None,
 ) -> tuple[float, dict[int, tuple[float | None, float]]]:
-    """The paper's pruning experiment on held-out tokens: for each block i, the LM loss with
-    the block replaced by its fitted affine map (``maps[i]``), and with the block dropped
-    (its output := its input), minus the intact loss. Returns (intact loss, {i: (linear,
-    drop)}). The last block's pair ends in the final norm when ``final_norm``: its fitted map
-    is not a map of the block alone, so only the drop is measured there (linear: None)."""
+    """The pruning experiment of "Your Transformer is Secretly Linear" (arXiv 2405.12250) on
+    held-out tokens: for each block i, the LM loss with the block replaced by its fitted
+    affine map (``maps[i]``), and with the block dropped (its output := its input), minus the
+    intact loss. Returns (intact loss, {i: (linear, drop)}). The last block's pair ends in
+    the final norm when ``final_norm``: its fitted map is not a map of the block alone, so
+    only the drop is measured there (linear: None)."""
     blocks = find_blocks(lm)
     base = lm_loss(lm, holdout, batch_size=batch_size)
 

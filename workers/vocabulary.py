@@ -18,8 +18,9 @@ PAIR_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio")
 LAYER_METRICS = ("anisotropy",)
 #: what every job measures unless the submission names fewer
 BASE_METRICS = PAIR_METRICS + LAYER_METRICS
-#: the paper's pruning experiment, per block (stored under the pair's index); only measured
-#: when the job's config asks for replaceability
+#: the pruning experiment of "Your Transformer is Secretly Linear" (arXiv 2405.12250), per
+#: block (stored under the pair's index); only measured when the job's config asks for
+#: replaceability. Definitions: docs/engine.md, "Metrics"
 REPLACEABILITY_METRICS = ("loss_delta_linear", "loss_delta_drop")
 #: every metric a score row can hold
 KNOWN_METRICS = BASE_METRICS + REPLACEABILITY_METRICS
