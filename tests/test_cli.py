@@ -1,7 +1,9 @@
-"""The installed ``layertrack`` console script, run as a user runs it."""
+"""The installed ``layertrack`` console script, run as a user runs it: local scoring, the
+command list, the options' help, database commands and their errors."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,8 +16,16 @@ from services import layertrack_exe
 EXE = layertrack_exe()
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=300)
+def run(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=300, env=env, **kw)
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    """The single line a failing command prints (asserting that it is one, with no traceback)."""
+    assert out.returncode != 0, out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    return lines[0]
 
 
 def test_score_prints_a_table_with_the_flagged_last_pair(checkpoints):
@@ -43,20 +53,70 @@ def test_score_json_equals_the_library_result(checkpoints):
 def test_score_errors_are_one_clear_line(tmp_path, checkpoints):
     out = run("score", str(tmp_path / "missing"))
     assert out.returncode == 3
-    assert out.stderr.strip().startswith("error: checkpoint path") and "does not exist" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert one_line_error(out).startswith("error: checkpoint path") and "does not exist" in out.stderr
     out = run("score", str(checkpoints("llama")), "--max-tokens", "40", "--seq-len", "64")
-    assert out.returncode == 3 and "only 40 probe tokens for hidden size d=32" in out.stderr
+    assert out.returncode == 3 and "only 40 probe tokens for hidden size d=32" in one_line_error(out)
     out = run("score", str(checkpoints("llama")), "--max-tokens", "-5")
-    assert out.returncode == 2 and "must be at least 1" in out.stderr
+    assert out.returncode == 2
+    line = one_line_error(out)
+    assert "must be at least 1" in line and "layertrack score --help" in line
 
 
-def test_api_side_imports_no_torch():
-    code = ("import sys, layertrack.service.cli, layertrack.service.app, layertrack.service.client, "
-            "layertrack.workers.celery_app; app = layertrack.service.app.create_app(); "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+def test_no_command_prints_the_command_list_and_exits_2():
+    for args in ((), ("token",), ("webhook",)):
+        out = run(*args)
+        assert out.returncode == 2, args
+        assert "Traceback" not in out.stderr and out.stdout.startswith(f"usage: layertrack {' '.join(args)}".strip())
+    listed = run().stdout
+    for command in ("score", "up", "submit", "status", "wait", "trend", "plot", "token", "migrate", "spool",
+                    "webhook", "hook-source", "demo"):
+        assert f"\n    {command}" in listed, command
+    assert all(f"\n    {a}" in run("token").stdout for a in ("create", "list", "revoke"))
+
+
+def test_python_dash_m_runs_the_same_cli():
+    out = subprocess.run([sys.executable, "-m", "layertrack.service.cli", "submit", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: layertrack submit")
+    assert subprocess.run([sys.executable, "-m", "layertrack.service.cli"], capture_output=True,
+                          timeout=60).returncode == 2
+
+
+def _actions(parser: argparse.ArgumentParser, path: str = "layertrack"):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, action
+
+
+def test_every_option_has_help_and_vocabulary_choices():
+    from layertrack.service.cli import build_parser
+    from layertrack.workers.vocabulary import DEFAULT_METRIC, KNOWN_METRICS, WEBHOOK_EVENTS
+
+    actions = list(_actions(build_parser()))
+    assert {f"{p} {a.dest}" for p, a in actions if not a.help} == set()
+    # an option with a default names it (and its unit, where it has one) in its help
+    for path, a in actions:
+        if a.option_strings and a.default not in (None, False) and a.dest != "help_parser":
+            assert "default" in a.help, f"{path} {a.option_strings[0]}: {a.help}"
+    metric = {p: a for p, a in actions if a.dest == "metric"}
+    assert set(metric) == {"layertrack trend", "layertrack plot"}
+    for a in metric.values():
+        assert tuple(a.choices) == KNOWN_METRICS and a.default == DEFAULT_METRIC
+    [event] = [a for p, a in actions if p == "layertrack webhook create" and a.dest == "event"]
+    assert tuple(event.choices) == WEBHOOK_EVENTS
+    out = run("trend", "--help").stdout
+    assert "{" + ",".join(KNOWN_METRICS) + "}" in out
+    assert "seconds" in run("wait", "--help").stdout and "default: 3600" in run("wait", "--help").stdout
+
+
+def test_the_cli_imports_no_torch():
+    code = ("import sys, layertrack.service.cli as cli, layertrack.service.demo; cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
 
 
 def test_token_create_list_revoke_and_migrate(tmp_path):
@@ -64,8 +124,9 @@ def test_token_create_list_revoke_and_migrate(tmp_path):
                LAYERTRACK_DATA_DIR=str(tmp_path))
 
     def cli(*args):
-        return subprocess.run([EXE, *args], capture_output=True, text=True, env=env, timeout=120)
+        return run(*args, env=env)
 
+    assert "no layertrack tables: run 'layertrack migrate'" in one_line_error(cli("token", "list"))
     assert "is up to date" in cli("migrate").stdout
     out = cli("token", "create", "ci")
     assert out.returncode == 0 and out.stdout.startswith("token 1 (ci): lt_")
@@ -75,4 +136,15 @@ def test_token_create_list_revoke_and_migrate(tmp_path):
     assert cli("token", "revoke", "1").stdout.strip() == "token 1 revoked"
     assert "revoked" in cli("token", "list").stdout
     out = cli("token", "revoke", "99")
-    assert out.returncode == 3 and "no token with id 99" in out.stderr
+    assert out.returncode == 3 and "no token with id 99" in one_line_error(out)
+
+
+def test_database_failures_are_one_line(tmp_path):
+    base = dict(os.environ, LAYERTRACK_DATA_DIR=str(tmp_path))
+    out = run("migrate", env={**base, "LAYERTRACK_DATABASE_URL": "not a url"})
+    assert out.returncode == 3 and "LAYERTRACK_DATABASE_URL is not a usable database URL" in one_line_error(out)
+    # nothing listens on port 1
+    out = run("token", "list", env={**base, "LAYERTRACK_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:1/x"})
+    line = one_line_error(out)
+    assert out.returncode == 3 and "cannot use the database at postgresql+psycopg://postgres@127.0.0.1:1/x" in line
+    assert "LAYERTRACK_DATABASE_URL" in line

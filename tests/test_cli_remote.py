@@ -1,0 +1,124 @@
+"""The CLI's service commands against a real API server (SQLite, file broker, no worker: jobs
+stay queued, so what a submission stored can be read back as it was sent)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+import pytest
+from services import Service, free_port, layertrack_exe
+
+EXE = layertrack_exe()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli-api")
+    roots = tmp / "ckpts"
+    roots.mkdir()
+    svc = Service(tmp=tmp, db_url=f"sqlite:///{tmp / 'lt.db'}", broker_url="filesystem://", roots=roots,
+                  extra_env={"LAYERTRACK_SWEEP_INTERVAL_S": "0"})
+    svc.migrate_and_token()
+    svc.start_api()
+    yield svc
+    svc.stop()
+
+
+def cli(svc: Service, *args: str, cwd=None, token: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LAYERTRACK_URL=svc.url, LAYERTRACK_TOKEN=token or svc.token,
+               LAYERTRACK_DATA_DIR=str(svc.tmp / "cli-data"))
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode != 0, out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    return lines[0]
+
+
+def job_id(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0].split()
+    assert first[0] == "job" and first[2] == "queued", out.stdout
+    return first[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(api, tokenizer):
+    from tiny_models import build_checkpoint
+
+    return build_checkpoint(api.roots / "run-a" / "step-5", "llama", tokenizer)
+
+
+def test_submit_resolves_a_relative_path_here_not_in_the_service(api, ckpt):
+    """The API server runs in another working directory: a relative path only works when the
+    CLI makes it absolute first."""
+    run = f"rel-{uuid.uuid4().hex[:6]}"
+    out = cli(api, "submit", run, "5", "step-5", cwd=ckpt.parent)
+    with api.client() as c:
+        job = c.job(job_id(out))
+    assert job["uri"] == str(ckpt.resolve())
+    # a URI with a scheme is sent as it is: file:// is resolved by the service
+    out = cli(api, "submit", run, "6", ckpt.as_uri())
+    with api.client() as c:
+        assert c.job(job_id(out))["uri"] == str(ckpt.resolve())
+    # an unsupported scheme is left alone too: the service says what is wrong with it
+    out = cli(api, "submit", run, "7", "s3://bucket/step-7")
+    assert out.returncode == 3 and "unsupported URI scheme 's3'" in one_line_error(out)
+
+
+def test_submit_sends_probe_replaceability_holdout_and_allow_pickle(api, ckpt, tokenizer):
+    from tiny_models import build_checkpoint
+
+    run = f"opts-{uuid.uuid4().hex[:6]}"
+    out = cli(api, "submit", run, "5", str(ckpt), "--probe", "default", "--replaceability", "--holdout-tokens", "512",
+              "--seq-len", "64", "--max-tokens", "600")
+    with api.client() as c:
+        job = c.job(job_id(out))
+    assert job["probe"] == "default"
+    assert job["config"]["replaceability"] is True and job["config"]["holdout_tokens"] == 512
+    assert job["config"]["seq_len"] == 64 and job["config"]["max_tokens"] == 600
+    assert {"loss_delta_linear", "loss_delta_drop"} <= set(job["config"]["metrics"])
+    assert job["config"]["allow_pickle"] is False
+
+    pickled = build_checkpoint(api.roots / run / "step-9", "llama", tokenizer, safe=False)
+    refused = cli(api, "submit", run, "9", str(pickled))
+    assert refused.returncode == 3 and "only pickle weights" in one_line_error(refused)
+    out = cli(api, "submit", run, "9", str(pickled), "--allow-pickle")
+    with api.client() as c:
+        assert c.job(job_id(out))["config"]["allow_pickle"] is True
+
+
+def test_api_errors_are_the_problem_detail_on_one_line(api, ckpt):
+    out = cli(api, "submit", "r", "5", str(ckpt), "--probe", "no-such-probe")
+    line = one_line_error(out)
+    assert out.returncode == 3 and line.startswith("error: unknown probe 'no-such-probe'") and "(HTTP 422)" in line
+    out = cli(api, "status", "0" * 32)
+    assert out.returncode == 3 and "no job with id" in one_line_error(out)
+    out = cli(api, "trend", "no-such-run")
+    assert out.returncode == 3 and "no run named 'no-such-run'" in one_line_error(out)
+    out = cli(api, "status", "x", token="lt_not-a-token")
+    line = one_line_error(out)
+    assert out.returncode == 3 and "(HTTP 401)" in line and "LAYERTRACK_TOKEN" in line
+
+
+def test_wait_gives_up_after_its_timeout_in_one_line(api, ckpt):
+    jid = job_id(cli(api, "submit", f"w-{uuid.uuid4().hex[:6]}", "5", str(ckpt)))
+    out = cli(api, "wait", jid, "--timeout", "0.5")
+    assert out.returncode == 1 and f"job {jid} still queued after 0.5 s" in one_line_error(out)
+
+
+def test_an_unreachable_service_says_where_it_looked_and_how_to_start_it(api):
+    url = f"http://127.0.0.1:{free_port()}"
+    env = dict(os.environ, LAYERTRACK_URL=url, LAYERTRACK_TOKEN="lt_x", LAYERTRACK_DATA_DIR=str(api.tmp / "none"))
+    out = subprocess.run([EXE, "status", "abc"], capture_output=True, text=True, timeout=120, env=env)
+    line = one_line_error(out)
+    assert out.returncode == 3 and f"cannot reach layertrack at {url}" in line and "layertrack up" in line
+
+
+def test_plot_refuses_a_wrong_file_name_before_any_request(api, tmp_path):
+    out = cli(api, "plot", "r", "-o", str(tmp_path / "fig.txt"))
+    assert out.returncode == 2 and "must end in .png or .svg" in one_line_error(out)

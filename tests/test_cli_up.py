@@ -1,0 +1,87 @@
+"""``layertrack up``: the API and its workers as the README starts them, with ``--roots``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+
+import httpx
+from services import free_port, layertrack_exe, wait_until
+
+EXE = layertrack_exe()
+
+
+def clean_env(tmp_path) -> dict[str, str]:
+    env = dict(os.environ, LAYERTRACK_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1")
+    for k in ("LAYERTRACK_DATABASE_URL", "LAYERTRACK_BROKER_URL", "LAYERTRACK_URL", "LAYERTRACK_TOKEN",
+              "LAYERTRACK_CHECKPOINT_ROOTS"):
+        env.pop(k, None)
+    return env
+
+
+def ready(url: str) -> bool:
+    with contextlib.suppress(httpx.TransportError):
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    return False
+
+
+def test_up_roots_reach_the_api_and_the_workers(tmp_path, tokenizer):
+    from tiny_models import build_checkpoint
+
+    roots = [tmp_path / "roots-a", tmp_path / "roots-b"]
+    for r in roots:
+        r.mkdir()
+    inside = build_checkpoint(roots[1] / "run" / "step-5", "opt", tokenizer)
+    outside = build_checkpoint(tmp_path / "elsewhere" / "step-5", "opt", tokenizer)
+    env = clean_env(tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_out, log_err = tmp_path / "up.out", tmp_path / "up.err"
+    # started in a folder that holds neither checkpoint: the default root would refuse both
+    with open(log_out, "wb") as out, open(log_err, "wb") as err:
+        up = subprocess.Popen([EXE, "up", "--port", str(port), "--roots", *map(str, roots)], env=env,
+                              cwd=outside.parent, stdout=out, stderr=err, start_new_session=True)
+    try:
+        client_file = tmp_path / "data" / "client.json"
+        printed = wait_until(lambda: "token" in log_out.read_text() and log_out.read_text(), 60,
+                             what="layertrack up's lines")
+        lines = printed.splitlines()
+        assert lines[0].startswith(f"layertrack is up at {url}"), printed
+        assert f"checkpoint roots: {roots[0]}, {roots[1]}" in lines, printed
+        assert f"first API token saved to {client_file} (the CLI and the Python client read it from there)" in lines
+        wait_until(lambda: ready(url), 60, what="layertrack up to answer /readyz")
+
+        # the CLI finds the service and its token where up saved them
+        done = subprocess.run([EXE, "submit", "roots", "5", str(inside), "--max-tokens", "600", "--seq-len", "64",
+                               "--wait", "--timeout", "240"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr + log_err.read_text()[-3000:]
+        assert "succeeded" in done.stdout.splitlines()[-1]  # the worker read it under its roots too
+        refused = subprocess.run([EXE, "submit", "roots", "6", str(outside)], env=env, capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode == 3 and "outside the allowed checkpoint roots" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+
+def test_up_refuses_a_missing_root_and_a_busy_port_in_one_line(tmp_path):
+    env = clean_env(tmp_path)
+    out = subprocess.run([EXE, "up", "--roots", str(tmp_path / "nope")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 3 and out.stderr.count("\n") == 1
+    assert f"checkpoint root '{tmp_path / 'nope'}' is not a directory" in out.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([EXE, "up", "--port", str(port)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "--port" in out.stderr
