@@ -310,8 +310,8 @@ def test_alert_rules_fire_exactly_at_the_crossings(live, receiver, monkeypatch):
     firings, and the trend.alert webhooks the webhook worker sends for them."""
     from layertrack.service import jobs, queue
     from layertrack.service.db import session_scope
-    from layertrack.service.models import Phase
     from layertrack.service.settings import Settings
+    from layertrack.workers.vocabulary import KNOWN_METRICS, Phase
 
     # this process sends the deliveries as a worker does, to the live service's broker
     monkeypatch.setattr(queue, "app", queue.make_app(Settings(data_dir=live.data_dir, broker_url=live.broker_url)))
@@ -325,7 +325,7 @@ def test_alert_rules_fire_exactly_at_the_crossings(live, receiver, monkeypatch):
         i = step - 1
         sub = jobs.Submission(run=run, step=step, uri=f"/synthetic/{step}", fingerprint=f"fp{step}",
                               phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
-                              config={"metrics": list(jobs.KNOWN_METRICS)})
+                              config={"metrics": list(KNOWN_METRICS)})
         with session_scope(live.db_url) as s:
             job, _ = jobs.submit(s, sub)
             s.flush()
@@ -339,7 +339,7 @@ def test_alert_rules_fire_exactly_at_the_crossings(live, receiver, monkeypatch):
              "final_norm": True},  # left out of layer means
         ]
         result = {"pairs": pairs, "layers": [{"layer": k, "anisotropy": 0.1} for k in range(4)], "n_tokens": 1}
-        done = jobs.complete(live.db_url, job_id, "test", result, list(jobs.KNOWN_METRICS))
+        done = jobs.complete(live.db_url, job_id, "test", result, list(KNOWN_METRICS))
         assert done
         assert queue.send_deliveries(done.deliveries) == len(done.deliveries)
 
