@@ -72,12 +72,14 @@ def test_up_roots_reach_the_api_and_the_workers(tmp_path, tokenizer):
             up.wait()
 
 
-def test_up_refuses_a_missing_root_and_a_busy_port_in_one_line(tmp_path):
+def test_up_refuses_a_missing_root_a_bad_port_and_a_busy_port_in_one_line(tmp_path):
     env = clean_env(tmp_path)
     out = subprocess.run([EXE, "up", "--roots", str(tmp_path / "nope")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 3 and out.stderr.count("\n") == 1
     assert f"checkpoint root '{tmp_path / 'nope'}' is not a directory" in out.stderr
+    out = subprocess.run([EXE, "up", "--port", "70000"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "a TCP port is 1 to 65535" in out.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -46,6 +46,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1 to 65535, not {value}")
+    return value
+
+
 def _group(sub, name: str, help: str) -> argparse._SubParsersAction:
     """A command with actions of its own (``token create``); alone, it prints its help."""
     parser = sub.add_parser(name, help=help, description=help)
@@ -109,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "scoring worker and a webhook worker, and serve the API until Ctrl-C.",
     )
     up_.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    up_.add_argument("--port", type=positive_int, default=DEFAULT_PORT,
+    up_.add_argument("--port", type=port, default=DEFAULT_PORT,
                      help=f"TCP port to listen on (default: {DEFAULT_PORT})")
     up_.add_argument("--roots", nargs="+", metavar="DIR",
                      help="checkpoint roots: the directories checkpoints may be read from, for the API and the "
@@ -126,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("step", type=int, help="training step")
     submit.add_argument("uri", metavar="PATH_OR_URI", help="checkpoint directory or file:// URI")
     submit.add_argument("--phase", choices=tuple(p.value for p in Phase),
-                        help="the run's phase (default: pretrain for a new run)")
+                        help="the checkpoint's phase (default: the run's; a new run's is finetune when it has a "
+                             "parent, else pretrain)")
     submit.add_argument("--parent-run", metavar="RUN", help="the run a fine-tune starts from")
     submit.add_argument("--parent-step", type=int, metavar="STEP", help="the parent run's step it starts from")
     submit.add_argument("--probe", metavar="NAME", help=f"probe the service scores with (default: {DEFAULT_PROBE})")
