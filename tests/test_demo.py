@@ -197,6 +197,30 @@ def test_without_a_service_the_demo_starts_an_embedded_one(tmp_path, monkeypatch
     assert not answers()  # stopped with the block
 
 
+def test_a_saved_service_is_used_only_when_it_can_read_out(api, tmp_path, monkeypatch, capsys):
+    """What ``layertrack up`` saved (client.json) is used when it answers and can read --out;
+    otherwise the demo says why and starts an embedded service instead."""
+    from layertrack.service.settings import get_settings
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "client.json").write_text(json.dumps({"url": api.url, "token": api.token}))
+    monkeypatch.delenv("LAYERTRACK_URL", raising=False)
+    monkeypatch.delenv("LAYERTRACK_TOKEN", raising=False)
+    monkeypatch.setenv("LAYERTRACK_DATA_DIR", str(data))
+    get_settings.cache_clear()
+    try:
+        with demo_service(None, None, api.roots / "demo-saved") as (url, token, embedded):
+            assert (url, token, embedded) == (api.url, api.token, False)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        with demo_service(None, None, elsewhere) as (url, _token, embedded):
+            assert embedded and url != api.url
+        assert f"not using layertrack at {api.url}" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
+
+
 @pytest.mark.slow
 def test_demo_short_through_the_embedded_service(tmp_path):
     out = tmp_path / "out"
