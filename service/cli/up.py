@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from layertrack.workers.checkpoint import ROOTS_ENV  # stdlib only: no torch
+
 from .admin import database_errors, safe_url
 from .common import CliError
 
@@ -90,7 +92,7 @@ def _stop(workers: list[subprocess.Popen]) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.roots:
         # before anything reads the settings: the API reads them below, the workers inherit them
-        os.environ["LAYERTRACK_CHECKPOINT_ROOTS"] = os.pathsep.join(map(str, checkpoint_roots(args.roots)))
+        os.environ[ROOTS_ENV] = os.pathsep.join(map(str, checkpoint_roots(args.roots)))
     import uvicorn
 
     from ..api import create_app
