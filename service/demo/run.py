@@ -66,7 +66,7 @@ def check_service_reads(client, out: Path) -> None:
     try:
         job = client.submit(run="layertrack-demo-check", step=0, uri=str(probe))
     except ApiError as e:
-        code = (e.body or {}).get("code") if isinstance(e.body, dict) else None
+        code = e.body.get("code") if isinstance(e.body, dict) else None
         if code == "no_safetensors_weights":
             return
         where = f"layertrack at {client.url}"
