@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from layertrack.workers import checkpoint as ckpt_files  # stdlib only: no torch
+from layertrack.workers.errors import LayertrackError
+from layertrack.workers.probe import default_probe
 from layertrack.workers.vocabulary import (
     BASE_METRICS,
     DEFAULT_PROBE,
@@ -30,7 +33,7 @@ from sqlalchemy.orm import Session
 from . import alerts, webhooks
 from .db import session_scope
 from .errors import Conflict, Invalid, NotFound
-from .models import Checkpoint, Job, Probe, Run, Score
+from .models import Checkpoint, HookReceipt, Job, Probe, Run, Score
 
 log = logging.getLogger("layertrack.jobs")
 
@@ -70,8 +73,6 @@ _probe_ids: dict[tuple[str, str], int] = {}  # (database, sha256) -> probes.id; 
 
 
 def probe_row(session: Session, name: str) -> Probe:
-    from layertrack.workers.probe import default_probe  # stdlib only, no torch
-
     if name != DEFAULT_PROBE:
         raise Invalid(f"unknown probe {name!r}; available: {DEFAULT_PROBE}")
     p = default_probe()
@@ -200,9 +201,6 @@ def accept_checkpoint(
     config) gives the stored job. ``receipt`` (a signed hook's HookReceipt) is committed in
     the same transaction, so a failure leaves neither. The caller sends a created job to the
     queue after this returns."""
-    from layertrack.workers import checkpoint as ckpt_files  # stdlib only: no torch
-    from layertrack.workers.errors import LayertrackError
-
     replaceable = [m for m in body.metrics or [] if m in REPLACEABILITY_METRICS]
     if replaceable and not body.config.replaceability:
         raise Invalid(f"metric(s) {', '.join(replaceable)} need config.replaceability = true")
@@ -240,8 +238,6 @@ def accept_checkpoint(
 
 
 def _receipt_taken(session: Session, receipt: Any) -> bool:
-    from .models import HookReceipt
-
     return session.scalar(select(HookReceipt.id).where(
         HookReceipt.source_id == receipt.source_id, HookReceipt.msg_id == receipt.msg_id)) is not None
 

@@ -26,6 +26,7 @@ from datetime import timedelta
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from layertrack.workers.errors import LayertrackError
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -180,8 +181,7 @@ def _failed(db_url: str, job_id: str, worker: str, code: str, message: str) -> N
 @app.task(name=SCORE_TASK, bind=True)
 def score(self, job_id: str) -> str:
     """Claim the job, score its checkpoint with a heartbeat running, store the result."""
-    from layertrack.workers.errors import LayertrackError  # the compute side: torch
-    from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+    from layertrack.workers.scoring import ScoreConfig, score_checkpoint  # the compute side: torch
 
     settings = get_settings()
     db_url = settings.db_url
