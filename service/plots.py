@@ -8,18 +8,11 @@ import io
 import math
 from typing import Any
 
+from layertrack.workers.vocabulary import METRIC_LABELS
+
 #: Okabe & Ito (2008), colour-blind safe
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
-LABELS = {
-    "linearity": "linearity (with residual)",
-    "linearity_nores": "linearity, residual removed",
-    "cosine": "cosine(h_i, h_i+1)",
-    "norm_ratio": "‖h_i+1 − h_i‖ / ‖h_i‖",
-    "anisotropy": "anisotropy (λ_max / trace)",
-    "loss_delta_linear": "Δ loss, block → linear map (nats/token)",
-    "loss_delta_drop": "Δ loss, block dropped (nats/token)",
-}
 
 
 def _figure(width: float = 7.5, height: float = 4.2):
@@ -75,7 +68,7 @@ def trend_figure(run: str, metric: str, trend: dict[str, Any], *, log_x: bool = 
     if log_x:
         log_step_axis(ax)
     ax.set_xlabel("training step" + (f" (fine-tuning from step {offset} of the parent)" if parent else ""))
-    ax.set_ylabel(f"layer mean of {LABELS.get(metric, metric)}")
+    ax.set_ylabel(f"layer mean of {METRIC_LABELS.get(metric, metric)}")
     ax.set_title(f"{run}: {metric}, layer mean per step")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -99,7 +92,7 @@ def heatmap_figure(run: str, metric: str, heat: dict[str, Any], *, fmt: str = "p
     ax.set_xlabel("training step")
     ax.set_ylabel("block (hidden state i → i+1)")
     ax.set_title(f"{run}: {metric} per block and step")
-    fig.colorbar(im, ax=ax, label=LABELS.get(metric, metric))
+    fig.colorbar(im, ax=ax, label=METRIC_LABELS.get(metric, metric))
     return _bytes(fig, fmt)
 
 
@@ -113,7 +106,7 @@ def profile_figure(run: str, metric: str, prof: dict[str, Any], *, fmt: str = "p
         ax.plot([p[0] for p in pts], _nan([p[1] for p in pts]), marker="o", color=PALETTE[k % len(PALETTE)],
                 label=f"step {step}")
     ax.set_xlabel("block i (hidden state i → i+1)")
-    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(f"{run}: {metric} per block")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

@@ -53,22 +53,16 @@ def redis_url(redis_server):
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api_service(request, tmp_path_factory):
     """The API server (no worker) on SQLite + filesystem broker, or PostgreSQL + Redis."""
-    from services import Service, create_pg_database, drop_pg_database
+    from services import api_only, create_pg_database, drop_pg_database
 
     tmp = tmp_path_factory.mktemp(f"api-{request.param}")
-    roots = tmp / "ckpts"
-    roots.mkdir()
     if request.param == "sqlite":
-        db, broker = f"sqlite:///{tmp / 'lt.db'}", "filesystem://"
-    else:
-        db, broker = create_pg_database(), request.getfixturevalue("redis_server").new_url()
-    # no worker: the sweeper is off, so jobs stay where the tests put them
-    svc = Service(tmp=tmp, db_url=db, broker_url=broker, roots=roots,
-                  extra_env={"LAYERTRACK_SWEEP_INTERVAL_S": "0"})
-    svc.migrate_and_token()
-    svc.start_api()
-    svc.backend = request.param
-    yield svc
-    svc.stop()
-    if request.param == "postgresql":
-        drop_pg_database(db)
+        with api_only(tmp) as svc:
+            svc.backend = request.param
+            yield svc
+        return
+    db = create_pg_database()
+    with api_only(tmp, db_url=db, broker_url=request.getfixturevalue("redis_server").new_url()) as svc:
+        svc.backend = request.param
+        yield svc
+    drop_pg_database(db)

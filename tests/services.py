@@ -28,8 +28,8 @@ from typing import TypeVar
 import pytest
 from layertrack.service.embedded import EmbeddedService, free_port
 
-__all__ = ["RedisServer", "Service", "create_pg_database", "drop_pg_database", "free_port", "layertrack_exe",
-           "live_service", "wait_until"]
+__all__ = ["RedisServer", "Service", "api_only", "create_pg_database", "drop_pg_database", "free_port",
+           "layertrack_exe", "live_service", "wait_until"]
 
 PG_ADMIN = os.environ.get("LAYERTRACK_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -187,6 +187,22 @@ class Service(EmbeddedService):
 
     def migrate_and_token(self, name: str = "tests") -> str:
         return super().migrate_and_token(name)
+
+
+@contextlib.contextmanager
+def api_only(tmp: Path, *, db_url: str | None = None, broker_url: str = "filesystem://"):
+    """An API server and no worker (the sweeper off, so jobs stay where a test puts them),
+    checkpoints under ``tmp/ckpts``; SQLite under ``tmp`` unless ``db_url`` is given."""
+    roots = tmp / "ckpts"
+    roots.mkdir()
+    svc = Service(tmp=tmp, db_url=db_url or f"sqlite:///{tmp / 'lt.db'}", broker_url=broker_url, roots=roots,
+                  extra_env={"LAYERTRACK_SWEEP_INTERVAL_S": "0"})
+    try:
+        svc.migrate_and_token()
+        svc.start_api()
+        yield svc
+    finally:
+        svc.stop()
 
 
 @contextlib.contextmanager

@@ -8,22 +8,15 @@ import subprocess
 import uuid
 
 import pytest
-from services import Service, free_port, layertrack_exe
+from services import Service, api_only, free_port, layertrack_exe
 
 EXE = layertrack_exe()
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli-api")
-    roots = tmp / "ckpts"
-    roots.mkdir()
-    svc = Service(tmp=tmp, db_url=f"sqlite:///{tmp / 'lt.db'}", broker_url="filesystem://", roots=roots,
-                  extra_env={"LAYERTRACK_SWEEP_INTERVAL_S": "0"})
-    svc.migrate_and_token()
-    svc.start_api()
-    yield svc
-    svc.stop()
+    with api_only(tmp_path_factory.mktemp("cli-api")) as svc:
+        yield svc
 
 
 def cli(svc: Service, *args: str, cwd=None, token: str | None = None) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import pytest
 from layertrack.service.demo import report
 from layertrack.service.demo.run import CHECK_DIR, DemoError, check_service_reads, demo_service
 from layertrack.service.demo.training import PLANS
-from services import Service, free_port, layertrack_exe
+from services import api_only, free_port, layertrack_exe
 
 EXE = layertrack_exe()
 
@@ -114,15 +114,8 @@ def test_the_demo_draws_its_figures_with_the_service_plots(tmp_path):
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     """An API server (SQLite, no worker) whose only checkpoint root is ``tmp/ckpts``."""
-    tmp = tmp_path_factory.mktemp("demo-api")
-    roots = tmp / "ckpts"
-    roots.mkdir()
-    svc = Service(tmp=tmp, db_url=f"sqlite:///{tmp / 'lt.db'}", broker_url="filesystem://", roots=roots,
-                  extra_env={"LAYERTRACK_SWEEP_INTERVAL_S": "0"})
-    svc.migrate_and_token()
-    svc.start_api()
-    yield svc
-    svc.stop()
+    with api_only(tmp_path_factory.mktemp("demo-api")) as svc:
+        yield svc
 
 
 def demo(*args: str, tmp_path) -> subprocess.CompletedProcess:

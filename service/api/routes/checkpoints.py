@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Response
 
-from ... import jobs, queue
+from ... import jobs
 from ...schemas import CheckpointIn, JobOut
 from ..deps import SessionDep, SettingsDep, current_caller
+from ..replies import accepted
 
 router = APIRouter(prefix="/v1", tags=["checkpoints"], dependencies=[Depends(current_caller)])
 
@@ -24,10 +25,4 @@ def submit_checkpoint(
 ) -> JobOut:
     """Queue a checkpoint for scoring; the same checkpoint again returns the existing job (200)."""
     job, created = jobs.accept_checkpoint(session, body, roots=settings.roots, idempotency_key=idempotency_key)
-    out = JobOut.of(job)
-    if created:
-        queue.dispatch(session, job)
-    else:
-        response.status_code = 200
-    response.headers["Location"] = out.status_url
-    return out
+    return accepted(session, response, job, created)

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from ... import hooks, jobs, queue
+from ... import hooks, jobs
 from ...schemas import CheckpointIn, JobOut
 from ..deps import SessionDep, SettingsDep
+from ..replies import accepted
 
 router = APIRouter(prefix="/v1/hooks", tags=["hook sources"])
 
@@ -36,10 +37,4 @@ def hook_checkpoint(
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
     job, created = jobs.accept_checkpoint(session, body, roots=settings.roots, receipt=receipt)
-    out = JobOut.of(job)
-    if created:
-        queue.dispatch(session, job)
-    else:
-        response.status_code = 200
-    response.headers["Location"] = out.status_url
-    return out
+    return accepted(session, response, job, created)
