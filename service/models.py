@@ -114,6 +114,8 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     queued_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+    #: times the sweeper sent the job again because its message was presumed lost
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     started_at: Mapped[datetime | None] = mapped_column(TZDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(TZDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(TZDateTime)
@@ -157,6 +159,12 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(TZDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+    #: what the token may do: comma-separated scopes (read, submit, admin); tokens made
+    #: before scopes existed keep every right
+    scopes: Mapped[str] = mapped_column(String(64), default="read,submit,admin",
+                                        server_default="read,submit,admin")
+    #: run-name patterns (fnmatch, comma separated) the token is limited to; None: every run
+    run_patterns: Mapped[str | None] = mapped_column(String(500))
 
 
 # ------------------------------------------------------------------ webhooks out
@@ -169,9 +177,9 @@ class Webhook(Base):
     url: Mapped[str] = mapped_column(Text)
     events: Mapped[list[str]] = mapped_column(JSON)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    #: the signing secret (``whsec_<base64>``): needed to sign, so kept as is; never returned
-    #: by the API after creation
-    secret: Mapped[str] = mapped_column(String(200))
+    #: the signing secret (``whsec_<base64>``), needed to sign; never returned by the API
+    #: after creation
+    secret: Mapped[str] = mapped_column(Text)
     description: Mapped[str] = mapped_column(String(200), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
@@ -198,6 +206,10 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+    #: when a message for the delivery's current attempt was last handed to the queue
+    sent_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+    #: times the sweeper sent it again because its message was presumed lost
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     webhook: Mapped[Webhook] = relationship()
     attempt_log: Mapped[list[DeliveryAttempt]] = relationship(
@@ -226,7 +238,7 @@ class HookSource(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    secret: Mapped[str] = mapped_column(String(200))
+    secret: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime)
 
