@@ -22,7 +22,9 @@ async def raw_body(request: Request) -> bytes:
 
 
 @router.post("/checkpoint", status_code=202, response_model=JobOut,
-             responses={200: {"model": JobOut, "description": "the same checkpoint was already submitted"}})
+             responses={200: {"model": JobOut, "description": "the same checkpoint was already submitted"}},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/CheckpointIn"}}}}})
 def hook_checkpoint(
     request: Request, response: Response, session: SessionDep, settings: SettingsDep,
     raw: Annotated[bytes, Depends(raw_body)],

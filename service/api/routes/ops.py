@@ -21,7 +21,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "the database or the broker is unreachable; retry after "
+                                         "`Retry-After` seconds", "content": {"application/json": {}}}})
 def readyz(settings: SettingsDep) -> JSONResponse:
     """The database and the broker are reachable (503 with Retry-After otherwise)."""
     checks: dict[str, str] = {}
@@ -42,7 +43,9 @@ def readyz(settings: SettingsDep) -> JSONResponse:
                         status_code=200 if ok else 503, headers=headers)
 
 
-@router.get("/metrics", dependencies=[Depends(current_caller)])
+@router.get("/metrics", dependencies=[Depends(current_caller)], response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
 def metrics(session: SessionDep) -> Response:
     """Prometheus text format: jobs by status, runs."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest

@@ -73,7 +73,10 @@ def run_profile(run: str, session: SessionDep, metric: MetricQ = "linearity", st
     return {"run": run, "metric": metric, **queries.profile(session, run_id=r.id, metric=metric, steps=step)}
 
 
-@router.get("/runs/{run:path}/export")
+@router.get("/runs/{run:path}/export", response_class=Response, responses={200: {"content": {
+    "text/csv": {"schema": {"type": "string"}},
+    "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+}, "description": "CSV (format=csv, the default) or Parquet (format=parquet)"}})
 def run_export(
     run: str, session: SessionDep, format: Literal["csv", "parquet"] = "csv", metric: MetricQ | None = None,
 ):
@@ -145,4 +148,6 @@ def read_run(run: str, session: SessionDep) -> RunOut:
 
 #: declared by create_app after every other /v1/runs/{run:path}/... route, which it would match
 last = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(current_caller)])
-last.add_api_route("/runs/{run:path}", read_run, methods=["GET"], response_model=RunOut)
+#: {run:run} (problems.RunNameConvertor): no run name has a view's word as a part, so GET on a longer
+#: run path (/v1/runs/x/alerts/5, which only DELETE takes) is 405, not "no run named 'x/alerts/5'"
+last.add_api_route("/runs/{run:run}", read_run, methods=["GET"], response_model=RunOut)
