@@ -5,8 +5,11 @@ scores, an alert firing), then handed to the ``webhooks`` Celery queue (``layert
 signed per the Standard Webhooks spec (``webhook-id``, ``webhook-timestamp``,
 ``webhook-signature: v1,<base64 HMAC-SHA256>``) with the ``standardwebhooks`` library, and
 retried with exponential back-off on timeouts, connection errors, 429 and 5xx, up to
-``webhook_max_attempts``. Every attempt is stored. The sweeper re-sends a pending delivery
-whose task was lost, so nothing committed is dropped.
+``webhook_max_attempts``. Every attempt is stored. ``sent_at`` records when the delivery's
+current message was handed to the queue (set with the row, by the transaction that makes it
+due, and cleared when sending fails); the sweeper (``layertrack.service.queue.sweep``) sends
+the ones never sent and re-sends those whose message it presumes lost, so nothing committed
+is dropped and nothing waiting is sent twice.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from layertrack.workers.vocabulary import TEST_EVENT
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .db import session_scope
@@ -35,8 +38,9 @@ from .models import Delivery, DeliveryAttempt, Run, Webhook
 
 log = logging.getLogger("layertrack.webhooks")
 
-#: a pending delivery this far past its due time has lost its task: the sweeper re-sends it
-OVERDUE_S = 30.0
+#: a delivery's message is presumed lost no sooner than this (or ``requeue_after_s`` if
+#: shorter) after it was sent and fell due; then twice that, four times, ... (the sweeper)
+RESEND_AFTER_S = 30.0
 
 
 def now() -> datetime:
@@ -216,20 +220,66 @@ def add_delivery(session: Session, sub: Webhook, event: str, data: dict[str, Any
         id=f"msg_{uuid.uuid4().hex}", webhook_id=sub.id, event=event,
         payload={"type": event, "timestamp": t.isoformat().replace("+00:00", "Z"), "data": data},
         status="pending", attempts=0, next_attempt_at=t, created_at=t,
+        sent_at=t,  # the caller sends it after the commit; if that fails, it clears this
     )
     session.add(d)
     return d.id
 
 
-def overdue(db_url: str) -> list[str]:
-    """Pending deliveries whose task must have been lost."""
+# ------------------------------------------------------------------ sending bookkeeping (the sweeper)
+def unsent(db_url: str, limit: int) -> list[str]:
+    """Pending deliveries due now whose message was never handed to the queue (sending
+    failed, or a row from before ``sent_at`` existed), oldest first."""
     with session_scope(db_url) as s:
         return list(s.scalars(
-            select(Delivery.id).where(
-                Delivery.status == "pending",
-                Delivery.next_attempt_at < now() - timedelta(seconds=OVERDUE_S),
-            ).limit(500)
+            select(Delivery.id)
+            .where(Delivery.status == "pending", Delivery.sent_at.is_(None), Delivery.next_attempt_at <= now())
+            .order_by(Delivery.next_attempt_at).limit(limit)
         ))
+
+
+def awaiting(db_url: str, sent_before: datetime) -> int:
+    """Deliveries whose message should be waiting in the queue: pending, sent before
+    ``sent_before`` and due (a delivery whose retry message has a future ETA, or whose
+    attempt is under way, is not counted)."""
+    with session_scope(db_url) as s:
+        return s.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.status == "pending", Delivery.sent_at < sent_before, Delivery.next_attempt_at <= now()
+        )) or 0
+
+
+def resend_candidates(db_url: str, backed_off: ColumnElement[bool], limit: int) -> list[str]:
+    """Up to ``limit`` sent, pending deliveries past their back-off (``backed_off``, over
+    ``Delivery.sent_at``, ``Delivery.next_attempt_at`` and ``Delivery.resends``), oldest sent first."""
+    if limit <= 0:
+        return []
+    with session_scope(db_url) as s:
+        return list(s.scalars(
+            select(Delivery.id)
+            .where(Delivery.status == "pending", Delivery.sent_at.is_not(None), backed_off)
+            .order_by(Delivery.sent_at, Delivery.id).limit(limit)
+        ))
+
+
+def mark_sent(db_url: str, ids: Sequence[str], *, resent: bool = False) -> None:
+    """Record that messages for these deliveries were just handed to the queue (``resent``:
+    again, because the last one was presumed lost)."""
+    if not ids:
+        return
+    values: dict[str, Any] = {"sent_at": now()}
+    if resent:
+        values["resends"] = Delivery.resends + 1
+    with session_scope(db_url) as s:
+        s.execute(update(Delivery).where(Delivery.id.in_(list(ids)), Delivery.status == "pending").values(**values))
+
+
+def mark_unsent(db_url: str, ids: Sequence[str]) -> None:
+    """The queue could not take these deliveries' messages: the sweeper sends them once it can."""
+    if not ids:
+        return
+    with session_scope(db_url) as s:
+        s.execute(update(Delivery).where(Delivery.id.in_(list(ids)), Delivery.status == "pending")
+                  .values(sent_at=None))
 
 
 def redeliver(session: Session, d: Delivery) -> Delivery:
@@ -238,6 +288,7 @@ def redeliver(session: Session, d: Delivery) -> Delivery:
     if d.status == "pending":
         raise Conflict(f"delivery {d.id} is still being attempted; wait for it to finish")
     d.status, d.attempts, d.next_attempt_at, d.finished_at = "pending", 0, now(), None
+    d.sent_at = d.next_attempt_at  # the caller sends it after the commit
     session.commit()
     return d
 
@@ -335,6 +386,7 @@ def attempt(db_url: str, delivery_id: str, settings) -> float | None:
         elif retryable and due.attempts < settings.webhook_max_attempts:
             delay = backoff(due.attempts, settings.webhook_backoff_s, settings.webhook_backoff_max_s)
             d.next_attempt_at = t + timedelta(seconds=delay)
+            d.sent_at = t  # the task sends the next attempt's message (with that countdown) next
         else:
             d.status, d.finished_at, d.next_attempt_at = "failed", t, None
     log.info("webhook delivery %s attempt %d: %s", delivery_id, due.attempts, error or code)
