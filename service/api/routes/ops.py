@@ -9,7 +9,7 @@ from sqlalchemy import func, select, text
 
 from ... import queue
 from ...db import get_sessionmaker
-from ...models import Job, Run
+from ...models import Delivery, Job, Run
 from ..deps import SessionDep, SettingsDep, current_caller
 
 router = APIRouter(tags=["operations"])
@@ -47,8 +47,10 @@ def readyz(settings: SettingsDep) -> JSONResponse:
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition format"}})
 def metrics(session: SessionDep) -> Response:
-    """Prometheus text format: jobs by status, runs."""
+    """Prometheus text format: jobs by status, runs, and the messages the sweeper re-sent
+    because it presumed them lost (jobs, webhook deliveries; summed over the stored rows)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+    from prometheus_client.core import CounterMetricFamily
 
     reg = CollectorRegistry()
     g = Gauge("layertrack_jobs", "jobs by status", ["status"], registry=reg)
@@ -56,4 +58,22 @@ def metrics(session: SessionDep) -> Response:
     for s in JobStatus:
         g.labels(s.value).set(counts.get(s, 0))
     Gauge("layertrack_runs", "runs", registry=reg).set(session.scalar(select(func.count(Run.id))) or 0)
+    resends = [
+        CounterMetricFamily("layertrack_job_resends", "job messages re-sent by the sweeper (presumed lost)",
+                            value=session.scalar(select(func.coalesce(func.sum(Job.resends), 0)))),
+        CounterMetricFamily("layertrack_delivery_resends",
+                            "webhook delivery messages re-sent by the sweeper (presumed lost)",
+                            value=session.scalar(select(func.coalesce(func.sum(Delivery.resends), 0)))),
+    ]
+    reg.register(_Fixed(resends))
     return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Fixed:
+    """A collector of metric families read once (from the database) for one scrape."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
