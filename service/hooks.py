@@ -1,10 +1,12 @@
 """Signed hooks in: the sources that may send ``POST /v1/hooks/checkpoint`` and checking
 their Standard Webhooks signatures.
 
-A hook source has a name and a ``whsec_`` secret. A request is accepted when its
-``webhook-signature`` matches the body signed with an active source's secret, its
-``webhook-timestamp`` is within TOLERANCE_S of the server's clock, and its ``webhook-id``
-was not accepted before (the receipt is stored with the job it created).
+A hook source has a name and a ``whsec_`` secret (stored encrypted: service/crypto.py). A
+request is accepted when its ``webhook-signature`` matches the body signed with an active
+source's secret, its ``webhook-timestamp`` is within TOLERANCE_S of the server's clock, and
+its ``webhook-id`` was not accepted before. The receipt is stored with the job it created,
+in the same transaction (jobs.accept_checkpoint): a submission that fails leaves no
+receipt, so the sender's retry with the same webhook-id is accepted.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from . import webhooks
+from . import crypto, webhooks
 from .errors import Conflict, NotFound, ServiceError
 from .models import HookReceipt, HookSource
 
@@ -37,7 +39,7 @@ def create_source(session: Session, *, name: str, secret: str | None) -> tuple[H
     if session.scalar(select(HookSource).where(HookSource.name == name)):
         raise Conflict(f"a hook source named {name!r} already exists")
     secret = webhooks.secret_or_new(secret)
-    src = HookSource(name=name, secret=secret, created_at=datetime.now(UTC))
+    src = HookSource(name=name, secret=crypto.seal(secret, crypto.settings_of(session)), created_at=datetime.now(UTC))
     session.add(src)
     session.commit()
     return src, secret
@@ -76,21 +78,23 @@ def verify(session: Session, raw: bytes, headers: Mapping[str, str], source: str
     stmt = select(HookSource).where(HookSource.revoked_at.is_(None))
     if source is not None:
         stmt = stmt.where(HookSource.name == source)
+    settings = crypto.settings_of(session)
     for src in session.scalars(stmt.order_by(HookSource.id).limit(100)):
         try:
-            Verifier(src.secret).verify(raw, given, json_parse=False)
+            Verifier(crypto.unseal(src.secret, settings)).verify(raw, given, json_parse=False)
         except (WebhookVerificationError, ValueError, binascii.Error):
             continue
         msg_id = given["webhook-id"][:200]
-        replay = session.scalar(select(HookReceipt.id).where(HookReceipt.source_id == src.id,
-                                                             HookReceipt.msg_id == msg_id))
+        replay = session.execute(select(HookReceipt.job_id).where(HookReceipt.source_id == src.id,
+                                                                  HookReceipt.msg_id == msg_id)).first()
         if replay is not None:
-            raise replayed(msg_id, src.name)
+            raise replayed(msg_id, src.name, replay.job_id)
         return HookReceipt(source_id=src.id, msg_id=msg_id, received_at=datetime.now(UTC))
     which = f"hook source {source!r}" if source else "any active hook source"
     raise Unsigned(f"the webhook-signature does not match the body signed with the secret of {which}")
 
 
-def replayed(msg_id: str, source_name: str) -> Conflict:
-    return Conflict(f"webhook id {msg_id!r} from source {source_name!r} was already accepted; send a new "
+def replayed(msg_id: str, source_name: str, job_id: str | None = None) -> Conflict:
+    job = f" (its job: /v1/jobs/{job_id})" if job_id else ""
+    return Conflict(f"webhook id {msg_id!r} from source {source_name!r} was already accepted{job}; send a new "
                     "webhook-id for a new submission", title="Replayed webhook")

@@ -117,6 +117,9 @@ class Job(Base):
     #: times the sweeper sent the job again because its message was presumed lost
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     started_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+    #: the API token that submitted it (None: a signed hook, or submitted before tokens were
+    #: recorded); a token with the ``submit`` scope but not ``read`` sees only its own jobs
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id", ondelete="SET NULL"), index=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(TZDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(TZDateTime)
 
@@ -178,7 +181,7 @@ class Webhook(Base):
     events: Mapped[list[str]] = mapped_column(JSON)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     #: the signing secret (``whsec_<base64>``), needed to sign; never returned by the API
-    #: after creation
+    #: after creation. Stored encrypted (``fernet:...``, service/crypto.py)
     secret: Mapped[str] = mapped_column(Text)
     description: Mapped[str] = mapped_column(String(200), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -238,6 +241,7 @@ class HookSource(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    #: the signing secret, stored encrypted (``fernet:...``, service/crypto.py)
     secret: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime)

@@ -61,7 +61,13 @@ class Settings(BaseSettings):
     #: longest delay between two attempts
     webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
 
-    @field_validator("database_url", "broker_url", "checkpoint_roots", "webhook_allow_hosts", mode="before")
+    #: keys that encrypt webhook and hook-source signing secrets at rest: Fernet keys (URL-safe
+    #: base64 of 32 bytes), comma separated, newest first (the newest encrypts, every one
+    #: decrypts). Empty: the key in <data_dir>/secret.key, created (mode 600) when needed
+    secret_keys: str = Field(default="", repr=False)
+
+    @field_validator("database_url", "broker_url", "checkpoint_roots", "webhook_allow_hosts", "secret_keys",
+                     mode="before")
     @classmethod
     def _strip(cls, v: str | None) -> str:
         return (v or "").strip()

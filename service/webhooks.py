@@ -32,6 +32,7 @@ from layertrack.workers.vocabulary import TEST_EVENT
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from . import crypto
 from .db import session_scope
 from .errors import Conflict, Invalid, NotFound
 from .models import Delivery, DeliveryAttempt, Run, Webhook
@@ -170,7 +171,8 @@ def create(session: Session, *, url: str, events: list[str], run: Run | None, se
     """Store a subscription (committed); (webhook, its signing secret)."""
     check_target(url, allow_hosts)
     secret = secret_or_new(secret)
-    w = Webhook(url=url, events=sorted(set(events)), run_id=run.id if run else None, secret=secret,
+    w = Webhook(url=url, events=sorted(set(events)), run_id=run.id if run else None,
+                secret=crypto.seal(secret, crypto.settings_of(session)),  # encrypted at rest
                 description=description, active=True, created_at=now())
     session.add(w)
     session.commit()
@@ -395,7 +397,7 @@ def attempt(db_url: str, delivery_id: str, settings) -> float | None:
     else:
         try:
             check_target(due.url, settings.webhook_allow_hosts)
-            body, headers = signed_request(due.secret, due.id, due.payload)
+            body, headers = signed_request(crypto.unseal(due.secret, settings), due.id, due.payload)
             with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False) as http:
                 r = http.post(due.url, content=body, headers=headers)
             code = r.status_code
@@ -403,7 +405,7 @@ def attempt(db_url: str, delivery_id: str, settings) -> float | None:
                 retryable, error = True, f"the receiver answered {code}"
             elif not 200 <= code < 300:
                 error = f"the receiver answered {code}; only timeouts, 429 and 5xx are retried"
-        except TargetRefused as e:
+        except (TargetRefused, crypto.SecretKeyError) as e:
             error = str(e)
         except httpx.TimeoutException:
             retryable, error = True, f"no answer within {settings.webhook_timeout_s:g} s"

@@ -1,24 +1,50 @@
-"""Request dependencies, composed with ``Annotated``: the settings, a database session, and
-the caller (the bearer token's owner). A handler declares what it needs:
+"""Request dependencies, composed with ``Annotated``: the settings, a database session, the
+caller (the bearer token's owner) and what the caller may do. A handler declares what it needs:
 
     def read_job(job_id: str, session: SessionDep) -> JobOut: ...
 
-Routers that need a token declare ``dependencies=[Depends(current_caller)]``; FastAPI gives
-the handler and the token check the same session within one request.
+and each router (or, where a router mixes scopes, each route) declares the scope it needs
+(``auth.py`` says what each scope allows):
+
+    router = APIRouter(prefix="/v1/webhooks", dependencies=[Depends(admin_scope)])
+
+``read_scope``, ``submit_scope``, ``admin_scope``: the token must have that scope, and every run
+the request names (the ``{run}`` path parameter, the ``run`` query parameter, the
+comma-separated ``runs`` of /v1/compare, ``run`` and ``parent_run`` in a JSON body) must be
+within the token's run patterns; a read also leaves other runs out of the lists it answers.
+``read_every_run``: ``read`` by a token not limited to runs (/metrics counts every run).
+``job_read`` (a job or the job list: ``read``, or ``submit`` for the token's own jobs) and
+``job_change`` (cancel, retry: ``submit``, the token's own job unless it is also ``admin``)
+are the jobs' rules. ``current_caller``: any valid token (/v1/meta). Refusals are 403 problems naming
+the missing scope, or the token's run patterns. FastAPI gives the handler and these checks
+the same session within one request.
+
+The session carries the app's settings (``session.info["settings"]``) for the service
+functions that need them without a parameter of their own (the keys of the secrets at rest,
+``crypto.py``). ``secrets_at_rest`` is the lifespan that checks those keys when the API
+starts (declared by the webhooks router, so that ``create_app`` runs it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, FastAPI, Header, Request
 from sqlalchemy.orm import Session
 
-from .. import auth
+from .. import auth, crypto
+from ..auth import ADMIN, READ, SUBMIT
 from ..db import get_sessionmaker
+from ..models import Job
 from ..settings import Settings
 from .problems import Problem
+
+log = logging.getLogger("layertrack.api")
 
 
 async def settings_dep(request: Request) -> Settings:  # async: no thread hop
@@ -34,6 +60,7 @@ def session_dep(settings: SettingsDep) -> Iterator[Session]:
     """A database session for the request, closed after it. Writes are committed by the
     service functions that make them (jobs, webhooks, hooks, alerts), never by a route."""
     session = get_sessionmaker(settings.db_url)()
+    session.info["settings"] = settings
     try:
         yield session
     finally:
@@ -56,7 +83,135 @@ def current_caller(session: SessionDep, authorization: Annotated[str | None, Hea
     caller = auth.verify(session, token.strip())
     if caller is None:
         raise Problem(401, "Unauthorized", "unknown or revoked API token", _CHALLENGE)
+    auth.bind(session, caller)
     return caller
 
 
 CurrentCaller = Annotated[auth.Caller, Depends(current_caller)]
+
+
+# ------------------------------------------------------------------ what the caller may do
+def forbidden(detail: str) -> Problem:
+    return Problem(403, "Forbidden", detail)
+
+
+def missing_scope(caller: auth.Caller, scope: str, what: str) -> Problem:
+    return forbidden(f"{caller.describe()} lacks the '{scope}' scope, which {what} needs "
+                     f"('{scope}': {auth.SCOPE_HELP[scope]}); use a token created with "
+                     f"'layertrack token create NAME --scope {scope}'")
+
+
+def outside_runs(caller: auth.Caller, what: str) -> Problem:
+    return forbidden(f"{caller.describe()} is limited to the runs matching {', '.join(caller.run_patterns)}; "
+                     f"{what} is not one of them")
+
+
+def check_run(caller: auth.Caller, run: str) -> None:
+    """403 naming the caller's run patterns when ``run`` is outside them."""
+    if not caller.may_see(run):
+        raise outside_runs(caller, f"run {run!r}")
+
+
+async def runs_named(request: Request) -> list[str]:
+    """The run names a request names: the ``{run}`` path parameter, the ``run`` query
+    parameter, the comma-separated ``runs`` query parameter, and ``run`` / ``parent_run`` of a
+    JSON object body."""
+    names = [request.path_params["run"]] if isinstance(request.path_params.get("run"), str) else []
+    names += request.query_params.getlist("run")
+    names += [n.strip() for v in request.query_params.getlist("runs") for n in v.split(",") if n.strip()]
+    if request.method in ("POST", "PUT", "PATCH") and "json" in request.headers.get("content-type", ""):
+        try:
+            body = json.loads(await request.body())
+        except ValueError:  # not JSON: validation says so
+            body = None
+        if isinstance(body, dict):
+            names += [body[k] for k in ("run", "parent_run") if isinstance(body.get(k), str)]
+    return names
+
+
+def _what(request: Request) -> str:
+    return f"{request.method} {request.scope.get('route').path if request.scope.get('route') else request.url.path}"
+
+
+def require(scope: str, *, every_run: bool = False):
+    """A dependency: the caller has ``scope``, and every run the request names is within its
+    patterns (``every_run``: the route reaches every run, so a token limited to runs is
+    refused). A ``read`` leaves other runs out of what the session reads."""
+
+    async def dependency(request: Request, session: SessionDep, caller: CurrentCaller) -> auth.Caller:
+        if not caller.has(scope):
+            raise missing_scope(caller, scope, _what(request))
+        if every_run and caller.limited:
+            raise forbidden(f"{caller.describe()} is limited to the runs matching {', '.join(caller.run_patterns)}, "
+                            f"and {_what(request)} covers every run: use a token not limited to runs")
+        for name in await runs_named(request):
+            check_run(caller, name)
+        if scope == READ:
+            auth.restrict_reads(session, caller, own_jobs_only=False)
+        return caller
+
+    dependency.__name__ = f"require_{scope}{'_every_run' if every_run else ''}"
+    return dependency
+
+
+def _path_job(request: Request, session: Session) -> Job | None:
+    job_id = request.path_params.get("job_id")
+    if not isinstance(job_id, str) or len(job_id) > 36:
+        return None
+    return session.get(Job, job_id)  # None: the route answers 404
+
+
+def _check_job_run(caller: auth.Caller, job: Job) -> None:
+    if not caller.may_see(job.run.name):
+        raise outside_runs(caller, f"the run of job {job.id}")
+
+
+async def job_read(request: Request, session: SessionDep, caller: CurrentCaller) -> auth.Caller:
+    """Reading a job or the job list: ``read`` (every job of the token's runs), or ``submit``
+    (the jobs this token submitted)."""
+    if not (caller.has(READ) or caller.has(SUBMIT)):
+        raise missing_scope(caller, READ, _what(request))
+    for name in await runs_named(request):
+        check_run(caller, name)
+    own_only = not caller.has(READ)
+    job = _path_job(request, session)
+    if job is not None:
+        _check_job_run(caller, job)
+        if own_only and job.token_id != caller.token_id:
+            raise missing_scope(caller, READ, f"reading job {job.id}, which another token submitted,")
+    auth.restrict_reads(session, caller, own_jobs_only=own_only)
+    return caller
+
+
+async def job_change(request: Request, session: SessionDep, caller: CurrentCaller) -> auth.Caller:
+    """Cancelling or retrying a job: ``submit``, and the job is the token's own unless the
+    token is also ``admin``."""
+    if not caller.has(SUBMIT):
+        raise missing_scope(caller, SUBMIT, _what(request))
+    job = _path_job(request, session)
+    if job is not None:
+        _check_job_run(caller, job)
+        if not caller.may_touch(job):
+            raise missing_scope(caller, ADMIN, f"{_what(request)} on job {job.id}, which another token submitted,")
+    return caller
+
+
+read_scope = require(READ)
+#: reads that count every run (/metrics): not for a token limited to runs
+read_every_run = require(READ, every_run=True)
+submit_scope = require(SUBMIT)
+admin_scope = require(ADMIN)
+
+
+# ------------------------------------------------------------------ at start
+@asynccontextmanager
+async def secrets_at_rest(app: FastAPI) -> AsyncIterator[None]:
+    """Lifespan: refuse to start when webhook or hook-source secrets are stored encrypted and
+    no configured key opens them; encrypt the ones stored in clear (crypto.startup_check)."""
+    settings: Settings = app.state.settings
+    try:
+        await asyncio.to_thread(crypto.startup_check, settings, encrypt_plaintext=True)
+    except crypto.SecretKeyError as e:
+        log.critical("layertrack API: %s", e)
+        raise
+    yield

@@ -8,7 +8,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from .common import CliError, one_line
+from .common import EXIT_USAGE, CliError, one_line
 
 
 def safe_url(url: str) -> str:
@@ -67,12 +67,16 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from ..auth import create_token
+    from ..auth import SCOPES, create_token
 
     with _session() as s:
-        row, secret = create_token(s, args.name)
+        try:
+            row, secret = create_token(s, args.name, scopes=args.scope or SCOPES, run_patterns=args.runs or ())
+        except ValueError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
         print(f"token {row.id} ({row.name}): {secret}")
-    print("keep it: it is not shown again", file=sys.stderr)
+        rights = f"scopes {row.scopes.replace(',', ', ')}; runs {row.run_patterns or 'every run'}"
+    print(f"{rights}. Keep the token: it is not shown again", file=sys.stderr)
     return 0
 
 
@@ -82,9 +86,14 @@ def cmd_token_list(_args: argparse.Namespace) -> int:
     from ..models import ApiToken
 
     with _session() as s:
-        for t in s.scalars(select(ApiToken).order_by(ApiToken.id)):
+        rows = list(s.scalars(select(ApiToken).order_by(ApiToken.id)))
+        if rows:
+            print(f"{'id':>4}  {'name':<24} {'prefix':<13} {'scopes':<18} {'runs':<20} {'created':<16}  state")
+        for t in rows:
             state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
-            print(f"{t.id:>4}  {t.name:<24} {t.prefix}...  created {t.created_at:%Y-%m-%d %H:%M}  {state}")
+            runs = t.run_patterns or "*"
+            print(f"{t.id:>4}  {t.name:<24} {t.prefix}...  {t.scopes:<18} {runs:<20} {t.created_at:%Y-%m-%d %H:%M}  "
+                  f"{state}")
     return 0
 
 
@@ -96,4 +105,37 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     if row is None:
         raise CliError(f"no token with id {args.id}; 'layertrack token list' shows them")
     print(f"token {args.id} revoked")
+    return 0
+
+
+def cmd_rotate_secrets(args: argparse.Namespace) -> int:
+    """Re-encrypt every stored webhook and hook-source secret with the newest key (and
+    encrypt any stored in clear); ``--new-key`` first makes a new key the newest."""
+    from .. import crypto
+    from ..settings import get_settings
+
+    if args.print_key:
+        print(crypto.generate_key())
+        return 0
+    settings = get_settings()
+    try:
+        if args.new_key:
+            if settings.secret_keys:
+                raise CliError(f"{crypto.ENV} is set: put a new key first in it (print one with "
+                               "'layertrack rotate-secrets --print-key'), keep the old ones after it, restart the "
+                               "API and workers, then run 'layertrack rotate-secrets'", EXIT_USAGE)
+            path = crypto.key_file(settings)
+            old = path.read_text() if path.exists() else ""
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".new")
+            tmp.write_text(crypto.generate_key() + "\n" + old)
+            tmp.chmod(0o600)
+            tmp.replace(path)
+            print(f"new key added first in {path} (the older ones stay after it, to decrypt)")
+        with _session() as s:
+            counts = crypto.reseal_all(s, settings, rotate=True)
+    except crypto.SecretKeyError as e:
+        raise CliError(str(e)) from None
+    print(f"{counts['rotated']} secret(s) re-encrypted with the newest key, {counts['encrypted']} encrypted "
+          "that were stored in clear; the older keys are no longer needed")
     return 0

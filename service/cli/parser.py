@@ -53,6 +53,19 @@ def port(text: str) -> int:
     return value
 
 
+def scope_list(text: str) -> str:
+    """A ``--scope`` value: read, submit or admin, or several comma separated."""
+    from ..auth import SCOPES, parse_scopes  # sqlalchemy: only when the option is given
+
+    if not text.strip(" ,"):
+        raise argparse.ArgumentTypeError(f"give a scope: {', '.join(SCOPES)}")
+    try:
+        parse_scopes([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _group(sub, name: str, help: str) -> argparse._SubParsersAction:
     """A command with actions of its own (``token create``); alone, it prints its help."""
     parser = sub.add_parser(name, help=help, description=help)
@@ -192,12 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = _group(sub, "token", "create, list or revoke API tokens (talks to the database, not the API)")
     tc = tokens.add_parser("create", help="create a token and print it (shown once)")
     tc.add_argument("name", help="what the token is for (shown by 'token list')")
+    tc.add_argument("--scope", action="append", type=scope_list, metavar="SCOPE",
+                    help="what the token may do (repeat, or comma separate; default: all three): read = dashboards "
+                         "and queries; submit = post checkpoints, read, cancel and retry the jobs it submitted; "
+                         "admin = webhooks, hook sources, alert rules (and, with submit, any job)")
+    tc.add_argument("--runs", action="append", metavar="PATTERN",
+                    help="limit the token to the runs whose names match (fnmatch-style, e.g. 'team-a/*'; repeat, "
+                         "or comma separate; default: every run). Not for admin tokens")
     tc.set_defaults(func=admin.cmd_token_create)
-    tokens.add_parser("list", help="list tokens (id, name, prefix, created, state)").set_defaults(
+    tokens.add_parser("list", help="list tokens (id, name, prefix, scopes, runs, created, state)").set_defaults(
         func=admin.cmd_token_list)
     tr = tokens.add_parser("revoke", help="revoke a token by id")
     tr.add_argument("id", type=int, help="the token's id (from 'token list')")
     tr.set_defaults(func=admin.cmd_token_revoke)
+
+    rs = sub.add_parser(
+        "rotate-secrets", help="re-encrypt the stored webhook and hook-source secrets with the newest key",
+        description="Re-encrypt every stored webhook and hook-source signing secret with the newest key (the first "
+                    "of LAYERTRACK_SECRET_KEYS, else of <data dir>/secret.key) and encrypt any stored in clear, so "
+                    "that older keys can be removed (docs/deploy.md). Talks to the database.")
+    rs.add_argument("--new-key", action="store_true",
+                    help="first add a new key at the top of <data dir>/secret.key (when LAYERTRACK_SECRET_KEYS is "
+                         "not set)")
+    rs.add_argument("--print-key", action="store_true", help="only print a new key (for LAYERTRACK_SECRET_KEYS)")
+    rs.set_defaults(func=admin.cmd_rotate_secrets)
 
     sub.add_parser("migrate", help="bring the database schema up to date",
                    description="Apply the database migrations (LAYERTRACK_DATABASE_URL, else SQLite under "

@@ -1,7 +1,9 @@
 """``layertrack up``: the whole service on this machine, supervised by one command.
 
-Migrates the database, creates a first API token when there is none (saved to
-``<data dir>/client.json``, where the CLI and the Python client find it), starts two Celery
+Migrates the database, creates a first API token when there is none (every scope, saved to
+``<data dir>/client.json``, where the CLI and the Python client find it), makes sure there
+is a key for the webhook and hook-source secrets (``LAYERTRACK_SECRET_KEYS``, else
+``<data dir>/secret.key``, created with mode 600), starts two Celery
 workers as child processes (scoring on the ``gpu`` queue, webhook deliveries on
 ``webhooks``), and serves the API in this process until Ctrl-C; then stops the workers.
 ``--roots`` sets the checkpoint roots of the API and of the workers it starts.
@@ -58,14 +60,14 @@ def _save_token(settings, url: str) -> str:
     """Create the first token when the database has none; the line ``up`` prints about it."""
     from sqlalchemy import func, select
 
-    from ..auth import create_token
+    from ..auth import SCOPES, create_token
     from ..db import session_scope
     from ..models import ApiToken
 
     cfile = settings.data_dir / "client.json"
     with session_scope(settings.db_url) as s:
         if not s.scalar(select(func.count(ApiToken.id))):
-            _row, secret = create_token(s, "default")
+            _row, secret = create_token(s, "default", scopes=SCOPES)  # admin: every scope, every run
             cfile.write_text(json.dumps({"url": url, "token": secret}))
             os.chmod(cfile, 0o600)
             return f"first API token saved to {cfile} (the CLI and the Python client read it from there)"
@@ -75,6 +77,22 @@ def _save_token(settings, url: str) -> str:
         cfile.write_text(json.dumps(saved))
         return f"API token for the CLI and client: {cfile}"
     return "no saved token: create one with 'layertrack token create NAME'"
+
+
+def _secret_key(settings) -> str:
+    """Check the key of the stored secrets (and encrypt any stored in clear); create the key
+    file when no key is configured. The line ``up`` prints about it."""
+    from .. import crypto
+
+    try:
+        crypto.startup_check(settings, encrypt_plaintext=True)
+        crypto.ensure_key_file(settings)
+    except crypto.SecretKeyError as e:
+        raise CliError(str(e)) from None
+    if settings.secret_keys:
+        return f"webhook and hook-source secrets encrypted with the keys in {crypto.ENV}"
+    return (f"webhook and hook-source secrets encrypted with the key in {crypto.key_file(settings)} "
+            "(back it up with the database)")
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
@@ -106,6 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     with database_errors(settings.db_url):
         settings.ensure_dirs()
         upgrade(settings.db_url)
+        key_line = _secret_key(settings)
         token_line = _save_token(settings, url)
     workers: list[subprocess.Popen] = []
     try:
@@ -115,6 +134,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"layertrack is up at {url}  (API docs: {url}/docs)")
         print(f"database {safe_url(settings.db_url)}; broker {settings.broker}")
         print(f"checkpoint roots: {', '.join(map(str, settings.roots))}")
+        print(key_line)
         print(token_line, flush=True)
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     finally:

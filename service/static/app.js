@@ -12,6 +12,8 @@ const meta = {
   range: (name) => (META.metrics.find((m) => m.name === name) || {}).range || [null, null],
   statuses: () => META.job_statuses,
   defaultMetric: () => META.default_metric,
+  // what the signed-in token may do (scopes read, submit, admin): Retry and Cancel need submit
+  can: (scope) => ((META.token || {}).scopes || []).includes(scope),
 };
 // Okabe & Ito: distinguishable with colour-vision deficiencies
 const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"];
@@ -71,6 +73,7 @@ function showLogin(message) {
     <button type="submit">Open the dashboard</button></form>`;
   document.getElementById("login").addEventListener("submit", (e) => {
     e.preventDefault();
+    META = null;  // the vocabulary holds what the token may do: ask again with the new one
     localStorage.setItem("layertrack_token", document.getElementById("token-input").value.trim());
     route();
   });
@@ -106,7 +109,7 @@ async function route() {
   }
 }
 
-document.getElementById("logout").addEventListener("click", () => { localStorage.removeItem("layertrack_token"); route(); });
+document.getElementById("logout").addEventListener("click", () => { localStorage.removeItem("layertrack_token"); META = null; route(); });
 window.addEventListener("resize", () => Object.values(charts).forEach((c) => c.resize()));
 
 // ------------------------------------------------------------------ runs
@@ -284,6 +287,7 @@ async function jobsPage() {
     <div class="controls"><label for="job-status">status</label>
       <select id="job-status"><option value="">all</option>${meta.statuses().map((s) => `<option>${esc(s)}</option>`).join("")}</select>
       <label for="job-run">run</label><input id="job-run" type="search" placeholder="exact run name"></div>
+    <p id="jobs-error" class="error" role="alert"></p>
     <table id="jobs"><thead><tr><th>job</th><th>run</th><th class="num">step</th><th>status</th><th class="num">attempts</th>
       <th>worker</th><th class="num">duration</th><th>queued</th><th>error</th><th></th></tr></thead><tbody></tbody></table>`;
   const load = async () => {
@@ -292,14 +296,16 @@ async function jobsPage() {
     if (status) q.set("status", status);
     if (run) q.set("run", run);
     const jobs = await api("/v1/jobs?" + q);
+    // Retry and Cancel need the submit scope: without it they are shown disabled, saying so
+    const may = meta.can("submit") ? "" : ` disabled title="needs a token with the submit scope; this one has: ${esc(((META.token || {}).scopes || []).join(", ") || "none")}"`;
     document.querySelector("#jobs tbody").innerHTML = jobs.length ? jobs.map((j) => `<tr data-job="${j.id}" data-status="${j.status}">
       <td title="${j.id}"><code>${j.id.slice(0, 8)}</code></td><td><a href="${runLink(j.run)}">${esc(j.run)}</a></td>
       <td class="num">${j.step}</td><td><span class="pill ${j.status}">${j.status}</span></td><td class="num">${j.attempts}</td>
       <td>${esc(j.worker || "–")}</td><td class="num">${j.duration_s === null ? "–" : j.duration_s.toFixed(1) + " s"}</td>
       <td>${when(j.queued_at)}</td>
       <td class="error job-error">${j.error ? esc(`${j.error_code}: ${j.error}`) : ""}</td>
-      <td>${["failed", "cancelled"].includes(j.status) ? `<button data-action="retry" data-id="${j.id}">Retry</button>` : ""}
-          ${["queued", "running"].includes(j.status) ? `<button class="danger" data-action="cancel" data-id="${j.id}">Cancel</button>` : ""}</td></tr>`).join("")
+      <td>${["failed", "cancelled"].includes(j.status) ? `<button data-action="retry" data-id="${j.id}"${may}>Retry</button>` : ""}
+          ${["queued", "running"].includes(j.status) ? `<button class="danger" data-action="cancel" data-id="${j.id}"${may}>Cancel</button>` : ""}</td></tr>`).join("")
       : `<tr><td colspan="10" class="muted">no jobs</td></tr>`;
   };
   document.getElementById("job-status").addEventListener("change", load);
@@ -308,8 +314,10 @@ async function jobsPage() {
     const b = e.target.closest("button[data-action]");
     if (!b) return;
     b.disabled = true;
-    try { await api(`/v1/jobs/${b.dataset.id}/${b.dataset.action}`, { method: "POST" }); setStatus(`${b.dataset.action} sent`); }
-    catch (err) { setStatus(`${b.dataset.action} failed: ${err.message}`); }
+    const shown = document.getElementById("jobs-error");
+    // a refusal (403: the token lacks a scope, or the job is another token's) stays shown
+    try { await api(`/v1/jobs/${b.dataset.id}/${b.dataset.action}`, { method: "POST" }); setStatus(`${b.dataset.action} sent`); shown.textContent = ""; }
+    catch (err) { setStatus(`${b.dataset.action} failed: ${err.message}`); shown.textContent = `${b.dataset.action} refused: ${err.message}`; }
     await load();
   });
   await load();

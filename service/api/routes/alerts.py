@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from ... import alerts, queries
 from ...schemas import AlertFiringOut, AlertRuleIn, AlertRuleOut
-from ..deps import SessionDep, current_caller
+from ..deps import SessionDep, admin_scope, current_caller, read_scope
 
 router = APIRouter(prefix="/v1/runs", tags=["alerts"], dependencies=[Depends(current_caller)])
 
 
-@router.post("/{run:path}/alerts", status_code=201, response_model=AlertRuleOut)
+@router.post("/{run:path}/alerts", dependencies=[Depends(admin_scope)], status_code=201, response_model=AlertRuleOut)
 def create_alert(run: str, body: AlertRuleIn, session: SessionDep) -> AlertRuleOut:
     """A rule checked every time one of the run's jobs succeeds; firings are stored and sent
     as ``trend.alert`` webhooks."""
@@ -23,13 +23,13 @@ def create_alert(run: str, body: AlertRuleIn, session: SessionDep) -> AlertRuleO
     return AlertRuleOut.of(rule, r.name)
 
 
-@router.get("/{run:path}/alerts", response_model=list[AlertRuleOut])
+@router.get("/{run:path}/alerts", dependencies=[Depends(read_scope)], response_model=list[AlertRuleOut])
 def list_alerts(run: str, session: SessionDep) -> list[AlertRuleOut]:
     r = queries.get_run(session, run)
     return [AlertRuleOut.of(rule, r.name) for rule in alerts.list_rules(session, r)]
 
 
-@router.get("/{run:path}/alerts/firings", response_model=list[AlertFiringOut])
+@router.get("/{run:path}/alerts/firings", dependencies=[Depends(read_scope)], response_model=list[AlertFiringOut])
 def list_firings(
     run: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> list[AlertFiringOut]:
@@ -38,7 +38,8 @@ def list_firings(
     return [AlertFiringOut.of(f, r.name) for f in alerts.firings(session, r, limit=limit)]
 
 
-@router.delete("/{run:path}/alerts/{rule_id:int}", status_code=204)  # :int, so that DELETE …/alerts/firings is 405
+@router.delete("/{run:path}/alerts/{rule_id:int}", dependencies=[Depends(admin_scope)],
+               status_code=204)  # :int, so that DELETE …/alerts/firings is 405
 def delete_alert(run: str, rule_id: int, session: SessionDep) -> Response:
     alerts.delete_rule(session, queries.get_run(session, run), rule_id)
     return Response(status_code=204)

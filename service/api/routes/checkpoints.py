@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Header, Response
 
 from ... import jobs
 from ...schemas import CheckpointIn, JobOut
-from ..deps import SessionDep, SettingsDep, current_caller
+from ..deps import SessionDep, SettingsDep, submit_scope
 from ..replies import accepted
 
-router = APIRouter(prefix="/v1", tags=["checkpoints"], dependencies=[Depends(current_caller)])
+router = APIRouter(prefix="/v1", tags=["checkpoints"], dependencies=[Depends(submit_scope)])
 
 
 @router.post("/checkpoints", status_code=202, response_model=JobOut,

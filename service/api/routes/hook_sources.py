@@ -8,9 +8,9 @@ from sqlalchemy import select
 from ... import hooks
 from ...models import HookSource
 from ...schemas import HookSourceIn, HookSourceOut
-from ..deps import SessionDep, current_caller
+from ..deps import SessionDep, admin_scope
 
-router = APIRouter(prefix="/v1/hook-sources", tags=["hook sources"], dependencies=[Depends(current_caller)])
+router = APIRouter(prefix="/v1/hook-sources", tags=["hook sources"], dependencies=[Depends(admin_scope)])
 
 
 @router.post("", status_code=201, response_model=HookSourceOut)

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, text
 from ... import queue
 from ...db import get_sessionmaker
 from ...models import Delivery, Job, Run
-from ..deps import SessionDep, SettingsDep, current_caller
+from ..deps import SessionDep, SettingsDep, read_every_run
 
 router = APIRouter(tags=["operations"])
 
@@ -43,7 +43,7 @@ def readyz(settings: SettingsDep) -> JSONResponse:
                         status_code=200 if ok else 503, headers=headers)
 
 
-@router.get("/metrics", dependencies=[Depends(current_caller)], response_class=Response,
+@router.get("/metrics", dependencies=[Depends(read_every_run)], response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition format"}})
 def metrics(session: SessionDep) -> Response:

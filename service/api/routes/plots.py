@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Path, Response
 
 from ... import alerts, plots, queries
 from ...errors import NotFound
-from ..deps import SessionDep, current_caller
+from ..deps import SessionDep, read_scope
 from ..params import MetricQ, Steps
 
-router = APIRouter(prefix="/v1", tags=["plots"], dependencies=[Depends(current_caller)])
+router = APIRouter(prefix="/v1", tags=["plots"], dependencies=[Depends(read_scope)])
 
 Format = Annotated[str, Path(description="png or svg")]
 IMAGE = {200: {"content": {media: {} for media in plots.FORMATS.values()}}}

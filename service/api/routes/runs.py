@@ -18,10 +18,10 @@ from fastapi.responses import StreamingResponse
 from ... import queries
 from ...errors import Invalid
 from ...schemas import RunOut
-from ..deps import SessionDep, current_caller
+from ..deps import SessionDep, read_scope
 from ..params import MaxPoints, MetricQ, StepQ, Steps
 
-router = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(current_caller)])
+router = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(read_scope)])
 
 EXPORT_COLUMNS = ["run", "step", "layer", "metric", "value", "final_norm", "job_id"]
 
@@ -147,7 +147,7 @@ def read_run(run: str, session: SessionDep) -> RunOut:
 
 
 #: declared by create_app after every other /v1/runs/{run:path}/... route, which it would match
-last = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(current_caller)])
+last = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(read_scope)])
 #: {run:run} (problems.RunNameConvertor): no run name has a view's word as a part, so GET on a longer
 #: run path (/v1/runs/x/alerts/5, which only DELETE takes) is 405, not "no run named 'x/alerts/5'"
 last.add_api_route("/runs/{run:run}", read_run, methods=["GET"], response_model=RunOut)

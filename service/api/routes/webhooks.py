@@ -8,10 +8,12 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from ... import queries, queue, webhooks
 from ...schemas import DeliveryOut, WebhookIn, WebhookOut, WebhookPatch
-from ..deps import SessionDep, SettingsDep, current_caller
+from ..deps import SessionDep, SettingsDep, admin_scope, secrets_at_rest
 from ..params import Limit
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], dependencies=[Depends(current_caller)])
+#: secrets_at_rest: the API refuses to start without the key of the stored signing secrets
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], dependencies=[Depends(admin_scope)],
+                   lifespan=secrets_at_rest)
 
 
 @router.post("", status_code=201, response_model=WebhookOut)
