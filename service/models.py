@@ -127,6 +127,12 @@ class Job(Base):
     probe: Mapped[Probe] = relationship()
     run: Mapped[Run] = relationship()
 
+    def __init__(self, **kw: Any):
+        # the id is known before the row is flushed, so that what is stored with the job in
+        # its transaction (a signed hook's receipt) can refer to it
+        kw.setdefault("id", str(uuid.uuid4()))
+        super().__init__(**kw)
+
 
 class Score(Base):
     """One number: a metric of one layer (or block pair) of one run at one step.
