@@ -3,7 +3,14 @@
 A checkpoint is a Hugging Face model directory: ``config.json`` plus safetensors weights,
 single-file (``model.safetensors``) or sharded (``model.safetensors.index.json`` + shards).
 Pickle weights (``pytorch_model*.bin``) are refused unless explicitly allowed, and then load
-with ``weights_only=True``. ``trust_remote_code`` is never set. Scoring loads and runs the
+with ``weights_only=True``; a pickle that this safe loader refuses fails with
+``PickleRefused`` (it is never loaded another way). ``trust_remote_code`` is never set.
+
+With checkpoint roots (the service), the directory and every file in it must resolve inside
+a root: a symlinked ``model.safetensors`` that points elsewhere is refused like a directory
+that does. The small JSON files (config.json, the shard index, tokenizer_config.json, ...)
+and safetensors headers are read at most ``MAX_JSON_BYTES`` each, and every safetensors
+header is checked (length, JSON, tensor offsets within the file) before anything loads it. Scoring loads and runs the
 base model (``AutoModel``); only the replaceability analysis loads the model with its LM head
 (``AutoModelForCausalLM``), to measure the LM loss.
 """
@@ -14,7 +21,11 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
+import pickle
+import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +33,50 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .errors import (
+    CheckpointError,
     CheckpointNotFound,
     CheckpointOutsideRoots,
+    CheckpointPathTooLong,
+    CheckpointUnreadable,
+    FileTooLarge,
     InvalidCheckpointURI,
+    MalformedWeights,
     NoSafetensorsWeights,
     NotACausalLM,
     NotAModelDirectory,
     OutOfMemory,
+    PickleRefused,
     TokenizerMissing,
 )
 
 DTYPES = ("float32", "bfloat16", "float16")
 #: the environment variable that lists the allowed checkpoint roots (os.pathsep-separated)
 ROOTS_ENV = "LAYERTRACK_CHECKPOINT_ROOTS"
+
+#: the most bytes read of a checkpoint's small JSON files (``SMALL_FILES``: config.json, the
+#: shard index, tokenizer_config.json, ...) and of a safetensors file's JSON header. Real ones
+#: are well under 1 MiB (the index of a 600 B-parameter model: ~9 MiB); a larger file is
+#: refused (code ``file_too_large``) from its size, before it is read, so that it cannot
+#: exhaust the API's or a worker's memory.
+MAX_JSON_BYTES = 16 * 2**20
+#: the most bytes of each tokenizer vocabulary file (``TOKENIZER_FILES``), larger by nature
+#: (tokenizer.json of a 256k-token vocabulary: ~35 MB)
+MAX_TOKENIZER_FILE_BYTES = 512 * 2**20
+#: files read whole when a model or tokenizer loads: each at most MAX_JSON_BYTES
+SMALL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+    "chat_template.jinja",
+)
+#: tokenizer vocabularies: each at most MAX_TOKENIZER_FILE_BYTES
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")
+#: bytes per element of the safetensors dtypes (others, such as packed 4-bit types, are left
+#: to the safetensors library to check)
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+    "C64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -47,16 +89,77 @@ class CheckpointInfo:
     fingerprint: str  # sha256 of config.json and the weight index (names and sizes)
 
 
+def _shown(path: str | Path, limit: int = 120) -> str:
+    """A path for a message, quoted, its middle cut when it is very long."""
+    text = str(path)
+    return repr(text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}")
+
+
+def _os_error(e: OSError, what: str) -> CheckpointError:
+    """The error for a file-system failure while reading ``what`` (a path, a file)."""
+    if e.errno == errno.ENAMETOOLONG:
+        return CheckpointPathTooLong(
+            f"{what}: a name in the path is longer than the file system allows ({os.strerror(e.errno)}; "
+            "usually 255 bytes per file or directory name, 4096 per path); give the path of an existing "
+            "checkpoint directory"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return CheckpointUnreadable(
+            f"{what}: permission denied; make the checkpoint readable by the user the service and its "
+            "workers run as"
+        )
+    if e.errno == errno.ELOOP:
+        return CheckpointUnreadable(f"{what}: too many levels of symbolic links (a symlink loop); fix the links")
+    return CheckpointUnreadable(f"{what} cannot be read: {e.strerror or e}")
+
+
+def _inside(path: Path, real_roots: Sequence[Path]) -> bool:
+    return any(path == r or r in path.parents for r in real_roots)
+
+
+def _roots_advice(real_roots: Sequence[Path]) -> str:
+    return (f"the allowed checkpoint roots ({', '.join(map(str, real_roots))})")
+
+
+def _allow_root_advice() -> str:
+    return (f"add it to the environment variable {ROOTS_ENV} (directories separated by {os.pathsep!r}) or start "
+            "the service with `layertrack up --roots DIR...`")
+
+
+def _check_links(directory: Path, real_roots: Sequence[Path]) -> None:
+    """Refuse a checkpoint directory holding a symlink that resolves outside every root (a
+    ``model.safetensors`` linked to a file elsewhere would be read like one inside)."""
+    try:
+        with os.scandir(directory) as entries:
+            links = [(e.name, e.path) for e in entries if e.is_symlink()]
+    except OSError as e:
+        raise _os_error(e, f"checkpoint directory {_shown(directory)}") from None
+    for name, link in sorted(links):
+        target = Path(os.path.realpath(link))
+        if not _inside(target, real_roots):
+            raise CheckpointOutsideRoots(
+                f"{name!r} in checkpoint {_shown(directory)} is a symlink to {_shown(target)}, which is outside "
+                f"{_roots_advice(real_roots)}: every file a checkpoint is read from must be under a root. Copy "
+                f"the file into the checkpoint instead of linking it, or allow its directory as a root: "
+                f"{_allow_root_advice()}"
+            )
+
+
 def resolve_checkpoint_path(uri: str, roots: Sequence[str | Path] | None = None) -> Path:
     """Turn a path or ``file://`` URI into a real directory path, inside ``roots`` if given.
 
     Symlinks are resolved before the root check, so a link that points out of a root is
-    refused like a path that does.
+    refused like a path that does; with ``roots``, so is a directory that holds a symlink (to
+    a file or directory) resolving outside every root.
     """
     if not isinstance(uri, str) or not uri.strip():
         raise InvalidCheckpointURI("the checkpoint URI is empty; give a directory path or file:// URI")
     uri = uri.strip()
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+    except ValueError as e:
+        raise InvalidCheckpointURI(f"cannot parse checkpoint URI {_shown(uri)} ({e}); give a directory path or "
+                                   "file:///absolute/path") from None
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise InvalidCheckpointURI(
@@ -69,28 +172,121 @@ def resolve_checkpoint_path(uri: str, roots: Sequence[str | Path] | None = None)
             "directories, given as a path or a file:// URI"
         )
     else:
-        path = Path(uri).expanduser()
+        try:
+            path = Path(uri).expanduser()
+        except RuntimeError:  # ~name of no known user
+            raise InvalidCheckpointURI(f"cannot expand '~' in {_shown(uri)}: no such user's home directory; "
+                                       "give an absolute path") from None
     if "\x00" in str(path):
         raise InvalidCheckpointURI("the checkpoint URI contains a NUL byte")
     real = Path(os.path.realpath(path.absolute()))
-    if roots:
-        real_roots = [Path(os.path.realpath(Path(r).expanduser().absolute())) for r in roots]
-        if not any(real == r or r in real.parents for r in real_roots):
-            raise CheckpointOutsideRoots(
-                f"checkpoint {uri!r} resolves to {str(real)!r}, which is outside the allowed "
-                f"checkpoint roots ({', '.join(map(str, real_roots))}). Move it under a root, or "
-                f"allow its directory as a root: add it to the environment variable {ROOTS_ENV} "
-                f"(directories separated by {os.pathsep!r}) or start the service with "
-                "`layertrack up --roots DIR...`"
-            )
-    if not real.exists():
-        raise CheckpointNotFound(f"checkpoint path {str(path)!r} does not exist")
-    if not real.is_dir():
+    real_roots = [Path(os.path.realpath(Path(r).expanduser().absolute())) for r in roots or ()]
+    if real_roots and not _inside(real, real_roots):
+        raise CheckpointOutsideRoots(
+            f"checkpoint {_shown(uri)} resolves to {_shown(real)}, which is outside {_roots_advice(real_roots)}. "
+            f"Move it under a root, or allow its directory as a root: {_allow_root_advice()}"
+        )
+    try:
+        mode = os.stat(real).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointNotFound(f"checkpoint path {_shown(path)} does not exist") from None
+    except OSError as e:
+        raise _os_error(e, f"checkpoint path {_shown(path)}") from None
+    if not stat.S_ISDIR(mode):
         raise NotAModelDirectory(
-            f"checkpoint path {str(path)!r} is a file, not a model directory; give the "
+            f"checkpoint path {_shown(path)} is a file, not a model directory; give the "
             "directory that holds config.json and model.safetensors"
         )
+    if real_roots:
+        _check_links(real, real_roots)
     return real
+
+
+def _too_large(file: Path, size: int, limit: int) -> FileTooLarge:
+    return FileTooLarge(
+        f"{_shown(file)} is {size:,} bytes; layertrack reads at most {limit:,} bytes ({limit / 2**20:g} MiB) of "
+        f"{file.name}: a real one is far smaller. Is it the right file, complete and uncorrupted?"
+    )
+
+
+def check_file_size(file: Path, limit: int = MAX_JSON_BYTES) -> None:
+    """Refuse ``file`` when it is larger than ``limit`` bytes (FileTooLarge)."""
+    size = file.stat().st_size
+    if size > limit:
+        raise _too_large(file, size, limit)
+
+
+def read_small_file(file: Path, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; a larger one is refused from
+    its size before anything is read (FileTooLarge)."""
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put in the file's place does not block
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAModelDirectory(f"{_shown(file)} is not a regular file")
+        if st.st_size > limit:
+            raise _too_large(file, st.st_size, limit)
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew after the size was read
+        raise _too_large(file, len(data), limit)
+    return data
+
+
+def _plain_file_name(name: Any) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\x00" not in name)
+
+
+def check_safetensors(file: Path) -> None:
+    """Check a safetensors file's framing without loading it: the 8-byte header length, the
+    JSON header (at most MAX_JSON_BYTES) and every tensor's offsets, which must lie within
+    the file and match its dtype and shape; the tensors must reach the end of the file (a
+    shorter file was truncated). MalformedWeights otherwise."""
+    def bad(why: str) -> MalformedWeights:
+        return MalformedWeights(f"{_shown(file)} is not a valid safetensors file: {why}. Write it again "
+                                "(save_pretrained) or copy it completely")
+
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"it is {size} bytes long, shorter than the 8-byte header length (empty or truncated)")
+        n = int.from_bytes(head, "little")
+        if n > MAX_JSON_BYTES:
+            raise bad(f"it declares a {n:,}-byte header; at most {MAX_JSON_BYTES:,} bytes are read (corrupt?)")
+        if 8 + n > size:
+            raise bad(f"it declares a {n:,}-byte header but holds only {size - 8:,} bytes after the length "
+                      "(truncated?)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"its header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    data_len = size - 8 - n
+    last_end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        shape = t.get("shape") if isinstance(t, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
+            raise bad(f"tensor {name!r} has no valid data_offsets [begin, end] and shape")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise bad(f"tensor {name!r} has data_offsets {offsets}, which are not increasing")
+        if end > data_len:
+            raise bad(f"tensor {name!r} ends at byte {end:,} of the data, past the end of the file "
+                      f"({data_len:,} bytes of data; truncated?)")
+        width = SAFETENSORS_DTYPE_BYTES.get(t.get("dtype"))
+        if width is not None and (end - begin) != math.prod(shape) * width:
+            raise bad(f"tensor {name!r} ({t.get('dtype')}, shape {shape}) needs "
+                      f"{math.prod(shape) * width:,} bytes but its data_offsets span {end - begin:,}")
+        last_end = max(last_end, end)
+    if last_end < data_len:
+        raise bad(f"its tensors end at byte {last_end:,} of the data but the file holds {data_len:,}")
 
 
 def _is_causal_lm(config: dict[str, Any]) -> bool:
@@ -107,11 +303,21 @@ def _is_causal_lm(config: dict[str, Any]) -> bool:
 def inspect_checkpoint(
     path: Path, *, allow_pickle: bool = False, check_causal_lm: bool = True
 ) -> CheckpointInfo:
-    """Check that ``path`` is a causal-LM checkpoint directory with loadable weights.
+    """Check that ``path`` is a causal-LM checkpoint directory with loadable weights: its
+    config, its weight files (every safetensors header) and the size of the small files a
+    load reads.
 
     ``check_causal_lm=False`` skips the one check that imports transformers (the API side
     validates and fingerprints a submission without it; the worker checks again).
     """
+    try:
+        return _inspect(path, allow_pickle=allow_pickle, check_causal_lm=check_causal_lm)
+    except OSError as e:
+        where = f"checkpoint {_shown(path)}" if e.filename is None else _shown(e.filename)
+        raise _os_error(e, where) from None
+
+
+def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool) -> CheckpointInfo:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise NotAModelDirectory(
@@ -119,7 +325,7 @@ def inspect_checkpoint(
             "checkpoint directory holds config.json and model.safetensors (or shards listed "
             "in model.safetensors.index.json)"
         )
-    cfg_bytes = cfg_file.read_bytes()
+    cfg_bytes = read_small_file(cfg_file)
     try:
         config = json.loads(cfg_bytes)
         if not isinstance(config, dict):
@@ -142,9 +348,16 @@ def inspect_checkpoint(
     if safetensors or index.is_file():
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError) as e:
+                weight_map = json.loads(read_small_file(index))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, AttributeError, TypeError) as e:
                 raise NotAModelDirectory(f"{str(index)!r} is not a valid shard index ({e})") from None
+            odd = [s for s in shards if not _plain_file_name(s)]
+            if odd:
+                raise NotAModelDirectory(
+                    f"{str(index)!r} lists shard {odd[0]!r}, which is not a file name: the shards of a "
+                    "checkpoint are files in its directory (model-00001-of-00002.safetensors, ...)"
+                )
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise NoSafetensorsWeights(
@@ -167,6 +380,12 @@ def inspect_checkpoint(
             f"checkpoint {str(path)!r} has config.json but no weights: expected model.safetensors "
             "or model.safetensors.index.json with its shards"
         )
+    if weights_format == "safetensors":
+        for name in files:
+            check_safetensors(path / name)
+    for name in SMALL_FILES:  # read whole by transformers when it loads the model or tokenizer
+        if (path / name).is_file():
+            check_file_size(path / name)
     h = hashlib.sha256(cfg_bytes)
     for name in files:
         h.update(f"\0{name}\0{(path / name).stat().st_size}".encode())
@@ -236,7 +455,7 @@ def load_model(info: CheckpointInfo, *, device=None, dtype=None, with_lm_head: b
     # (left out on purpose) and the progress bar is per tensor: neither helps a user here.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    with translate_oom(
+    with _weights_errors(info), translate_oom(
         f"loading {str(info.path)!r}",
         "Use a smaller --dtype (bfloat16), a machine with more memory, or free memory first.",
     ):
@@ -253,6 +472,48 @@ def load_model(info: CheckpointInfo, *, device=None, dtype=None, with_lm_head: b
     return model
 
 
+#: what torch's safe unpickler names when it refuses a pickle
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]{1,200})", re.IGNORECASE)
+_REFUSED_OPCODE = re.compile(r"Unsupported operand (\d{1,5})")
+
+
+@contextlib.contextmanager
+def _weights_errors(info: CheckpointInfo) -> Iterator[None]:
+    """Turn the loaders' errors about the weight files into MalformedWeights or PickleRefused.
+    Their own messages are not passed on: torch's advice for a refused pickle is to load it
+    unsafely, which layertrack never does."""
+    from safetensors import SafetensorError
+
+    files = ", ".join(info.weight_files)
+    try:
+        yield
+    except SafetensorError as e:
+        raise MalformedWeights(
+            f"the safetensors weights of {_shown(info.path)} ({files}) cannot be read ({e}); they are truncated "
+            "or corrupt: write them again (save_pretrained) or copy them completely"
+        ) from None
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = _REFUSED_GLOBAL.search(text)
+        opcode = _REFUSED_OPCODE.search(text)
+        what = (f"it refers to {found[1]!r}, which is not plain tensor data" if found
+                else f"it uses pickle opcode {opcode[1]}, which safe loading does not allow (or it is corrupt)"
+                if opcode else "it holds more than plain tensor data (or it is corrupt)")
+        raise PickleRefused(
+            f"the pickle weights of {_shown(info.path)} ({files}) were refused by safe loading "
+            f"(torch.load with weights_only=True): {what}. layertrack loads pickles no other way, since "
+            "unpickling can run code. Convert the checkpoint to safetensors where you trust it "
+            "(model.save_pretrained(dir, safe_serialization=True)) and submit that"
+        ) from None
+    except RuntimeError as e:
+        if info.weights_format == "pickle" and "PytorchStreamReader" in str(e):
+            raise MalformedWeights(
+                f"the pickle weights of {_shown(info.path)} ({files}) are not a readable PyTorch file: truncated "
+                "or corrupt. Save them again, preferably as safetensors (save_pretrained)"
+            ) from None
+        raise
+
+
 def load_tokenizer(path: Path, tokenizer_path: str | Path | None = None):
     """The checkpoint's own tokenizer, or the one in ``tokenizer_path`` when given."""
     from transformers import AutoTokenizer
@@ -267,6 +528,13 @@ def load_tokenizer(path: Path, tokenizer_path: str | Path | None = None):
             "Training checkpoints often omit the tokenizer: pass --tokenizer with a directory "
             "that holds it, or save it with the checkpoint (tokenizer.save_pretrained)"
         )
+    try:
+        for name, limit in [(n, MAX_JSON_BYTES) for n in SMALL_FILES] + [
+                (n, MAX_TOKENIZER_FILE_BYTES) for n in TOKENIZER_FILES]:
+            if (src / name).is_file():
+                check_file_size(src / name, limit)
+    except OSError as e:
+        raise _os_error(e, _shown(e.filename or src)) from None
     try:
         return AutoTokenizer.from_pretrained(str(src), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as e:

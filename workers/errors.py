@@ -7,10 +7,16 @@ This module imports nothing heavy, so the API side can use the codes too.
     LayertrackError
     ├── CheckpointError
     │   ├── CheckpointNotFound        code "checkpoint_not_found"
-    │   ├── CheckpointOutsideRoots    code "checkpoint_outside_roots"
+    │   ├── CheckpointOutsideRoots    code "checkpoint_outside_roots"   (the directory, or a file
+    │   │                                                                 in it, links out of the roots)
+    │   ├── CheckpointUnreadable      code "checkpoint_unreadable"      (permission denied, I/O error)
     │   ├── InvalidCheckpointURI      code "invalid_uri"
+    │   │   └── CheckpointPathTooLong code "path_too_long"
     │   ├── NotAModelDirectory        code "not_a_model_directory"
+    │   ├── FileTooLarge              code "file_too_large"             (config.json & co. over the cap)
     │   ├── NoSafetensorsWeights      code "no_safetensors_weights"
+    │   ├── MalformedWeights          code "malformed_weights"          (truncated or corrupt weights)
+    │   ├── PickleRefused             code "pickle_refused"             (objects weights_only refuses)
     │   ├── NotACausalLM              code "not_a_causal_lm"
     │   └── TokenizerMissing          code "tokenizer_missing"
     ├── ProbeError                    code "invalid_probe"
@@ -43,16 +49,36 @@ class CheckpointOutsideRoots(CheckpointError):
     code = "checkpoint_outside_roots"
 
 
+class CheckpointUnreadable(CheckpointError):
+    code = "checkpoint_unreadable"
+
+
 class InvalidCheckpointURI(CheckpointError):
     code = "invalid_uri"
+
+
+class CheckpointPathTooLong(InvalidCheckpointURI):
+    code = "path_too_long"
 
 
 class NotAModelDirectory(CheckpointError):
     code = "not_a_model_directory"
 
 
+class FileTooLarge(CheckpointError):
+    code = "file_too_large"
+
+
 class NoSafetensorsWeights(CheckpointError):
     code = "no_safetensors_weights"
+
+
+class MalformedWeights(CheckpointError):
+    code = "malformed_weights"
+
+
+class PickleRefused(CheckpointError):
+    code = "pickle_refused"
 
 
 class NotACausalLM(CheckpointError):

@@ -83,8 +83,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             tokenizer_path=args.tokenizer,
             progress=not args.quiet and sys.stderr.isatty(),
         )
-    except LayertrackError as e:
-        raise CliError(e.message) from None
+    except LayertrackError as e:  # one line with its code (the code a service job fails with), never a traceback
+        raise CliError(f"{e.message} (code {e.code})") from None
     out = result.to_dict()
     if args.json:
         print(json.dumps(finite(out), indent=2, allow_nan=False))
