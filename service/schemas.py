@@ -3,6 +3,8 @@ response model has one ``of(...)`` that builds it from what the service layer re
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -13,7 +15,18 @@ from layertrack.workers.vocabulary import (
     KNOWN_METRICS,
     WEBHOOK_EVENTS,
 )
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from . import alerts
 from .models import AlertFiring, AlertRule, Delivery, HookSource, Job, Webhook
@@ -22,6 +35,92 @@ from .queries import RunSummary
 #: a metric's name (an enum in the OpenAPI document)
 MetricName = Literal[KNOWN_METRICS]  # type: ignore[valid-type]
 WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
+
+# ------------------------------------------------------------------ bounds every input obeys
+#: the largest value of the database's Integer columns (ids, layers); every integer a request
+#: gives is bounded by its column (service/models.py), so none reaches the database out of range
+INT32_MAX = 2**31 - 1
+#: the largest training step accepted: steps are BigInteger (up to 2**63 - 1); 2**62 leaves
+#: headroom for arithmetic on them
+STEP_MAX = 2**62
+
+#: how a number given as text must look (query and path parameters): digits, nothing else
+_DIGITS = re.compile(r"[+-]?[0-9]+")
+
+
+def _as_json(value: Any) -> str:
+    """How the request wrote a value (a body's values come from JSON), shortened."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _range_error(kind: str, bound: int, lo: int, hi: int) -> PydanticCustomError:
+    relation = "greater" if kind == "greater_than_equal" else "less"
+    return PydanticCustomError(kind, "Input should be {relation} than or equal to {bound} (allowed: {lo} to {hi})",
+                               {"relation": relation, "bound": bound, "lo": lo, "hi": hi})
+
+
+def int_between(lo: int, hi: int, *, from_text: bool = False) -> WrapValidator:
+    """Validate an integer in [lo, hi] with a message that names the field's range. In a
+    JSON body only a JSON integer is one (``"7"``, ``7.0`` and ``true`` are refused); in a
+    query or path (``from_text``) only digits are (``0.0``, ``1e3``, ``1_000`` are refused).
+    Put it after ``Field(ge=lo, le=hi)`` (or ``Query``/``Path`` with the same bounds), which
+    documents the range in the OpenAPI schema."""
+
+    def check(value: Any, handler: Any) -> int:
+        if from_text and isinstance(value, str):
+            if not _DIGITS.fullmatch(value):
+                raise PydanticCustomError("int_parsing", "Input should be a valid integer, written in digits "
+                                          "(such as 100), not {value}", {"value": repr(value)[:40]})
+            if len(value.lstrip("+-").lstrip("0")) > 25:  # far beyond any column: no giant int to parse
+                negative = value.startswith("-")
+                raise _range_error("greater_than_equal" if negative else "less_than_equal", lo if negative else hi,
+                                   lo, hi)
+        elif not from_text and (isinstance(value, bool) or not isinstance(value, int)):
+            raise PydanticCustomError("int_type", "Input should be a valid integer: a JSON integer such as 7, "
+                                      "not {value}", {"value": _as_json(value)})
+        try:
+            return handler(value)
+        except ValidationError as e:
+            for err in e.errors():
+                if err["type"] in ("greater_than_equal", "less_than_equal"):
+                    bound = lo if err["type"] == "greater_than_equal" else hi
+                    raise _range_error(err["type"], bound, lo, hi) from None
+            raise
+
+    return WrapValidator(check)
+
+
+def bounded_int(lo: int, hi: int) -> Any:
+    """A JSON body's integer in [lo, hi] (documented as minimum/maximum)."""
+    return Annotated[int, Field(ge=lo, le=hi), int_between(lo, hi)]
+
+
+def no_nul(value: Any) -> Any:
+    """Refuse text PostgreSQL cannot store: a NUL character, or a lone UTF-16 surrogate
+    (``"\\ud800"`` in JSON), which is not text in any encoding."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise PydanticCustomError("string_nul", "must not contain a NUL character (\\u0000, %00); remove it")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError("string_unicode", "must be valid Unicode text; it holds a lone "
+                                      "surrogate (an unpaired \\ud800-\\udfff escape)") from None
+    return value
+
+
+def text(**constraints: Any) -> Any:
+    """A request body's string that can be stored (see ``no_nul``); ``constraints`` are
+    Field's (max_length, pattern, description ...)."""
+    return Annotated[str, Field(**constraints), BeforeValidator(no_nul)]
+
+
+#: a training step
+Step = bounded_int(0, STEP_MAX)
 
 #: the last segment of these paths under /v1/runs/{run}/ names a view of the run, so a run
 #: name may not contain them as a segment (``org/trend`` would be ambiguous)
@@ -43,23 +142,22 @@ def _run_name(v: str) -> str:
 
 
 RunName = Annotated[
-    str,
-    Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$",
-          description="letters, digits and . _ : / @ + -; '/' separates parts, as in org/llama-350m"),
+    text(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$",
+         description="letters, digits and . _ : / @ + -; '/' separates parts, as in org/llama-350m"),
     AfterValidator(_run_name),
 ]
 
 
 class ScoreOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    max_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
-    seq_len: int = Field(default=DEFAULT_SEQ_LEN, ge=2, le=131_072)
+    max_tokens: bounded_int(1, 10_000_000) | None = None
+    seq_len: bounded_int(2, 131_072) = DEFAULT_SEQ_LEN
     drop_first_token: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     #: also measure linear replaceability per block (metrics loss_delta_linear, loss_delta_drop)
     replaceability: bool = False
-    holdout_tokens: int = Field(default=DEFAULT_HOLDOUT_TOKENS, ge=16, le=1_000_000)
+    holdout_tokens: bounded_int(16, 1_000_000) = DEFAULT_HOLDOUT_TOKENS
     #: read pickle ``pytorch_model.bin`` weights (loaded with ``weights_only=True``) when the
     #: checkpoint has no safetensors
     allow_pickle: bool = False
@@ -68,15 +166,15 @@ class ScoreOptions(BaseModel):
 class CheckpointIn(BaseModel):
     """A checkpoint to score: the run it belongs to, its training step and where it is."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     run: RunName
-    step: int = Field(ge=0, le=2**62)
-    uri: str = Field(min_length=1, max_length=4096, description="checkpoint directory: a path or file:// URI")
+    step: Step
+    uri: text(min_length=1, max_length=4096, description="checkpoint directory: a path or file:// URI")
     phase: Literal["pretrain", "finetune"] | None = None
-    parent_run: str | None = Field(default=None, min_length=1, max_length=200)
-    parent_step: int | None = Field(default=None, ge=0)
-    probe: str = Field(default=DEFAULT_PROBE, max_length=200)
+    parent_run: text(min_length=1, max_length=200) | None = None
+    parent_step: Step | None = None
+    probe: text(max_length=200) = DEFAULT_PROBE
     metrics: list[MetricName] | None = Field(default=None, min_length=1, max_length=16)
     config: ScoreOptions = Field(default_factory=ScoreOptions)
 
@@ -145,25 +243,25 @@ class RunOut(BaseModel):
 class WebhookIn(BaseModel):
     """A subscription: where to POST which events, for one run or (no run) for every run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    url: str = Field(min_length=8, max_length=2000, description="http(s) URL of the receiver")
+    url: text(min_length=8, max_length=2000, description="http(s) URL of the receiver")
     events: list[WebhookEvent] = Field(default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1)
-    run: str | None = Field(default=None, min_length=1, max_length=200, description="only this run's events")
-    secret: str | None = Field(default=None, max_length=200,
-                               description="whsec_<base64> signing secret; generated when left out")
-    description: str = Field(default="", max_length=200)
+    run: text(min_length=1, max_length=200) | None = Field(default=None, description="only this run's events")
+    secret: text(max_length=200) | None = Field(
+        default=None, description="whsec_<base64> signing secret; generated when left out")
+    description: text(max_length=200) = ""
 
 
 class WebhookPatch(BaseModel):
     """Change a subscription: pause it (``active: false``: events are not recorded for it),
     resume it, or change its events or description. The URL and secret stay."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     active: bool | None = None
     events: list[WebhookEvent] | None = Field(default=None, min_length=1)
-    description: str | None = Field(default=None, max_length=200)
+    description: text(max_length=200) | None = None
 
 
 class WebhookOut(BaseModel):
@@ -218,11 +316,11 @@ class DeliveryOut(BaseModel):
 
 
 class HookSourceIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")
-    secret: str | None = Field(default=None, max_length=200,
-                               description="whsec_<base64> signing secret; generated when left out")
+    name: text(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")
+    secret: text(max_length=200) | None = Field(
+        default=None, description="whsec_<base64> signing secret; generated when left out")
 
 
 class HookSourceOut(BaseModel):
@@ -244,16 +342,17 @@ class AlertRuleIn(BaseModel):
     the value is more than ``k`` standard deviations from the mean of the previous ``window``
     checkpoints. ``layer`` left out: the layer mean."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     metric: MetricName
-    layer: int | None = Field(default=None, ge=0)
+    layer: bounded_int(0, INT32_MAX) | None = None
     kind: Literal["threshold", "sigma"]
-    above: float | None = None
-    below: float | None = None
-    k: float | None = Field(default=None, gt=0)
-    window: int | None = Field(default=None, ge=2, le=1000)
-    description: str = Field(default="", max_length=200)
+    #: finite numbers only: NaN, Infinity (and 1e400, which JSON parsers read as infinity) are refused
+    above: float | None = Field(default=None, allow_inf_nan=False)
+    below: float | None = Field(default=None, allow_inf_nan=False)
+    k: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    window: bounded_int(2, 1000) | None = None
+    description: text(max_length=200) = ""
 
     @model_validator(mode="after")
     def _consistent(self) -> AlertRuleIn:

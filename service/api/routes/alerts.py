@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Response
 
 from ... import alerts, queries
 from ...schemas import AlertFiringOut, AlertRuleIn, AlertRuleOut
 from ..deps import SessionDep, admin_scope, current_caller, read_scope
+from ..params import AlertRuleId, FiringsLimit, RunPath
 
 router = APIRouter(prefix="/v1/runs", tags=["alerts"], dependencies=[Depends(current_caller)])
 
 
 @router.post("/{run:path}/alerts", dependencies=[Depends(admin_scope)], status_code=201, response_model=AlertRuleOut)
-def create_alert(run: str, body: AlertRuleIn, session: SessionDep) -> AlertRuleOut:
+def create_alert(run: RunPath, body: AlertRuleIn, session: SessionDep) -> AlertRuleOut:
     """A rule checked every time one of the run's jobs succeeds; firings are stored and sent
     as ``trend.alert`` webhooks."""
     r = queries.get_run(session, run)
@@ -24,14 +23,14 @@ def create_alert(run: str, body: AlertRuleIn, session: SessionDep) -> AlertRuleO
 
 
 @router.get("/{run:path}/alerts", dependencies=[Depends(read_scope)], response_model=list[AlertRuleOut])
-def list_alerts(run: str, session: SessionDep) -> list[AlertRuleOut]:
+def list_alerts(run: RunPath, session: SessionDep) -> list[AlertRuleOut]:
     r = queries.get_run(session, run)
     return [AlertRuleOut.of(rule, r.name) for rule in alerts.list_rules(session, r)]
 
 
 @router.get("/{run:path}/alerts/firings", dependencies=[Depends(read_scope)], response_model=list[AlertFiringOut])
 def list_firings(
-    run: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    run: RunPath, session: SessionDep, limit: FiringsLimit = 1000,
 ) -> list[AlertFiringOut]:
     """Every firing of the run's rules, in step order."""
     r = queries.get_run(session, run)
@@ -40,6 +39,6 @@ def list_firings(
 
 @router.delete("/{run:path}/alerts/{rule_id:int}", dependencies=[Depends(admin_scope)],
                status_code=204)  # :int, so that DELETE …/alerts/firings is 405
-def delete_alert(run: str, rule_id: int, session: SessionDep) -> Response:
+def delete_alert(run: RunPath, rule_id: AlertRuleId, session: SessionDep) -> Response:
     alerts.delete_rule(session, queries.get_run(session, run), rule_id)
     return Response(status_code=204)

@@ -9,6 +9,7 @@ from ... import hooks
 from ...models import HookSource
 from ...schemas import HookSourceIn, HookSourceOut
 from ..deps import SessionDep, admin_scope
+from ..params import HookSourceName
 
 router = APIRouter(prefix="/v1/hook-sources", tags=["hook sources"], dependencies=[Depends(admin_scope)])
 
@@ -26,6 +27,6 @@ def list_hook_sources(session: SessionDep) -> list[HookSourceOut]:
 
 
 @router.delete("/{name}", response_model=HookSourceOut)
-def revoke_hook_source(name: str, session: SessionDep) -> HookSourceOut:
+def revoke_hook_source(name: HookSourceName, session: SessionDep) -> HookSourceOut:
     """Stop accepting the source's hooks (it stays listed, with ``revoked_at``)."""
     return HookSourceOut.of(hooks.revoke_source(session, name))

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from ... import hooks, jobs
 from ...schemas import CheckpointIn, JobOut
 from ..deps import SessionDep, SettingsDep
+from ..params import HookSourceQ
 from ..replies import accepted
 
 router = APIRouter(prefix="/v1/hooks", tags=["hook sources"])
@@ -28,7 +29,7 @@ async def raw_body(request: Request) -> bytes:
 def hook_checkpoint(
     request: Request, response: Response, session: SessionDep, settings: SettingsDep,
     raw: Annotated[bytes, Depends(raw_body)],
-    source: Annotated[str | None, Query(max_length=200, description="the hook source's name")] = None,
+    source: HookSourceQ = None,
 ) -> JobOut:
     """Submit a checkpoint (same body as POST /v1/checkpoints) with a Standard Webhooks
     signature instead of a bearer token. Old or future timestamps and replayed ids are refused;

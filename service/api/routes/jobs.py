@@ -10,20 +10,20 @@ from layertrack.workers.vocabulary import JobStatus
 from ... import jobs, queries, queue
 from ...schemas import JobOut
 from ..deps import SessionDep, SettingsDep, current_caller, job_change, job_read
-from ..params import Limit
+from ..params import JobId, Limit, RunQ
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(current_caller)])
 
 
 @router.get("/{job_id}", dependencies=[Depends(job_read)], response_model=JobOut)
-def read_job(job_id: str, session: SessionDep) -> JobOut:
+def read_job(job_id: JobId, session: SessionDep) -> JobOut:
     return JobOut.of(jobs.get_job(session, job_id))
 
 
 @router.get("", dependencies=[Depends(job_read)], response_model=list[JobOut])
 def list_jobs(
     session: SessionDep,
-    run: Annotated[str | None, Query(max_length=200)] = None,
+    run: RunQ = None,
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Limit = 100,
 ) -> list[JobOut]:
@@ -33,12 +33,12 @@ def list_jobs(
 
 
 @router.post("/{job_id}/cancel", dependencies=[Depends(job_change)], response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+def cancel_job(job_id: JobId, session: SessionDep) -> JobOut:
     return JobOut.of(jobs.cancel(session, jobs.get_job(session, job_id)))
 
 
 @router.post("/{job_id}/retry", dependencies=[Depends(job_change)], response_model=JobOut)
-def retry_job(job_id: str, session: SessionDep, settings: SettingsDep) -> JobOut:
+def retry_job(job_id: JobId, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Queue a failed or cancelled job again. The answer is the state this request committed
     (queued), whatever a fast worker has done with it since."""
     out = JobOut.of(jobs.retry(session, jobs.get_job(session, job_id)))

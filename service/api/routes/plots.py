@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Response
 from ... import alerts, plots, queries
 from ...errors import NotFound
 from ..deps import SessionDep, read_scope
-from ..params import MetricQ, Steps
+from ..params import MetricQ, RunPath, Steps
 
 router = APIRouter(prefix="/v1", tags=["plots"], dependencies=[Depends(read_scope)])
 
@@ -34,7 +34,7 @@ def _has_scores(data: dict, run: str, metric: str) -> None:
 
 
 @router.get("/runs/{run:path}/trend/plot.{fmt}", response_class=Response, responses=IMAGE)
-def trend_plot(run: str, fmt: Format, session: SessionDep, metric: MetricQ = "linearity",
+def trend_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ = "linearity",
                log_x: bool = False) -> Response:
     """The layer-mean trend as a figure; a fine-tune run continues from its parent's curve;
     firings of layer-mean alert rules are marked."""
@@ -53,7 +53,7 @@ def trend_plot(run: str, fmt: Format, session: SessionDep, metric: MetricQ = "li
 
 
 @router.get("/runs/{run:path}/heatmap/plot.{fmt}", response_class=Response, responses=IMAGE)
-def heatmap_plot(run: str, fmt: Format, session: SessionDep, metric: MetricQ = "linearity") -> Response:
+def heatmap_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ = "linearity") -> Response:
     """The step × layer heatmap as a figure."""
     _check_format(fmt)
     r = queries.get_run(session, run)
@@ -63,7 +63,7 @@ def heatmap_plot(run: str, fmt: Format, session: SessionDep, metric: MetricQ = "
 
 
 @router.get("/runs/{run:path}/profile/plot.{fmt}", response_class=Response, responses=IMAGE)
-def profile_plot(run: str, fmt: Format, session: SessionDep, metric: MetricQ = "linearity",
+def profile_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ = "linearity",
                  step: Steps = None) -> Response:
     """Per-layer values at one or more steps as a figure."""
     _check_format(fmt)

@@ -10,16 +10,16 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
 
 from ... import queries
 from ...errors import Invalid
 from ...schemas import RunOut
 from ..deps import SessionDep, read_scope
-from ..params import MaxPoints, MetricQ, StepQ, Steps
+from ..params import LayerQ, MaxPoints, MaxSteps, MetricQ, NameContainsQ, RunPath, RunsQ, StepQ, Steps
 
 router = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(read_scope)])
 
@@ -27,14 +27,14 @@ EXPORT_COLUMNS = ["run", "step", "layer", "metric", "value", "final_norm", "job_
 
 
 @router.get("/runs", response_model=list[RunOut])
-def list_runs(session: SessionDep, name: str | None = Query(default=None, max_length=200)) -> list[RunOut]:
+def list_runs(session: SessionDep, name: NameContainsQ = None) -> list[RunOut]:
     """Every run (or those whose name contains ``name``), oldest first."""
     return [RunOut.of(queries.run_summary(session, r)) for r in queries.list_runs(session, name_contains=name)]
 
 
 @router.get("/runs/{run:path}/scores")
 def run_scores(
-    run: str, session: SessionDep, metric: MetricQ = "linearity", layer: Annotated[int | None, Query(ge=0)] = None,
+    run: RunPath, session: SessionDep, metric: MetricQ = "linearity", layer: LayerQ = None,
     from_step: StepQ = None, to_step: StepQ = None, max_points: MaxPoints = 500,
 ) -> dict[str, Any]:
     """Per-layer series, downsampled server-side to at most max_points per layer (extremes kept)."""
@@ -46,7 +46,7 @@ def run_scores(
 
 @router.get("/runs/{run:path}/trend")
 def run_trend(
-    run: str, session: SessionDep, metric: MetricQ = "linearity",
+    run: RunPath, session: SessionDep, metric: MetricQ = "linearity",
     from_step: StepQ = None, to_step: StepQ = None, max_points: MaxPoints = 500,
 ) -> dict[str, Any]:
     """Layer mean per step (the final-norm pair left out)."""
@@ -58,8 +58,8 @@ def run_trend(
 
 @router.get("/runs/{run:path}/heatmap")
 def run_heatmap(
-    run: str, session: SessionDep, metric: MetricQ = "linearity",
-    max_steps: Annotated[int, Query(ge=2, le=5000)] = 200,
+    run: RunPath, session: SessionDep, metric: MetricQ = "linearity",
+    max_steps: MaxSteps = 200,
 ) -> dict[str, Any]:
     """step × layer values, at most max_steps steps (evenly spread, first and last kept)."""
     r = queries.get_run(session, run)
@@ -67,7 +67,7 @@ def run_heatmap(
 
 
 @router.get("/runs/{run:path}/profile")
-def run_profile(run: str, session: SessionDep, metric: MetricQ = "linearity", step: Steps = None) -> dict:
+def run_profile(run: RunPath, session: SessionDep, metric: MetricQ = "linearity", step: Steps = None) -> dict:
     """Per-layer values at one or more steps (to compare); ``available_steps`` lists the rest."""
     r = queries.get_run(session, run)
     return {"run": run, "metric": metric, **queries.profile(session, run_id=r.id, metric=metric, steps=step)}
@@ -78,7 +78,7 @@ def run_profile(run: str, session: SessionDep, metric: MetricQ = "linearity", st
     "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
 }, "description": "CSV (format=csv, the default) or Parquet (format=parquet)"}})
 def run_export(
-    run: str, session: SessionDep, format: Literal["csv", "parquet"] = "csv", metric: MetricQ | None = None,
+    run: RunPath, session: SessionDep, format: Literal["csv", "parquet"] = "csv", metric: MetricQ | None = None,
 ):
     """Every stored score of the run as CSV (streamed) or Parquet."""
     r = queries.get_run(session, run)
@@ -125,7 +125,7 @@ def _parquet(run: str, rows) -> bytes:
 
 @router.get("/compare")
 def compare_runs(
-    session: SessionDep, runs: Annotated[str, Query(max_length=4200, description="run names, comma separated")],
+    session: SessionDep, runs: RunsQ,
     metric: MetricQ = "linearity", max_points: MaxPoints = 500,
 ) -> dict[str, Any]:
     """Layer-mean trends of several runs in one call."""
@@ -141,7 +141,7 @@ def compare_runs(
     return {"metric": metric, "runs": out}
 
 
-def read_run(run: str, session: SessionDep) -> RunOut:
+def read_run(run: RunPath, session: SessionDep) -> RunOut:
     """One run: phase, parent, last step, job counts by status, last activity."""
     return RunOut.of(queries.run_summary(session, queries.get_run(session, run)))
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Response
 
 from ... import queries, queue, webhooks
 from ...schemas import DeliveryOut, WebhookIn, WebhookOut, WebhookPatch
 from ..deps import SessionDep, SettingsDep, admin_scope, secrets_at_rest
-from ..params import Limit
+from ..params import DeliveryId, EventQ, Limit, WebhookId
 
 #: secrets_at_rest: the API refuses to start without the key of the stored signing secrets
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], dependencies=[Depends(admin_scope)],
@@ -31,12 +31,12 @@ def list_webhooks(session: SessionDep) -> list[WebhookOut]:
 
 
 @router.get("/{webhook_id}", response_model=WebhookOut)
-def read_webhook(webhook_id: int, session: SessionDep) -> WebhookOut:
+def read_webhook(webhook_id: WebhookId, session: SessionDep) -> WebhookOut:
     return WebhookOut.of(webhooks.get(session, webhook_id))
 
 
 @router.patch("/{webhook_id}", response_model=WebhookOut)
-def update_webhook(webhook_id: int, body: WebhookPatch, session: SessionDep) -> WebhookOut:
+def update_webhook(webhook_id: WebhookId, body: WebhookPatch, session: SessionDep) -> WebhookOut:
     """Pause or resume a subscription, or change its events or description."""
     w = webhooks.update_subscription(session, webhooks.get(session, webhook_id), active=body.active,
                                      events=body.events, description=body.description)
@@ -44,7 +44,7 @@ def update_webhook(webhook_id: int, body: WebhookPatch, session: SessionDep) -> 
 
 
 @router.delete("/{webhook_id}", status_code=204)
-def delete_webhook(webhook_id: int, session: SessionDep) -> Response:
+def delete_webhook(webhook_id: WebhookId, session: SessionDep) -> Response:
     """Remove the subscription and its delivery log."""
     webhooks.delete_subscription(session, webhooks.get(session, webhook_id))
     return Response(status_code=204)
@@ -52,9 +52,9 @@ def delete_webhook(webhook_id: int, session: SessionDep) -> Response:
 
 @router.get("/{webhook_id}/deliveries", response_model=list[DeliveryOut])
 def list_deliveries(
-    webhook_id: int, session: SessionDep,
+    webhook_id: WebhookId, session: SessionDep,
     status: Literal["pending", "succeeded", "failed"] | None = None,
-    event: Annotated[str | None, Query(max_length=32)] = None,
+    event: EventQ = None,
     limit: Limit = 100,
 ) -> list[DeliveryOut]:
     """The subscription's deliveries, newest first, each with every attempt made."""
@@ -64,12 +64,12 @@ def list_deliveries(
 
 
 @router.get("/{webhook_id}/deliveries/{delivery_id}", response_model=DeliveryOut)
-def read_delivery(webhook_id: int, delivery_id: str, session: SessionDep) -> DeliveryOut:
+def read_delivery(webhook_id: WebhookId, delivery_id: DeliveryId, session: SessionDep) -> DeliveryOut:
     return DeliveryOut.of(webhooks.get_delivery(session, webhook_id, delivery_id))
 
 
 @router.post("/{webhook_id}/deliveries/{delivery_id}/redeliver", status_code=202, response_model=DeliveryOut)
-def redeliver(webhook_id: int, delivery_id: str, session: SessionDep) -> DeliveryOut:
+def redeliver(webhook_id: WebhookId, delivery_id: DeliveryId, session: SessionDep) -> DeliveryOut:
     """Send a delivery again (same webhook-id, new timestamp and signature), with a fresh
     round of attempts; earlier attempts stay in its log."""
     d = webhooks.redeliver(session, webhooks.get_delivery(session, webhook_id, delivery_id))
@@ -79,7 +79,7 @@ def redeliver(webhook_id: int, delivery_id: str, session: SessionDep) -> Deliver
 
 
 @router.post("/{webhook_id}/test", status_code=202, response_model=DeliveryOut)
-def send_test(webhook_id: int, session: SessionDep) -> DeliveryOut:
+def send_test(webhook_id: WebhookId, session: SessionDep) -> DeliveryOut:
     """Send a ``webhook.test`` event to the subscription's URL."""
     d = webhooks.test_delivery(session, webhooks.get(session, webhook_id))
     out = DeliveryOut.of(d)
