@@ -86,9 +86,10 @@ def configured_keys(settings: Settings) -> list[str]:
     return _parse(text, str(path))
 
 
-def ensure_key_file(settings: Settings) -> Path | None:
+def ensure_key_file(settings: Settings, *, announce: bool = True) -> Path | None:
     """Create ``<data dir>/secret.key`` (mode 600) with a new key when no key is configured;
-    the file's path when it was created, else None. Safe when several processes race."""
+    the file's path when it was created, else None. Safe when several processes race.
+    ``announce``: log a warning that says so (``layertrack up`` prints its own line)."""
     if settings.secret_keys or key_file(settings).exists():
         return None
     path = key_file(settings)
@@ -99,8 +100,9 @@ def ensure_key_file(settings: Settings) -> Path | None:
         return None
     with os.fdopen(fd, "w") as f:
         f.write(generate_key() + "\n")
-    log.warning("%s is not set: created the key that encrypts webhook and hook-source secrets in %s (mode 600); "
-                "back it up with the database, or set %s (docs/deploy.md)", ENV, path, ENV)
+    if announce:
+            log.warning("%s is not set: created the key that encrypts webhook and hook-source secrets in %s (mode "
+                    "600); back it up with the database, or set %s (docs/deploy.md)", ENV, path, ENV)
     return path
 
 

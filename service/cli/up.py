@@ -85,8 +85,9 @@ def _secret_key(settings) -> str:
     from .. import crypto
 
     try:
-        crypto.startup_check(settings, encrypt_plaintext=True)
-        crypto.ensure_key_file(settings)
+        crypto.startup_check(settings, encrypt_plaintext=False)  # stored secrets and no key: refuse
+        crypto.ensure_key_file(settings, announce=False)  # no key at all: make one (the line below says so)
+        crypto.startup_check(settings, encrypt_plaintext=True)  # secrets stored in clear: encrypt them
     except crypto.SecretKeyError as e:
         raise CliError(str(e)) from None
     if settings.secret_keys:
