@@ -241,8 +241,19 @@ def startup_check(settings: Settings, *, encrypt_plaintext: bool) -> None:
         log.warning("secrets at rest not checked at start: %s: %s", type(e).__name__, str(e).splitlines()[0])
 
 
-def _refuse_worker_start(**_kwargs) -> None:
-    """Celery ``worker_init``: a webhook worker without the key would fail every delivery."""
+#: the Celery queue of webhook deliveries (layertrack.service.queue.WEBHOOK_QUEUE, which this
+#: module, below the queue, cannot import)
+_WEBHOOK_QUEUE = "webhooks"
+
+
+def _refuse_worker_start(sender=None, **_kwargs) -> None:
+    """Celery ``worker_init``: a worker that sends webhooks (consumes the webhooks queue, or
+    every queue) refuses to start without the key, which every delivery needs; a scoring
+    worker never reads a secret."""
+    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    consumed = getattr(queues, "consume_from", None)
+    if consumed and _WEBHOOK_QUEUE not in consumed:
+        return
     try:
         startup_check(get_settings(), encrypt_plaintext=False)
     except SecretKeyError as e:

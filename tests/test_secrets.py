@@ -103,6 +103,11 @@ def test_the_api_and_the_webhook_worker_refuse_to_start_without_the_key(tmp_path
                           what="the webhook worker to refuse to start")[0]
         log = (svc.log_dir / "worker-hooks.log").read_text()
         assert code != 0 and "layertrack worker: the database holds 1 encrypted" in log, log[-3000:]
+        # a scoring worker never reads a secret: it starts
+        scorer = svc.start_worker("scorer", "gpu")
+        wait_until(lambda: "ready." in (svc.log_dir / "worker-scorer.log").read_text(), 120,
+                   what="the scoring worker to start")
+        assert scorer.poll() is None
     finally:
         svc.stop()
 
