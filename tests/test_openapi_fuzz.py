@@ -194,6 +194,6 @@ def test_every_generated_request_gets_a_documented_answer_and_no_5xx(fuzzed, wit
     assert out.server_errors == 0 and not out.failures, failure_text(out.output)
     assert out.generated >= MIN_CASES, out.generated
     if with_token:  # the stored things were reached, not only their 404s
-        assert out.responses[200] >= 100 and out.responses[404] > 0, out.responses
+        assert out.responses[200] >= 50 and out.responses[404] > 0, out.responses
     else:
         assert set(out.responses) <= {200, 401, 405, 409, 413, 422, 400}, out.responses
