@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from layertrack.service.db import session_scope
 from layertrack.service.models import Checkpoint, Job, Run, Score
@@ -178,12 +180,13 @@ def test_bad_input_is_a_4xx_that_names_the_field(api_service, ckpt, run, method,
 
 
 def test_the_signed_hook_route_refuses_a_nul_in_its_source(api_service):
-    """Refused before its signature is checked or the body read (401 for the missing
-    signature is also a clear refusal); never a database error."""
-    with api_service.http() as h:
-        r = h.post("/v1/hooks/checkpoint?source=a%00b", content=b"{}", headers={"Content-Type": "application/json"})
-    assert r.status_code in (401, 422), r.text
-    assert r.headers["content-type"].startswith(PROBLEM)
+    """A signed-looking request (the three Standard Webhooks headers, a current timestamp)
+    gets as far as looking its source up: a NUL in ``source`` is refused before that."""
+    headers = {"Content-Type": "application/json", "webhook-id": "msg_1", "webhook-timestamp": str(int(time.time())),
+               "webhook-signature": "v1,AAAA"}
+    with httpx.Client(base_url=api_service.url, timeout=30) as h:
+        r = h.post("/v1/hooks/checkpoint?source=a%00b", content=b"{}", headers=headers)
+    assert_problem(r, 422, ["query.source", NUL])
 
 
 def test_integers_at_the_edge_of_their_column_are_accepted(api_service, ckpt, run):
@@ -292,6 +295,12 @@ def test_a_huge_shard_index_and_generation_config_are_refused(api_service, ckpt)
     index.unlink()
     os.truncate(big / "generation_config.json", 64 * 2**20)
     submit_refused(api_service, ckpt, big, "file_too_large", "generation_config.json")
+
+
+def test_a_config_nested_deeper_than_the_json_parser_goes_is_refused(api_service, ckpt):
+    deep = _copy(ckpt, api_service.roots / f"deep-{uuid.uuid4().hex[:6]}")
+    (deep / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    submit_refused(api_service, ckpt, deep, "not_a_model_directory", "is not a valid config")
 
 
 def test_a_shard_index_that_points_out_of_the_directory_is_refused(api_service, ckpt):

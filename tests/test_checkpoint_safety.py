@@ -43,6 +43,7 @@ ATTACKS = [
     ("a symlink chain: inside link -> inside link -> outside file", "checkpoint_outside_roots"),
     ("a shard index naming '../elsewhere/x.safetensors'", "not_a_model_directory"),
     ("a shard index naming an absolute path", "not_a_model_directory"),
+    ("pytorch_model.bin.index.json naming '../elsewhere/…' or an absolute path (pickle)", "not_a_model_directory"),
     ("config.json of 300 MB (sparse)", "file_too_large"),
     ("config.json of MAX_JSON_BYTES + 1", "file_too_large"),
     ("model.safetensors.index.json of 64 MB", "file_too_large"),
@@ -59,6 +60,11 @@ ATTACKS = [
     ("safetensors offsets not matching dtype × shape", "malformed_weights"),
     ("safetensors header not JSON", "malformed_weights"),
     ("safetensors header a JSON list", "malformed_weights"),
+    ("safetensors header nested 100,000 deep (RecursionError in the JSON parser)", "malformed_weights"),
+    ("safetensors dtype not a string", "malformed_weights"),
+    ("config.json nested 100,000 deep", "not_a_model_directory"),
+    ("config.json with model_type a list / architectures a string", "not_a_model_directory"),
+    ("shard index nested 100,000 deep / weight_map a list", "not_a_model_directory"),
     ("safetensors tensor without data_offsets", "malformed_weights"),
     ("safetensors trailing bytes after the last tensor", "malformed_weights"),
     ("safetensors a gap between tensors (caught by the safetensors library itself)", "malformed_weights"),
@@ -163,11 +169,14 @@ def test_dangling_directory_and_chained_links_out_are_refused(root, outside, che
 
 
 @pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/etc/passwd"])
-def test_a_shard_index_may_name_only_files_of_the_directory(root, checkpoints, shard):
+def test_a_shard_index_may_name_only_files_of_the_directory(root, checkpoints, tokenizer, shard):
     ckpt = copy_of(checkpoints("llama"), root / "ckpt")
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
     e = fails("not_a_model_directory", ckpt, roots=[root])
     assert "which is not a file name" in e.message
+    pickled = build_checkpoint(root / "pickle", "gpt2", tokenizer, safe=False)
+    (pickled / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    assert "which is not a file name" in fails("not_a_model_directory", pickled, config=PICKLE, roots=[root]).message
 
 
 # ------------------------------------------------------------------ huge small files
@@ -189,6 +198,22 @@ def test_a_huge_json_is_refused_from_its_size(root, checkpoints, name, size):
     grow(ckpt / name, size)
     e = fails("file_too_large", ckpt, roots=[root])
     assert name in e.message and f"{size:,} bytes" in e.message and "MiB" in e.message
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON parser recurses
+
+
+@pytest.mark.parametrize(("name", "text", "needle"), [
+    ("config.json", DEEP, "is not a valid config"),
+    ("config.json", json.dumps({"model_type": ["llama"]}), 'has no "model_type"'),
+    ("config.json", json.dumps({"model_type": "llama", "architectures": "LlamaForCausalLM"}), '"architectures"'),
+    ("model.safetensors.index.json", '{"weight_map": ' + DEEP + "}", "is not a valid shard index"),
+    ("model.safetensors.index.json", '{"weight_map": [["a"]]}', "is not a valid shard index"),
+])
+def test_odd_json_is_not_a_model_directory(root, checkpoints, name, text, needle):
+    ckpt = copy_of(checkpoints("llama"), root / "ckpt")
+    (ckpt / name).write_text(text)
+    assert needle in fails("not_a_model_directory", ckpt, roots=[root]).message
 
 
 def test_json_files_at_the_cap_are_read(root, checkpoints):
@@ -243,6 +268,8 @@ MALFORMED = {
     "header a list": lambda d: framed([1, 2, 3], b""),
     "trailing bytes": lambda d: d + b"\0" * 64,
     "gap between tensors": _gap,
+    "header nested too deep": lambda d: struct.pack("<Q", len(DEEP)) + DEEP.encode(),
+    "dtype not a string": _offsets(lambda t, h: t.update(dtype=["F32"])),
 }
 
 

@@ -55,9 +55,9 @@ ROOTS_ENV = "LAYERTRACK_CHECKPOINT_ROOTS"
 
 #: the most bytes read of a checkpoint's small JSON files (``SMALL_FILES``: config.json, the
 #: shard index, tokenizer_config.json, ...) and of a safetensors file's JSON header. Real ones
-#: are well under 1 MiB (the index of a 600 B-parameter model: ~9 MiB); a larger file is
-#: refused (code ``file_too_large``) from its size, before it is read, so that it cannot
-#: exhaust the API's or a worker's memory.
+#: are far smaller (a config: a few KiB; the shard index of the largest open models: a few
+#: MiB); a larger file is refused (code ``file_too_large``) from its size, before it is read,
+#: so that it cannot exhaust the API's or a worker's memory.
 MAX_JSON_BYTES = 16 * 2**20
 #: the most bytes of each tokenizer vocabulary file (``TOKENIZER_FILES``), larger by nature
 #: (tokenizer.json of a 256k-token vocabulary: ~35 MB)
@@ -118,7 +118,7 @@ def _inside(path: Path, real_roots: Sequence[Path]) -> bool:
 
 
 def _roots_advice(real_roots: Sequence[Path]) -> str:
-    return (f"the allowed checkpoint roots ({', '.join(map(str, real_roots))})")
+    return f"the allowed checkpoint roots ({', '.join(map(str, real_roots))})"
 
 
 def _allow_root_advice() -> str:
@@ -237,6 +237,22 @@ def _plain_file_name(name: Any) -> bool:
             and "\x00" not in name)
 
 
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a weight index names; each must be a file name of the checkpoint's
+    directory (not a path that leads out of it)."""
+    try:
+        shards = sorted(set(json.loads(read_small_file(index))["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
+        raise NotAModelDirectory(f"{str(index)!r} is not a valid shard index ({type(e).__name__}: {e})") from None
+    odd = [s for s in shards if not _plain_file_name(s)]
+    if odd:
+        raise NotAModelDirectory(
+            f"{str(index)!r} lists shard {odd[0]!r}, which is not a file name: the shards of a "
+            "checkpoint are files in its directory (model-00001-of-00002.safetensors, ...)"
+        )
+    return shards
+
+
 def check_safetensors(file: Path) -> None:
     """Check a safetensors file's framing without loading it: the 8-byte header length, the
     JSON header (at most MAX_JSON_BYTES) and every tensor's offsets, which must lie within
@@ -246,8 +262,11 @@ def check_safetensors(file: Path) -> None:
         return MalformedWeights(f"{_shown(file)} is not a valid safetensors file: {why}. Write it again "
                                 "(save_pretrained) or copy it completely")
 
-    with open(file, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    with os.fdopen(os.open(file, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise bad("it is not a regular file")
+        size = st.st_size
         head = f.read(8)
         if len(head) < 8:
             raise bad(f"it is {size} bytes long, shorter than the 8-byte header length (empty or truncated)")
@@ -260,8 +279,8 @@ def check_safetensors(file: Path) -> None:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad(f"its header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise bad(f"its header is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     data_len = size - 8 - n
@@ -269,20 +288,21 @@ def check_safetensors(file: Path) -> None:
     for name, t in header.items():
         if name == "__metadata__":
             continue
-        offsets = t.get("data_offsets") if isinstance(t, dict) else None
-        shape = t.get("shape") if isinstance(t, dict) else None
+        offsets, shape, dtype = (t.get(k) for k in ("data_offsets", "shape", "dtype")) if isinstance(t, dict) else (
+            None, None, None)
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-                or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
-            raise bad(f"tensor {name!r} has no valid data_offsets [begin, end] and shape")
+                or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(dtype, str)):
+            raise bad(f"tensor {name!r} has no valid dtype, shape and data_offsets [begin, end]")
         begin, end = offsets
         if not 0 <= begin <= end:
             raise bad(f"tensor {name!r} has data_offsets {offsets}, which are not increasing")
         if end > data_len:
             raise bad(f"tensor {name!r} ends at byte {end:,} of the data, past the end of the file "
                       f"({data_len:,} bytes of data; truncated?)")
-        width = SAFETENSORS_DTYPE_BYTES.get(t.get("dtype"))
+        width = SAFETENSORS_DTYPE_BYTES.get(dtype)
         if width is not None and (end - begin) != math.prod(shape) * width:
-            raise bad(f"tensor {name!r} ({t.get('dtype')}, shape {shape}) needs "
+            raise bad(f"tensor {name!r} ({dtype}, shape {shape}) needs "
                       f"{math.prod(shape) * width:,} bytes but its data_offsets span {end - begin:,}")
         last_end = max(last_end, end)
     if last_end < data_len:
@@ -330,10 +350,13 @@ def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool) -> Checkp
         config = json.loads(cfg_bytes)
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except ValueError as e:
+        archs = config.get("architectures")
+        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise ValueError('"architectures" is not a list of class names')
+    except (ValueError, RecursionError) as e:
         raise NotAModelDirectory(f"{str(cfg_file)!r} is not a valid config ({e})") from None
     model_type = config.get("model_type")
-    if not model_type:
+    if not model_type or not isinstance(model_type, str):
         raise NotAModelDirectory(f"{str(cfg_file)!r} has no \"model_type\"; is it a transformers config?")
     if check_causal_lm and not _is_causal_lm(config):
         archs = ", ".join(config.get("architectures") or []) or model_type
@@ -347,17 +370,7 @@ def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool) -> Checkp
     pickles = sorted(p.name for p in path.glob("pytorch_model*.bin"))
     if safetensors or index.is_file():
         if index.is_file():
-            try:
-                weight_map = json.loads(read_small_file(index))["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, AttributeError, TypeError) as e:
-                raise NotAModelDirectory(f"{str(index)!r} is not a valid shard index ({e})") from None
-            odd = [s for s in shards if not _plain_file_name(s)]
-            if odd:
-                raise NotAModelDirectory(
-                    f"{str(index)!r} lists shard {odd[0]!r}, which is not a file name: the shards of a "
-                    "checkpoint are files in its directory (model-00001-of-00002.safetensors, ...)"
-                )
+            shards = _shard_names(index)
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise NoSafetensorsWeights(
@@ -374,6 +387,8 @@ def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool) -> Checkp
                 "default: save the model with save_pretrained(safe_serialization=True), or allow "
                 "pickle explicitly (--allow-pickle); it then loads with weights_only=True"
             )
+        if (path / "pytorch_model.bin.index.json").is_file():  # transformers reads the shards it names
+            _shard_names(path / "pytorch_model.bin.index.json")
         weights_format, files = "pickle", tuple(pickles)
     else:
         raise NoSafetensorsWeights(
