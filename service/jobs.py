@@ -43,11 +43,6 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def aware(t: datetime | None) -> datetime | None:
-    """SQLite gives back naive datetimes: they are UTC."""
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
-
-
 def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -366,7 +361,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def job_event(job: Job, **extra: Any) -> dict[str, Any]:
     """The ``data`` of a job.* webhook event."""
-    started, finished = aware(job.started_at), aware(job.finished_at)
+    started, finished = job.started_at, job.finished_at
     return {
         "job_id": job.id, "run": job.run.name, "step": job.checkpoint.step, "phase": job.checkpoint.phase.value,
         "status": job.status.value, "attempts": job.attempts, "worker": job.worker,

@@ -69,19 +69,20 @@ def read_delivery(webhook_id: WebhookId, delivery_id: DeliveryId, session: Sessi
 
 
 @router.post("/{webhook_id}/deliveries/{delivery_id}/redeliver", status_code=202, response_model=DeliveryOut)
-def redeliver(webhook_id: WebhookId, delivery_id: DeliveryId, session: SessionDep) -> DeliveryOut:
+def redeliver(webhook_id: WebhookId, delivery_id: DeliveryId, session: SessionDep,
+              settings: SettingsDep) -> DeliveryOut:
     """Send a delivery again (same webhook-id, new timestamp and signature), with a fresh
     round of attempts; earlier attempts stay in its log."""
     d = webhooks.redeliver(session, webhooks.get_delivery(session, webhook_id, delivery_id))
     out = DeliveryOut.of(d)
-    queue.send_deliveries([d.id])
+    queue.send_deliveries([d.id], db_url=settings.db_url)
     return out
 
 
 @router.post("/{webhook_id}/test", status_code=202, response_model=DeliveryOut)
-def send_test(webhook_id: WebhookId, session: SessionDep) -> DeliveryOut:
+def send_test(webhook_id: WebhookId, session: SessionDep, settings: SettingsDep) -> DeliveryOut:
     """Send a ``webhook.test`` event to the subscription's URL."""
     d = webhooks.test_delivery(session, webhooks.get(session, webhook_id))
     out = DeliveryOut.of(d)
-    queue.send_deliveries([d.id])
+    queue.send_deliveries([d.id], db_url=settings.db_url)
     return out
