@@ -99,6 +99,23 @@ def bounded_int(lo: int, hi: int) -> Any:
     return Annotated[int, Field(ge=lo, le=hi), int_between(lo, hi)]
 
 
+def _finite(value: Any, handler: Any) -> float:
+    try:
+        return handler(value)
+    except ValidationError as e:
+        if any(err["type"] == "finite_number" for err in e.errors()):
+            raise PydanticCustomError("finite_number", "Input should be a finite number, not {value} (a number "
+                                      "beyond ±1.8e308, such as 1e400, reads as Infinity)",
+                                      {"value": _as_json(value)}) from None
+        raise
+
+
+def finite_float(**constraints: Any) -> Any:
+    """A JSON body's number that is finite (NaN, Infinity and 1e400, which parses as infinity,
+    are refused); ``constraints`` are Field's (gt, le ...)."""
+    return Annotated[float, Field(allow_inf_nan=False, **constraints), WrapValidator(_finite)]
+
+
 def no_nul(value: Any) -> Any:
     """Refuse text PostgreSQL cannot store: a NUL character, or a lone UTF-16 surrogate
     (``"\\ud800"`` in JSON), which is not text in any encoding."""
@@ -348,9 +365,9 @@ class AlertRuleIn(BaseModel):
     layer: bounded_int(0, INT32_MAX) | None = None
     kind: Literal["threshold", "sigma"]
     #: finite numbers only: NaN, Infinity (and 1e400, which JSON parsers read as infinity) are refused
-    above: float | None = Field(default=None, allow_inf_nan=False)
-    below: float | None = Field(default=None, allow_inf_nan=False)
-    k: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    above: finite_float() | None = None
+    below: finite_float() | None = None
+    k: finite_float(gt=0) | None = None
     window: bounded_int(2, 1000) | None = None
     description: text(max_length=200) = ""
 
