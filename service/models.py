@@ -82,7 +82,10 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(BigInteger)
     phase: Mapped[Phase] = mapped_column(Enum(Phase, native_enum=False, length=16))
     uri: Mapped[str] = mapped_column(Text)
-    fingerprint: Mapped[str] = mapped_column(String(64))
+    #: a local checkpoint: sha256 of config.json and the weight index; a remote one (s3://,
+    #: hf://, ...): provisional, "uri:" + sha256 of the normalized URI (the API does not read
+    #: remote data; the worker records the content fingerprint on the job)
+    fingerprint: Mapped[str] = mapped_column(String(72))
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
 
     run: Mapped[Run] = relationship()
@@ -131,6 +134,14 @@ class Job(Base):
     token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id", ondelete="SET NULL"), index=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(TZDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+    #: a remote checkpoint's content fingerprint, computed by the worker from the store's
+    #: metadata (ETag or version and size per file; the Hub's commit and file hashes)
+    content_fingerprint: Mapped[str | None] = mapped_column(String(100))
+    #: the revision the worker resolved the checkpoint to (the Hub's commit sha)
+    resolved_revision: Mapped[str | None] = mapped_column(String(200))
+    #: a remote checkpoint's progress: {"phase": "fetching" | "waiting" | "scoring",
+    #: "bytes_done", "bytes_total", "seconds", "message", ...}; None for local checkpoints
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     checkpoint: Mapped[Checkpoint] = relationship()
     probe: Mapped[Probe] = relationship()
