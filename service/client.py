@@ -52,6 +52,11 @@ class Job(TypedDict):
     started_at: str | None
     finished_at: str | None
     duration_s: float | None
+    #: a remote checkpoint's progress ({"phase": "fetching" | "waiting" | "scoring",
+    #: "bytes_done", "bytes_total", "seconds", "message", ...}); None for a local one
+    progress: dict[str, Any] | None
+    content_fingerprint: str | None
+    resolved_revision: str | None
 
 
 class RunInfo(TypedDict):

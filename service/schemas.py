@@ -222,6 +222,14 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     duration_s: float | None
+    #: a remote checkpoint (s3://, gs://, az://, hf://, https://): what the worker is doing,
+    #: {"phase": "fetching" | "waiting" | "scoring", "bytes_done", "bytes_total", "seconds",
+    #: "message", ...}; null for a local checkpoint and before a worker takes the job
+    progress: dict[str, Any] | None = None
+    #: a remote checkpoint's content fingerprint, from the store's metadata (set by the worker)
+    content_fingerprint: str | None = None
+    #: the revision the worker resolved a remote checkpoint to (a Hub commit sha)
+    resolved_revision: str | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -232,6 +240,8 @@ class JobOut(BaseModel):
             config=job.config, attempts=job.attempts, worker=job.worker, error_code=job.error_code, error=job.error,
             result=job.result, queued_at=job.queued_at, started_at=started, finished_at=finished,
             duration_s=(finished - started).total_seconds() if started and finished else None,
+            progress=job.progress, content_fingerprint=job.content_fingerprint,
+            resolved_revision=job.resolved_revision,
         )
 
 
