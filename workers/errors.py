@@ -11,7 +11,14 @@ This module imports nothing heavy, so the API side can use the codes too.
     │   │                                                                 in it, links out of the roots)
     │   ├── CheckpointUnreadable      code "checkpoint_unreadable"      (permission denied, I/O error)
     │   ├── InvalidCheckpointURI      code "invalid_uri"
-    │   │   └── CheckpointPathTooLong code "path_too_long"
+    │   │   ├── CheckpointPathTooLong code "path_too_long"
+    │   │   └── CredentialsInURI      code "credentials_in_uri"         (user:password@, signed query strings)
+    │   ├── HostRefused               code "host_refused"               (an http(s) checkpoint on a private address)
+    │   ├── AccessDenied              code "access_denied"              (the store refused the credentials)
+    │   ├── StoreUnreachable          code "store_unreachable"          (transient: connection, timeout, 5xx)
+    │   ├── CheckpointIncomplete      code "checkpoint_incomplete"      (transient: still being uploaded)
+    │   ├── ChecksumMismatch          code "checksum_mismatch"          (a fetched file is not what the store listed)
+    │   └── CacheTooSmall             code "cache_too_small"            (the checkpoint exceeds the fetch cache)
     │   ├── NotAModelDirectory        code "not_a_model_directory"
     │   ├── FileTooLarge              code "file_too_large"             (config.json & co. over the cap)
     │   ├── NoSafetensorsWeights      code "no_safetensors_weights"
@@ -31,6 +38,9 @@ class LayertrackError(Exception):
     """Base class: a problem with the user's input or environment, with a clear message."""
 
     code = "error"
+    #: True for errors that may go away by themselves (a store that is down, a checkpoint
+    #: still being uploaded): the worker retries them with back-off
+    transient = False
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -59,6 +69,37 @@ class InvalidCheckpointURI(CheckpointError):
 
 class CheckpointPathTooLong(InvalidCheckpointURI):
     code = "path_too_long"
+
+
+class CredentialsInURI(InvalidCheckpointURI):
+    code = "credentials_in_uri"
+
+
+class HostRefused(CheckpointError):
+    code = "host_refused"
+
+
+class AccessDenied(CheckpointError):
+    code = "access_denied"
+
+
+class StoreUnreachable(CheckpointError):
+    code = "store_unreachable"
+    transient = True
+
+
+class CheckpointIncomplete(CheckpointError):
+    code = "checkpoint_incomplete"
+    transient = True
+
+
+class ChecksumMismatch(CheckpointError):
+    code = "checksum_mismatch"
+    transient = True
+
+
+class CacheTooSmall(CheckpointError):
+    code = "cache_too_small"
 
 
 class NotAModelDirectory(CheckpointError):
