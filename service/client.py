@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import quote
@@ -224,11 +225,16 @@ class Client:
         params = {k: v for k, v in {"run": run, "status": status, "limit": limit}.items() if v is not None}
         return self._request("GET", "/v1/jobs", params=params).json()
 
-    def wait(self, job_id: str, *, timeout: float = 3600.0, poll: float = 1.0) -> Job:
-        """Poll until the job has finished (succeeded, failed or cancelled); TimeoutError if not."""
+    def wait(self, job_id: str, *, timeout: float = 3600.0, poll: float = 1.0,
+             on_poll: Callable[[Job], None] | None = None) -> Job:
+        """Poll until the job has finished (succeeded, failed or cancelled); TimeoutError if not.
+        ``on_poll`` is called with the job as each poll finds it (its ``progress`` shows a
+        remote checkpoint's fetch)."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)
+            if on_poll is not None:
+                on_poll(job)
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
             if time.monotonic() > deadline:

@@ -11,12 +11,14 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from layertrack.workers import checkpoint as ckpt_files  # stdlib only: no torch
-from layertrack.workers.errors import LayertrackError
+from layertrack.workers import locations  # stdlib only: no store client
+from layertrack.workers.errors import CheckpointOutsideRoots, InvalidCheckpointURI, LayertrackError
 from layertrack.workers.probe import default_probe
 from layertrack.workers.vocabulary import (
     BASE_METRICS,
@@ -26,7 +28,7 @@ from layertrack.workers.vocabulary import (
     JobStatus,
     Phase,
 )
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, and_, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,6 +38,7 @@ from .errors import Conflict, Invalid, NotFound
 from .models import Checkpoint, HookReceipt, Job, Probe, Run, Score
 
 log = logging.getLogger("layertrack.jobs")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 
@@ -188,26 +191,85 @@ def score_options(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in SCORE_OPTIONS if config.get(k) is not None}
 
 
+def is_remote(uri: str) -> bool:
+    """Whether a checkpoint URI names anything but a local directory: it has a scheme other
+    than ``file`` (one letter is a Windows drive, not a scheme)."""
+    m = _SCHEME.match(uri.strip()) if isinstance(uri, str) else None
+    return bool(m) and len(m.group(1)) > 1 and m.group(1).lower() != "file"
+
+
+def provisional_fingerprint(uri: str) -> str:
+    """A remote checkpoint's fingerprint as the API stores it: ``"uri:"`` + sha256 of the
+    normalized URI (the API reads no remote data; the worker records the content fingerprint
+    on the job). The same URI again gives the same job."""
+    return "uri:" + hashlib.sha256(uri.encode()).hexdigest()
+
+
+def _roots_env_advice(example: str) -> str:
+    return (f"add a prefix that holds it (e.g. {example}) to {locations.ROOTS_ENV} of the API and the workers "
+            "(entries separated by ',' or ':'), or start the service with `layertrack up --roots DIR_OR_PREFIX...`")
+
+
+def check_remote(uri: str, remote_roots: list[locations.Location]) -> tuple[str, str]:
+    """A remote checkpoint URI, validated without reaching the store: parsed (credentials
+    refused), within an allowed prefix. (normalized URI, provisional fingerprint)."""
+    loc = locations.parse(uri)
+    if not loc.remote:  # "file:" in another case
+        raise InvalidCheckpointURI(f"{uri!r} is not a remote URI")
+    if not any(locations.within(loc, root) for root in remote_roots):
+        allowed = ", ".join(r.uri() for r in remote_roots) or "none"
+        parent = locations.Location(loc.scheme, loc.container, "").uri() if loc.scheme != "hf" else \
+            f"hf://{loc.container.split('/', 1)[0]}/"
+        raise CheckpointOutsideRoots(
+            f"checkpoint {loc.uri()!r} is outside the allowed remote locations ({allowed}); "
+            + _roots_env_advice(parent))
+    return loc.uri(), provisional_fingerprint(loc.uri())
+
+
+def require_roots(roots: list) -> list:
+    """The allowed directories; refused when there are none (only remote prefixes are
+    allowed), since no roots would mean no check at all."""
+    if not roots:
+        raise CheckpointOutsideRoots(
+            "local checkpoints are not allowed: the allowed locations are remote prefixes only; "
+            + _roots_env_advice("/ckpts"))
+    return roots
+
+
 def accept_checkpoint(
     session: Session, body: Any, *, roots: list, idempotency_key: str | None = None, receipt: Any = None,
+    remote_roots: list[locations.Location] | None = None,
 ) -> tuple[Job, bool]:
     """Check a submitted checkpoint (``schemas.CheckpointIn``), store its job and commit;
     (job, created). The same checkpoint again (run, step, content fingerprint, probe and
     config) gives the stored job. ``receipt`` (a signed hook's HookReceipt) is committed in
     the same transaction, so a failure leaves neither. The caller sends a created job to the
-    queue after this returns."""
+    queue after this returns.
+
+    A local checkpoint (a path or file:// URI) must lie under one of ``roots`` and is
+    inspected here (config.json, the weight index: its fingerprint). A remote one (s3://,
+    gs://, az://, hf://, http(s)://) is not read: its URI is parsed (credentials refused)
+    and must lie within one of ``remote_roots`` (default: the session's settings'), and its
+    fingerprint is provisional (:func:`provisional_fingerprint`)."""
     replaceable = [m for m in body.metrics or [] if m in REPLACEABILITY_METRICS]
     if replaceable and not body.config.replaceability:
         raise Invalid(f"metric(s) {', '.join(replaceable)} need config.replaceability = true")
     config = body.config.model_dump()
     config["metrics"] = body.metrics or job_metrics(config)
+    if remote_roots is None:
+        settings = session.info.get("settings")
+        remote_roots = settings.remote_roots if settings is not None else []
     try:
-        path = ckpt_files.resolve_checkpoint_path(body.uri, roots)
-        info = ckpt_files.inspect_checkpoint(path, allow_pickle=body.config.allow_pickle, check_causal_lm=False)
+        if is_remote(body.uri):
+            uri, fingerprint = check_remote(body.uri, remote_roots)
+        else:
+            path = ckpt_files.resolve_checkpoint_path(body.uri, require_roots(roots))
+            info = ckpt_files.inspect_checkpoint(path, allow_pickle=body.config.allow_pickle, check_causal_lm=False)
+            uri, fingerprint = str(path), info.fingerprint
     except LayertrackError as e:
         raise Invalid(e.message, code=e.code, title="Invalid checkpoint") from None
     sub = Submission(
-        run=body.run, step=body.step, uri=str(path), fingerprint=info.fingerprint,
+        run=body.run, step=body.step, uri=uri, fingerprint=fingerprint,
         phase=Phase(body.phase) if body.phase else None, parent_run=body.parent_run,
         parent_step=body.parent_step, probe=body.probe, config=config,
     )
@@ -286,6 +348,7 @@ def retry(session: Session, job: Job) -> Job:
     job.worker = None
     job.enqueued_at = None
     job.started_at = job.finished_at = job.heartbeat_at = None
+    job.progress = None  # a new wait for an incomplete checkpoint starts from now
     job.queued_at = now()
     session.commit()
     return job
@@ -300,6 +363,9 @@ class ClaimedJob:
     step: int
     config: dict[str, Any]
     attempts: int
+    #: what the job showed when it was claimed (a remote checkpoint's last progress: when it
+    #: started waiting for an incomplete upload); None for a local checkpoint
+    progress: dict[str, Any] | None = None
 
 
 def claim(db_url: str, job_id: str, worker: str) -> ClaimedJob | None:
@@ -319,6 +385,7 @@ def claim(db_url: str, job_id: str, worker: str) -> ClaimedJob | None:
         return ClaimedJob(
             id=job.id, uri=job.checkpoint.uri, run_id=job.run_id, step=job.checkpoint.step,
             config=dict(job.config), attempts=job.attempts,
+            progress=dict(job.progress) if job.progress is not None else None,
         )
 
 
@@ -331,6 +398,48 @@ def heartbeat(db_url: str, job_id: str, worker: str) -> bool:
             .values(heartbeat_at=now())
         )
         return res.rowcount == 1
+
+
+def _ours(job_id: str, worker: str) -> ColumnElement[bool]:
+    return and_(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
+
+
+def set_progress(db_url: str, job_id: str, worker: str, progress: dict[str, Any]) -> bool:
+    """Show what the worker is doing with a remote checkpoint (``progress``: phase, bytes done
+    and total, seconds, message); counts as a heartbeat. False when the job is no longer this
+    worker's."""
+    with session_scope(db_url) as s:
+        res = s.execute(update(Job).where(_ours(job_id, worker)).values(progress=progress, heartbeat_at=now()))
+        return res.rowcount == 1
+
+
+def record_source(db_url: str, job_id: str, worker: str, *, content_fingerprint: str,
+                  resolved_revision: str | None) -> bool:
+    """Record what a remote checkpoint turned out to be: its content fingerprint (from the
+    store's metadata) and the revision it resolved to. False when the job is not ours."""
+    with session_scope(db_url) as s:
+        res = s.execute(update(Job).where(_ours(job_id, worker)).values(
+            content_fingerprint=content_fingerprint, resolved_revision=resolved_revision, heartbeat_at=now()))
+        return res.rowcount == 1
+
+
+def defer(db_url: str, job_id: str, worker: str, *, delay_s: float, progress: dict[str, Any]) -> bool:
+    """Put a running job back in the queue, due in ``delay_s`` seconds, showing ``progress``
+    (a checkpoint still being uploaded: phase "waiting"). ``enqueued_at`` is set to when it is
+    due (the caller sends its message with that countdown), so the sweeper counts it as
+    waiting for a message only from then on. The look that found the checkpoint incomplete
+    is not counted as an attempt. False when the job is not ours."""
+    with session_scope(db_url) as s:
+        res = s.execute(update(Job).where(_ours(job_id, worker)).values(
+            status=JobStatus.queued, worker=None, enqueued_at=now() + timedelta(seconds=delay_s),
+            attempts=Job.attempts - 1, progress=progress, heartbeat_at=None))
+        return res.rowcount == 1
+
+
+def mark_job_unsent(db_url: str, job_id: str) -> None:
+    """The broker did not take a queued job's message: the sweeper sends it."""
+    with session_scope(db_url) as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued).values(enqueued_at=None))
 
 
 def _finite(v: float | None) -> float | None:
@@ -426,12 +535,15 @@ def fail(db_url: str, job_id: str, worker: str, code: str, message: str) -> Fini
     return Finished(True, deliveries)
 
 
-def release(db_url: str, job_id: str, worker: str) -> bool:
-    """Give a running job back to the queue (a transient failure that will be retried)."""
+def release(db_url: str, job_id: str, worker: str, *, delay_s: float = 0.0,
+            progress: dict[str, Any] | None = None) -> bool:
+    """Give a running job back to the queue (a transient failure that will be retried).
+    ``delay_s``: its message is sent with that countdown, so ``enqueued_at`` is when it is
+    due (the sweeper does not count it as waiting for a message before). ``progress``, when
+    given, replaces what the job shows."""
+    values: dict[str, Any] = dict(status=JobStatus.queued, worker=None, enqueued_at=now() + timedelta(seconds=delay_s))
+    if progress is not None:
+        values["progress"] = progress
     with session_scope(db_url) as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
-            .values(status=JobStatus.queued, worker=None, enqueued_at=now())
-        )
+        res = s.execute(update(Job).where(_ours(job_id, worker)).values(**values))
         return res.rowcount == 1

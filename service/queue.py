@@ -55,6 +55,8 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
@@ -110,11 +112,11 @@ app = make_app()
 
 
 # ------------------------------------------------------------------ sending
-def send_job(job_id: str) -> bool:
-    """Send the job to the broker; False when the broker cannot be reached (the job stays
-    queued and the sweeper sends it later)."""
+def send_job(job_id: str, countdown: float = 0.0) -> bool:
+    """Send the job to the broker (to run ``countdown`` seconds from now); False when the
+    broker cannot be reached (the job stays queued and the sweeper sends it later)."""
     try:
-        app.send_task(SCORE_TASK, args=[job_id], queue=GPU_QUEUE, retry=False)
+        app.send_task(SCORE_TASK, args=[job_id], queue=GPU_QUEUE, countdown=countdown or None, retry=False)
     except Exception as e:
         log.warning("could not enqueue job %s (%s: %s); the sweeper will retry", job_id, type(e).__name__, e)
         return False
@@ -364,13 +366,168 @@ def _failed(db_url: str, job_id: str, worker: str, code: str, message: str) -> N
     send_deliveries(jobs.fail(db_url, job_id, worker, code, message).deliveries, db_url=db_url)
 
 
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="seconds")
+
+
+class Progress:
+    """What a job of a remote checkpoint shows as ``progress``: ``phase`` (fetching, waiting,
+    scoring), ``bytes_done``, ``bytes_total``, ``seconds`` (of the phase), ``message``, and
+    ``waiting_since`` once it has waited for an incomplete upload (kept until the job ends,
+    so the deadline counts from the first wait). The fetch reports to it from any thread; a
+    thread of its own writes it to the job at most every ``interval_s`` (which counts as a
+    heartbeat), and phase changes are written at once. A failed write is logged and tried
+    again at the next change: progress never stops a fetch."""
+
+    def __init__(self, db_url: str, job_id: str, worker: str, interval_s: float, previous: dict | None):
+        self.db_url, self.job_id, self.worker, self.interval_s = db_url, job_id, worker, interval_s
+        self.state: dict[str, Any] = {"phase": "fetching", "bytes_done": None, "bytes_total": None, "seconds": None,
+                                      "message": None}
+        if previous and previous.get("waiting_since"):
+            self.state["waiting_since"] = previous["waiting_since"]
+            self.state["looks"] = previous.get("looks", 0)
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Progress:
+        self._thread = threading.Thread(target=self._run, name=f"progress-{self.job_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush()
+
+    def phase(self, phase: str, message: str, **fields: Any) -> None:
+        """Enter a phase (its clock starts) and write it now."""
+        with self._lock:
+            self._t0 = time.monotonic()
+            self.state.update(phase=phase, message=message, seconds=0.0, **fields)
+            self._dirty = True
+        self.flush()
+
+    def fetched(self, done: int, total: int) -> None:
+        """The fetch's progress callback: bytes of the checkpoint present in the cache so far."""
+        with self._lock:
+            seconds = time.monotonic() - self._t0
+            if self.state.get("bytes_first") is None:  # what the cache already held
+                self.state["bytes_first"] = done
+            pct = f" ({100 * done / total:.0f} %)" if total else ""
+            self.state.update(bytes_done=done, bytes_total=total, seconds=round(seconds, 3),
+                              message=f"fetching {_size(done)} of {_size(total)}{pct}, {seconds:.1f} s")
+            self._dirty = True
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.state)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._dirty:
+                return
+            state, self._dirty = dict(self.state), False
+        try:
+            jobs.set_progress(self.db_url, self.job_id, self.worker, state)
+        except Exception as e:
+            log.warning("progress of job %s not written: %s", self.job_id, e)
+            with self._lock:
+                self._dirty = True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush()
+
+
+def _fetch_remote(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress) -> tuple[Any, Path]:
+    """Resolve, list and fetch a remote checkpoint into the cache; (cache, local directory).
+    Records the content fingerprint and the resolved revision on the job. Raises the store's
+    errors (LayertrackError: checkpoint_not_found, access_denied, store_unreachable,
+    checkpoint_incomplete, ...)."""
+    from layertrack.workers import fetch, locations, stores  # the store clients: worker side only
+
+    jobs.check_remote(job.uri, settings.remote_roots)  # the worker's own allowed locations too
+    loc = locations.parse(job.uri)
+    store = stores.open_store(loc, allow_hosts=settings.fetch_allow_hosts)
+    progress.phase("fetching", f"resolving {loc.uri()}")
+    resolved = store.resolve()
+    files = stores.checkpoint_files(store.list(), store, allow_pickle=bool(job.config.get("allow_pickle")))
+    total = sum(f.size for f in files)
+    jobs.record_source(settings.db_url, job.id, worker, content_fingerprint=stores.fingerprint(loc, files, resolved),
+                       resolved_revision=resolved)
+    progress.phase("fetching", f"fetching {len(files)} files, {_size(total)}", bytes_done=0, bytes_total=total,
+                   files=len(files))
+    cache = fetch.Cache(settings.cache_root, settings.cache_max_bytes)
+    path = cache.fetch(store, files, progress=progress.fetched)
+    return cache, Path(path)
+
+
+def _wait_for_upload(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress,
+                     e: LayertrackError) -> str:
+    """The checkpoint is still being uploaded: put the job back in the queue (status
+    ``queued``, progress phase ``waiting`` saying why and when it looks again), due after a
+    back-off that doubles with each look; past ``incomplete_deadline_s`` since the first
+    look that found it incomplete, fail it (``checkpoint_incomplete``)."""
+    t = jobs.now()
+    state = progress.snapshot()
+    since = datetime.fromisoformat(state["waiting_since"]) if state.get("waiting_since") else t
+    waited = (t - since).total_seconds()
+    deadline = settings.incomplete_deadline_s
+    if waited >= deadline:
+        _failed(settings.db_url, job.id, worker, e.code,
+                f"the checkpoint was still incomplete after waiting {waited:.0f} s (LAYERTRACK_INCOMPLETE_DEADLINE_S "
+                f"is {deadline:g} s): {e.message}. Finish the upload, then retry the job")
+        return f"failed: {e.code}"
+    looks = int(state.get("looks") or 0)
+    delay = min(settings.incomplete_backoff_s * 2 ** min(looks, 30), settings.incomplete_backoff_max_s,
+                deadline - waited)
+    delay = max(delay, 0.5)
+    due = t + timedelta(seconds=delay)
+    waiting = {
+        "phase": "waiting", "bytes_done": None, "bytes_total": None, "seconds": round(waited, 3),
+        "message": f"waiting for the upload to finish ({e.message}); looking again in {delay:.0f} s, giving up at "
+                   f"{_iso(since + timedelta(seconds=deadline))}",
+        "waiting_since": since.isoformat(), "looks": looks + 1, "next_look_at": _iso(due),
+    }
+    if not jobs.defer(settings.db_url, job.id, worker, delay_s=delay, progress=waiting):
+        return "discarded: job cancelled or taken over"
+    if not send_job(job.id, countdown=delay):
+        jobs.mark_job_unsent(settings.db_url, job.id)  # the sweeper sends it (sooner than due: harmless)
+    log.info("job %s: checkpoint incomplete (%s); looking again in %.0f s", job.id, e.message, delay)
+    return f"waiting: {e.code}"
+
+
 @app.task(name=SCORE_TASK, bind=True)
 def score(self, job_id: str) -> str:
     """Claim the job, score its checkpoint with a heartbeat running, store the result.
 
     The job is claimed before the compute side (torch) is imported: a fresh worker takes
     seconds to import it, and a message taken but not claimed that long would look lost to
-    the sweeper."""
+    the sweeper.
+
+    A remote checkpoint (s3://, gs://, az://, hf://, http(s)://) is first resolved, listed
+    and fetched into the cache (``LAYERTRACK_CACHE_DIR``), with its progress written to the
+    job; the fetched directory is then scored like a local one. Its store's errors fail the
+    job with their code, except the transient ones: ``checkpoint_incomplete`` (an upload in
+    progress) puts the job back to ``queued`` with progress phase ``waiting`` until
+    ``incomplete_deadline_s``, and ``store_unreachable`` (and ``checksum_mismatch``) is
+    retried with back-off (2, 4, ... 64 s) up to ``fetch_max_retries`` times."""
     settings = get_settings()
     db_url = settings.db_url
     worker = self.request.hostname or socket.gethostname()
@@ -387,11 +544,39 @@ def score(self, job_id: str) -> str:
         target=_heartbeat, args=(db_url, job_id, worker, settings.heartbeat_s, stop), daemon=True
     )
     beat.start()
+    remote = jobs.is_remote(job.uri)
+    progress = Progress(db_url, job_id, worker, settings.progress_interval_s, job.progress).start() if remote else None
+    fetched: tuple[Any, Path] | None = None
     try:
+        if remote:
+            fetched = _fetch_remote(settings, job, worker, progress)
+            state = progress.snapshot()
+            first, total = state.get("bytes_first"), state.get("bytes_total")
+            new = None if first is None or total is None else total - first
+            progress.phase("scoring", f"fetched {_size(total)} in {progress.elapsed():.1f} s"
+                           + (f" ({_size(new)} new, the rest from the cache)" if new is not None and first else "")
+                           + "; scoring", fetch_s=round(progress.elapsed(), 3), bytes_fetched=new)
         from layertrack.workers.scoring import ScoreConfig, score_checkpoint  # the compute side: torch
 
-        result = score_checkpoint(job.uri, config=ScoreConfig(**jobs.score_options(job.config)), roots=settings.roots)
+        options = ScoreConfig(**jobs.score_options(job.config))
+        if fetched is not None:
+            cache, path = fetched
+            result = score_checkpoint(str(path), config=options, roots=[cache.root])
+        else:
+            result = score_checkpoint(job.uri, config=options, roots=jobs.require_roots(settings.roots))
     except LayertrackError as e:
+        if remote and e.code == "checkpoint_incomplete":
+            return _wait_for_upload(settings, job, worker, progress, e)
+        if remote and e.transient:
+            if self.request.retries < settings.fetch_max_retries:
+                delay = _backoff(self.request.retries)
+                shown = {**progress.snapshot(), "message": f"{e.code}: {e.message}; trying again in {delay} s "
+                         f"(retry {self.request.retries + 1} of {settings.fetch_max_retries})"}
+                progress.close()
+                jobs.release(db_url, job_id, worker, delay_s=delay, progress=shown)
+                raise self.retry(exc=e, countdown=delay, max_retries=settings.fetch_max_retries) from e
+            _failed(db_url, job_id, worker, e.code, f"{e.message} (gave up after {self.request.retries} retries)")
+            return f"failed: {e.code}"
         _failed(db_url, job_id, worker, e.code, e.message)
         return f"failed: {e.code}"
     except SoftTimeLimitExceeded:
@@ -410,8 +595,13 @@ def score(self, job_id: str) -> str:
         _failed(db_url, job_id, worker, "internal_error", f"{type(e).__name__}: {e}")
         return "failed: internal_error"
     finally:
+        if progress is not None:
+            progress.close()
         stop.set()
         beat.join(timeout=5)
+        if fetched is not None:
+            with suppress(Exception):
+                fetched[0].release(fetched[1])
     done = jobs.complete(db_url, job_id, worker, result.to_dict(), jobs.job_metrics(job.config))
     send_deliveries(done.deliveries, db_url=db_url)
     return "succeeded" if done else "discarded: job cancelled or taken over"

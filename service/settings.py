@@ -11,6 +11,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from layertrack.workers import locations  # stdlib only: no store client
+from layertrack.workers.errors import LayertrackError
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,7 +22,8 @@ def _default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LAYERTRACK_", extra="ignore")
+    # a refused value (a root URI with credentials, a secret key) is not repeated in the error
+    model_config = SettingsConfigDict(env_prefix="LAYERTRACK_", extra="ignore", hide_input_in_errors=True)
 
     #: where the embedded database, broker folders and the first API token live
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -28,9 +31,35 @@ class Settings(BaseSettings):
     database_url: str = ""
     #: Celery broker URL; default: kombu's filesystem transport under <data_dir>/broker
     broker_url: str = ""
-    #: directories checkpoints may be read from, separated by ":" (a path or file:// URI
-    #: outside them is refused). Default: the working directory the service starts in.
+    #: where checkpoints may be read from: directories and remote URI prefixes
+    #: (``s3://ml-ckpts/runs/``, ``hf://EleutherAI/``, ``https://host/ckpts/``), separated by
+    #: "," or ":" (a URI's "://" and host:port are kept whole). A checkpoint outside them is
+    #: refused; a prefix matches on path-segment boundaries. Default: the working directory
+    #: the service starts in.
     checkpoint_roots: str = ""
+    #: where workers keep the files of remote checkpoints (default: <data_dir>/cache); may be
+    #: shared by the workers of one machine
+    cache_dir: Path | None = None
+    #: the most bytes the fetch cache holds; least recently used checkpoints are evicted to
+    #: make room. At least the largest checkpoint scored (default 50 GiB)
+    cache_max_bytes: int = Field(default=50 * 2**30, gt=0)
+    #: http(s) checkpoints on private, loopback or link-local addresses are refused unless
+    #: they match one of these (comma separated host names, addresses or CIDR networks, as
+    #: webhook_allow_hosts). Object stores (s3, gs, az, hf) reach the endpoint their own
+    #: configuration names and are not checked against it.
+    fetch_allow_hosts: str = ""
+    #: how long a job waits for a checkpoint still being uploaded (an index without all its
+    #: shards, sizes still changing) before it fails with checkpoint_incomplete, seconds
+    incomplete_deadline_s: float = Field(default=3600.0, ge=0)
+    #: the first wait before looking at an incomplete checkpoint again; it doubles with each
+    #: look, up to incomplete_backoff_max_s
+    incomplete_backoff_s: float = Field(default=5.0, gt=0)
+    incomplete_backoff_max_s: float = Field(default=300.0, gt=0)
+    #: retries of a job whose store could not be reached (connection refused, timeouts, 5xx),
+    #: with back-off 2, 4, 8, ... 64 s (the default, 8, spans about 4 minutes)
+    fetch_max_retries: int = Field(default=8, ge=0)
+    #: how often a fetching job's progress is written to the database, seconds
+    progress_interval_s: float = Field(default=1.0, gt=0)
     #: largest request body accepted, bytes
     max_body_bytes: int = 64 * 1024
     #: a scoring task is interrupted after this many seconds (soft), killed after hard
@@ -66,11 +95,25 @@ class Settings(BaseSettings):
     #: decrypts). Empty: the key in <data_dir>/secret.key, created (mode 600) when needed
     secret_keys: str = Field(default="", repr=False)
 
-    @field_validator("database_url", "broker_url", "checkpoint_roots", "webhook_allow_hosts", "secret_keys",
-                     mode="before")
+    @field_validator("database_url", "broker_url", "checkpoint_roots", "webhook_allow_hosts", "fetch_allow_hosts",
+                     "secret_keys", mode="before")
     @classmethod
     def _strip(cls, v: str | None) -> str:
         return (v or "").strip()
+
+    @field_validator("checkpoint_roots")
+    @classmethod
+    def _parsable_roots(cls, v: str) -> str:
+        try:
+            locations.parse_roots(v)
+        except LayertrackError as e:
+            raise ValueError(f"LAYERTRACK_CHECKPOINT_ROOTS: {e.message}") from None
+        return v
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @property
     def db_url(self) -> str:
@@ -98,10 +141,26 @@ class Settings(BaseSettings):
         }
 
     @property
-    def roots(self) -> list[Path]:
+    def root_locations(self) -> list[locations.Location]:
+        """Every allowed location: directories (scheme ``file``) and remote prefixes."""
         if not self.checkpoint_roots:
-            return [Path.cwd()]
-        return [Path(p).expanduser() for p in self.checkpoint_roots.split(os.pathsep) if p.strip()]
+            return [locations.parse(str(Path.cwd()))]
+        return locations.parse_roots(self.checkpoint_roots)
+
+    @property
+    def roots(self) -> list[Path]:
+        """The allowed directories (may be empty when only remote prefixes are allowed: then
+        no local checkpoint is)."""
+        return [Path(loc.path) for loc in self.root_locations if not loc.remote]
+
+    @property
+    def remote_roots(self) -> list[locations.Location]:
+        """The allowed remote prefixes (s3://, gs://, az://, hf://, http(s)://)."""
+        return [loc for loc in self.root_locations if loc.remote]
+
+    @property
+    def cache_root(self) -> Path:
+        return self.cache_dir.expanduser() if self.cache_dir is not None else self.data_dir / "cache"
 
     def ensure_dirs(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

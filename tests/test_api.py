@@ -84,7 +84,8 @@ def test_every_other_endpoint_needs_a_valid_token(api_service, ckpt):
 @pytest.mark.parametrize(
     ("change", "status", "needle"),
     [
-        ({"uri": "s3://bucket/ckpt"}, 422, "unsupported URI scheme 's3'"),
+        ({"uri": "ftp://host/ckpt"}, 422, "unsupported URI scheme 'ftp'"),
+        ({"uri": "s3://bucket/ckpt"}, 422, "outside the allowed remote locations"),
         ({"uri": ""}, 422, "uri"),
         ({"uri": None}, 422, "uri"),
         ({"uri": "/etc"}, 422, "outside the allowed checkpoint roots"),

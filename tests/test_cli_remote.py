@@ -60,7 +60,7 @@ def test_submit_resolves_a_relative_path_here_not_in_the_service(api, ckpt):
         assert c.job(job_id(out))["uri"] == str(ckpt.resolve())
     # an unsupported scheme is left alone too: the service says what is wrong with it
     out = cli(api, "submit", run, "7", "s3://bucket/step-7")
-    assert out.returncode == 3 and "unsupported URI scheme 's3'" in one_line_error(out)
+    assert out.returncode == 3 and "outside the allowed remote locations" in one_line_error(out)
 
 
 def test_submit_sends_probe_replaceability_holdout_and_allow_pickle(api, ckpt, tokenizer):

@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     up_.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     up_.add_argument("--port", type=port, default=DEFAULT_PORT,
                      help=f"TCP port to listen on (default: {DEFAULT_PORT})")
-    up_.add_argument("--roots", nargs="+", metavar="DIR",
-                     help="checkpoint roots: the directories checkpoints may be read from, for the API and the "
-                          "workers (default: LAYERTRACK_CHECKPOINT_ROOTS, else the working directory)")
+    up_.add_argument("--roots", nargs="+", metavar="DIR_OR_PREFIX",
+                     help="checkpoint roots: the directories and remote prefixes (s3://bucket/runs/, gs://..., "
+                          "az://..., hf://org/, https://host/ckpts/) checkpoints may be read from, for the API and "
+                          "the workers (default: LAYERTRACK_CHECKPOINT_ROOTS, else the working directory)")
     up_.add_argument("--no-worker", action="store_true", help="start only the API (default: API and workers)")
     up_.set_defaults(func=up.cmd_up)
 

@@ -63,6 +63,47 @@ def print_job(job: dict[str, Any]) -> None:
     print(line, flush=True)
     if job.get("error"):
         print(f"  error ({job.get('error_code')}): {job['error']}")
+    line = progress_line(job)
+    if line is not None:
+        print(line)
+    if job.get("resolved_revision"):
+        print(f"  revision {job['resolved_revision']}")
+
+
+def _size(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "?"
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def progress_line(job: dict[str, Any]) -> str | None:
+    """One line of a remote checkpoint's progress (fetching: bytes done / total, seconds;
+    waiting for an upload: why and until when; scoring), or None when there is none."""
+    p = job.get("progress")
+    if not p or job.get("status") not in ("queued", "running"):
+        return None
+    phase = p.get("phase")
+    if phase == "fetching" and p.get("bytes_total"):
+        done, total = p.get("bytes_done") or 0, p["bytes_total"]
+        return (f"  fetching {_size(done)} / {_size(total)} ({100 * done / total:.0f} %), "
+                f"{p.get('seconds') or 0:.1f} s")
+    return f"  {phase}: {p.get('message') or ''}".rstrip(": ")
+
+
+def _progress_printer() -> Callable[[dict[str, Any]], None]:
+    """An ``on_poll`` for Client.wait that prints a job's progress line when it changes."""
+    last: list[str | None] = [None]
+
+    def show(job: dict[str, Any]) -> None:
+        line = progress_line(job)
+        if line is not None and line != last[0]:
+            print(line, flush=True)
+        last[0] = line
+
+    return show
 
 
 def _finished(job: dict[str, Any]) -> int:
@@ -95,7 +136,7 @@ def cmd_submit(c, args: argparse.Namespace) -> int | None:
                    config=config or None)
     print_job(job)
     if args.wait:
-        return _finished(c.wait(job["id"], timeout=args.timeout))
+        return _finished(c.wait(job["id"], timeout=args.timeout, on_poll=_progress_printer()))
     return None
 
 
@@ -106,7 +147,7 @@ def cmd_status(c, args: argparse.Namespace) -> None:
 
 @api_command
 def cmd_wait(c, args: argparse.Namespace) -> int:
-    return _finished(c.wait(args.job_id, timeout=args.timeout))
+    return _finished(c.wait(args.job_id, timeout=args.timeout, on_poll=_progress_printer()))
 
 
 # ------------------------------------------------------------------ results

@@ -35,10 +35,23 @@ WORKERS = (
 )
 
 
-def checkpoint_roots(given: list[str]) -> list[Path]:
-    """``--roots`` as absolute directories; a missing one is an error, not a silent root."""
-    roots = []
+def checkpoint_roots(given: list[str]) -> list[Path | str]:
+    """``--roots`` as absolute directories and normalized URI prefixes (s3://, gs://, az://,
+    hf://, http(s)://); a missing directory is an error, not a silent root, and so is a URI
+    with credentials in it."""
+    from layertrack.workers import locations
+    from layertrack.workers.errors import LayertrackError
+
+    from ..jobs import is_remote
+
+    roots: list[Path | str] = []
     for r in given:
+        if is_remote(r):
+            try:
+                roots.append(locations.parse(r).uri())
+            except LayertrackError as e:
+                raise CliError(f"checkpoint root {r!r}: {e.message}") from None
+            continue
         path = Path(r).expanduser().resolve()
         if not path.is_dir():
             raise CliError(f"checkpoint root {r!r} is not a directory ({path}); create it or give another --roots")
@@ -111,7 +124,10 @@ def _stop(workers: list[subprocess.Popen]) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.roots:
         # before anything reads the settings: the API reads them below, the workers inherit them
-        os.environ[ROOTS_ENV] = os.pathsep.join(map(str, checkpoint_roots(args.roots)))
+        roots = checkpoint_roots(args.roots)
+        # ":" as before for directories; "," once a URI is among them (parse_roots takes both)
+        os.environ[ROOTS_ENV] = (",".join if any(isinstance(r, str) for r in roots) else os.pathsep.join)(
+            map(str, roots))
     import uvicorn
 
     from ..api import create_app
@@ -134,7 +150,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 workers.append(subprocess.Popen([sys.executable, *CELERY, *queue, "-n", f"{name}@%h"]))
         print(f"layertrack is up at {url}  (API docs: {url}/docs)")
         print(f"database {safe_url(settings.db_url)}; broker {settings.broker}")
-        print(f"checkpoint roots: {', '.join(map(str, settings.roots))}")
+        print(f"checkpoint roots: {', '.join(r.uri() if r.remote else r.path for r in settings.root_locations)}")
         print(key_line)
         print(token_line, flush=True)
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")

@@ -282,6 +282,18 @@ async function runPage(name) {
 }
 
 // ------------------------------------------------------------------ jobs
+// a remote checkpoint's progress (GET /v1/jobs: progress.phase fetching | waiting | scoring)
+function mib(n) { return n >= 2 ** 30 ? (n / 2 ** 30).toFixed(1) + " GiB" : (n / 2 ** 20).toFixed(1) + " MiB"; }
+function progressText(j) {
+  const p = j.progress;
+  if (!p || !["queued", "running"].includes(j.status)) return "";
+  if (p.phase === "fetching" && p.bytes_total) {
+    const done = p.bytes_done || 0;
+    return `fetching ${mib(done)} / ${mib(p.bytes_total)} (${Math.floor(100 * done / p.bytes_total)} %), ${(p.seconds || 0).toFixed(1)} s`;
+  }
+  return `${p.phase}${p.message ? ": " + p.message : ""}`;
+}
+
 async function jobsPage() {
   app.innerHTML = `<h1>Jobs</h1>
     <div class="controls"><label for="job-status">status</label>
@@ -300,7 +312,7 @@ async function jobsPage() {
     const may = meta.can("submit") ? "" : ` disabled title="needs a token with the submit scope; this one has: ${esc(((META.token || {}).scopes || []).join(", ") || "none")}"`;
     document.querySelector("#jobs tbody").innerHTML = jobs.length ? jobs.map((j) => `<tr data-job="${j.id}" data-status="${j.status}">
       <td title="${j.id}"><code>${j.id.slice(0, 8)}</code></td><td><a href="${runLink(j.run)}">${esc(j.run)}</a></td>
-      <td class="num">${j.step}</td><td><span class="pill ${j.status}">${j.status}</span></td><td class="num">${j.attempts}</td>
+      <td class="num">${j.step}</td><td><span class="pill ${j.status}">${j.status}</span>${progressText(j) ? `<div class="muted job-progress">${esc(progressText(j))}</div>` : ""}</td><td class="num">${j.attempts}</td>
       <td>${esc(j.worker || "–")}</td><td class="num">${j.duration_s === null ? "–" : j.duration_s.toFixed(1) + " s"}</td>
       <td>${when(j.queued_at)}</td>
       <td class="error job-error">${j.error ? esc(`${j.error_code}: ${j.error}`) : ""}</td>
