@@ -50,7 +50,7 @@ def checkpoint_roots(given: list[str]) -> list[Path | str]:
             try:
                 roots.append(locations.parse(r).uri())
             except LayertrackError as e:
-                raise CliError(f"checkpoint root {r!r}: {e.message}") from None
+                raise CliError(f"checkpoint root #{given.index(r) + 1} of --roots: {e.message}") from None
             continue
         path = Path(r).expanduser().resolve()
         if not path.is_dir():
