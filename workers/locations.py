@@ -168,6 +168,8 @@ def parse(uri: str) -> Location:
     uri = uri.strip()
     if "\x00" in uri:
         raise InvalidCheckpointURI("the checkpoint URI contains a NUL byte")
+    if _CONTROL.search(uri):
+        raise InvalidCheckpointURI("the checkpoint URI contains a control character (newline, tab, ...)")
     m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
     scheme = m.group(1).lower() if m and len(m.group(1)) > 1 else ""  # one letter: a Windows drive
     if not scheme:

@@ -126,7 +126,7 @@ def _missing_extra(scheme: str, e: ImportError) -> LayertrackError:
 
 def open_store(loc: Location, *, allow_hosts: str = "") -> Store:
     """The store client for ``loc``. ``allow_hosts`` (http/https): comma-separated host
-    names, addresses or networks that may be non-public (LAYERTRACK_CHECKPOINT_ALLOW_HOSTS)."""
+    names, addresses or networks that may be non-public (LAYERTRACK_FETCH_ALLOW_HOSTS)."""
     if loc.scheme == "file":
         return LocalStore(loc)
     if loc.scheme in ("http", "https"):
@@ -542,7 +542,7 @@ def _policy_transport(allow_hosts: str):
             except netpolicy.AddressRefused as e:
                 raise HostRefused(
                     f"checkpoint {e}; a checkpoint URL must not reach internal services. Add the host (or its "
-                    "network) to LAYERTRACK_CHECKPOINT_ALLOW_HOSTS on the workers to allow it") from None
+                    "network) to LAYERTRACK_FETCH_ALLOW_HOSTS on the workers to allow it") from None
             except netpolicy.Unresolvable as e:
                 raise StoreUnreachable(str(e)) from None
             ip = infos[0][4][0].split("%", 1)[0]
