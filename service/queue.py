@@ -414,7 +414,7 @@ class Progress:
         """Enter a phase (its clock starts) and write it now."""
         with self._lock:
             self._t0 = time.monotonic()
-            self.state.update(phase=phase, message=message, seconds=0.0, **fields)
+            self.state.update({"phase": phase, "message": message, "seconds": 0.0, **fields})
             self._dirty = True
         self.flush()
 
@@ -422,8 +422,6 @@ class Progress:
         """The fetch's progress callback: bytes of the checkpoint present in the cache so far."""
         with self._lock:
             seconds = time.monotonic() - self._t0
-            if self.state.get("bytes_first") is None:  # what the cache already held
-                self.state["bytes_first"] = done
             pct = f" ({100 * done / total:.0f} %)" if total else ""
             self.state.update(bytes_done=done, bytes_total=total, seconds=round(seconds, 3),
                               message=f"fetching {_size(done)} of {_size(total)}{pct}, {seconds:.1f} s")
@@ -489,12 +487,14 @@ def _wait_for_upload(settings: Settings, job: jobs.ClaimedJob, worker: str, prog
     since = datetime.fromisoformat(state["waiting_since"]) if state.get("waiting_since") else t
     waited = (t - since).total_seconds()
     deadline = settings.incomplete_deadline_s
+    looks = int(state.get("looks") or 0)
     if waited >= deadline:
+        progress.phase("waiting", f"gave up waiting for the upload after {waited:.0f} s ({e.message})",
+                       seconds=round(waited, 3), bytes_done=None, bytes_total=None, looks=looks + 1)
         _failed(settings.db_url, job.id, worker, e.code,
                 f"the checkpoint was still incomplete after waiting {waited:.0f} s (LAYERTRACK_INCOMPLETE_DEADLINE_S "
                 f"is {deadline:g} s): {e.message}. Finish the upload, then retry the job")
         return f"failed: {e.code}"
-    looks = int(state.get("looks") or 0)
     delay = min(settings.incomplete_backoff_s * 2 ** min(looks, 30), settings.incomplete_backoff_max_s,
                 deadline - waited)
     delay = max(delay, 0.5)
@@ -550,12 +550,12 @@ def score(self, job_id: str) -> str:
     try:
         if remote:
             fetched = _fetch_remote(settings, job, worker, progress)
-            state = progress.snapshot()
-            first, total = state.get("bytes_first"), state.get("bytes_total")
-            new = None if first is None or total is None else total - first
+            total, new = progress.snapshot().get("bytes_total") or 0, fetched[0].bytes_fetched
+            source = ("all from the cache" if new == 0 else "" if new >= total else
+                      f"{_size(new)} from the store, the rest from the cache")
             progress.phase("scoring", f"fetched {_size(total)} in {progress.elapsed():.1f} s"
-                           + (f" ({_size(new)} new, the rest from the cache)" if new is not None and first else "")
-                           + "; scoring", fetch_s=round(progress.elapsed(), 3), bytes_fetched=new)
+                           + (f" ({source})" if source else "") + "; scoring",
+                           bytes_done=total, fetch_s=round(progress.elapsed(), 3), bytes_fetched=new)
         from layertrack.workers.scoring import ScoreConfig, score_checkpoint  # the compute side: torch
 
         options = ScoreConfig(**jobs.score_options(job.config))
