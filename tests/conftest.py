@@ -66,3 +66,7 @@ def api_service(request, tmp_path_factory):
         svc.backend = request.param
         yield svc
     drop_pg_database(db)
+
+
+# the servers and checkpoints of the store and fetch tests (tests/stores_fixtures.py)
+from stores_fixtures import hub, s3_env, s3_server, tiny_sharded, tiny_single  # noqa: E402, F401
