@@ -25,15 +25,17 @@ def empty_db(request, tmp_path):
 def test_upgrade_from_empty_matches_the_models_and_downgrade_works(empty_db):
     upgrade(empty_db)
     engine = create_engine(empty_db)
-    with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-        assert diff == [], f"models and migrations disagree: {diff}"
-        tables = set(inspect(conn).get_table_names())
-    assert {"runs", "checkpoints", "probes", "jobs", "scores", "api_tokens"} <= tables
-    downgrade(empty_db, "base")
-    with engine.connect() as conn:
-        assert set(inspect(conn).get_table_names()) <= {"alembic_version"}
-    upgrade(empty_db)  # and up again
-    with engine.connect() as conn:
-        assert "scores" in inspect(conn).get_table_names()
-    engine.dispose()
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+            assert diff == [], f"models and migrations disagree: {diff}"
+            tables = set(inspect(conn).get_table_names())
+        assert {"runs", "checkpoints", "probes", "jobs", "scores", "api_tokens"} <= tables
+        downgrade(empty_db, "base")
+        with engine.connect() as conn:
+            assert set(inspect(conn).get_table_names()) <= {"alembic_version"}
+        upgrade(empty_db)  # and up again
+        with engine.connect() as conn:
+            assert "scores" in inspect(conn).get_table_names()
+    finally:
+        engine.dispose()  # also when an assertion fails: no connection left open
