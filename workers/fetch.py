@@ -176,6 +176,8 @@ class Cache:
             os.unlink(f"{path}.lock")
         if fd is not None:
             os.close(fd)
+        if self.usage() > self.max_bytes:  # over the cap while everything was in use: trim now
+            self._make_room(0)
 
     def usage(self) -> int:
         """Bytes held by cache entries (complete files) and downloads in progress."""
@@ -223,6 +225,9 @@ class Cache:
 
     def _download(self, store: Store, f: ObjectInfo, eid: str, obj: Path, done: _Progress,
                   parts: ThreadPoolExecutor, part_size: int) -> None:
+        for stale in (self.root / "tmp").glob(f"{eid}.*.part"):  # we hold the entry's lock: nobody writes it
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         tmp = self.root / "tmp" / f"{eid}.{uuid.uuid4().hex[:12]}.part"
         self._make_room(f.size, reserve=tmp)  # creates tmp at its full size, under the eviction lock
         credited = 0
@@ -358,7 +363,7 @@ class Cache:
                         with contextlib.suppress(FileNotFoundError):
                             self._lockfile(eid).unlink()
                         used -= size
-                if used + need > self.max_bytes:
+                if used + need > self.max_bytes and need:
                     log.warning("fetch cache %s: %s bytes in use, %s more needed, cap %s: going over the cap until "
                                 "checkouts are released", self.root, f"{used:,}", f"{need:,}", f"{self.max_bytes:,}")
             if reserve is not None:
