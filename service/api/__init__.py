@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from .. import auth, queue
 from ..db import get_sessionmaker
 from ..settings import Settings, get_settings
+from .deps import secrets_at_rest
 from .middleware import BodyLimit, RequireBearer, needs_token
 from .problems import ProblemDetails, install_error_handlers, problem_responses
 from .routes import (
@@ -55,9 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        task = asyncio.create_task(_sweeper(settings)) if settings.sweep_interval_s > 0 else None
-        yield
+    async def lifespan(app: FastAPI):
+        async with secrets_at_rest(app):  # refuse to start without the key of stored secrets
+            task = asyncio.create_task(_sweeper(settings)) if settings.sweep_interval_s > 0 else None
+            yield
         if task:
             task.cancel()
 

@@ -21,8 +21,8 @@ the same session within one request.
 
 The session carries the app's settings (``session.info["settings"]``) for the service
 functions that need them without a parameter of their own (the keys of the secrets at rest,
-``crypto.py``). ``secrets_at_rest`` is the lifespan that checks those keys when the API
-starts (declared by the webhooks router, so that ``create_app`` runs it).
+``crypto.py``). ``secrets_at_rest`` checks those keys when the API starts (create_app's
+lifespan enters it).
 """
 
 from __future__ import annotations
@@ -174,9 +174,9 @@ async def job_read(request: Request, session: SessionDep, caller: CurrentCaller)
     for name in await runs_named(request):
         check_run(caller, name)
     own_only = not caller.has(READ)
-    job = _path_job(request, session)
+    job = await asyncio.to_thread(_path_job, request, session)  # database I/O off the event loop
     if job is not None:
-        _check_job_run(caller, job)
+        await asyncio.to_thread(_check_job_run, caller, job)  # loads job.run
         if own_only and job.token_id != caller.token_id:
             raise missing_scope(caller, READ, f"reading job {job.id}, which another token submitted,")
     auth.restrict_reads(session, caller, own_jobs_only=own_only)
@@ -188,9 +188,9 @@ async def job_change(request: Request, session: SessionDep, caller: CurrentCalle
     token is also ``admin``."""
     if not caller.has(SUBMIT):
         raise missing_scope(caller, SUBMIT, _what(request))
-    job = _path_job(request, session)
+    job = await asyncio.to_thread(_path_job, request, session)
     if job is not None:
-        _check_job_run(caller, job)
+        await asyncio.to_thread(_check_job_run, caller, job)
         if not caller.may_touch(job):
             raise missing_scope(caller, ADMIN, f"{_what(request)} on job {job.id}, which another token submitted,")
     return caller

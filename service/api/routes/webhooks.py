@@ -8,12 +8,10 @@ from fastapi import APIRouter, Depends, Response
 
 from ... import queries, queue, webhooks
 from ...schemas import DeliveryOut, WebhookIn, WebhookOut, WebhookPatch
-from ..deps import SessionDep, SettingsDep, admin_scope, secrets_at_rest
+from ..deps import SessionDep, SettingsDep, admin_scope
 from ..params import DeliveryId, EventQ, Limit, WebhookId
 
-#: secrets_at_rest: the API refuses to start without the key of the stored signing secrets
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], dependencies=[Depends(admin_scope)],
-                   lifespan=secrets_at_rest)
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], dependencies=[Depends(admin_scope)])
 
 
 @router.post("", status_code=201, response_model=WebhookOut)
