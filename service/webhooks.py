@@ -15,11 +15,9 @@ is dropped and nothing waiting is sent twice.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import logging
 import secrets
-import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -28,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from layertrack.workers import netpolicy
 from layertrack.workers.vocabulary import TEST_EVENT
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -75,58 +74,6 @@ class TargetRefused(Invalid):
     title = "Webhook target refused"
 
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-#: IPv6 ranges whose addresses carry an IPv4 address in their last 32 bits: NAT64's
-#: well-known prefix (RFC 6052), IPv4-translated (SIIT, RFC 2765) and the deprecated
-#: IPv4-compatible form (``::a.b.c.d``, RFC 4291). A target there is judged by that IPv4.
-_LOW32_EMBEDDED = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96"))
-#: the local-use NAT64 prefix (RFC 8215): translated by the site's own gateway, never public
-_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
-
-
-def embedded_ipv4(addr: Address) -> list[ipaddress.IPv4Address]:
-    """The IPv4 addresses an IPv6 address stands for: IPv4-mapped (``::ffff:a.b.c.d``),
-    NAT64, IPv4-translated, IPv4-compatible, 6to4 (``2002:AABB:CCDD::``) and Teredo
-    (``2001:0::/32``: its server and its de-obfuscated client). [] for anything else."""
-    if not isinstance(addr, ipaddress.IPv6Address):
-        return []
-    found = []
-    if addr.ipv4_mapped is not None:
-        found.append(addr.ipv4_mapped)
-    if int(addr) > 1 and any(addr in net for net in _LOW32_EMBEDDED):  # not :: or ::1 (judged as they are)
-        found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
-    if addr.sixtofour is not None:
-        found.append(addr.sixtofour)
-    if addr.teredo is not None:
-        found.extend(addr.teredo)
-    return found
-
-
-def _allowed(host: str, addr: Address, allow: Sequence[str]) -> bool:
-    candidates = [addr, *embedded_ipv4(addr)]
-    for entry in allow:
-        if entry.lower() == host.lower():
-            return True
-        try:
-            net = ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            continue
-        if any(a.version == net.version and a in net for a in candidates):
-            return True
-    return False
-
-
-def _private(addr: Address) -> bool:
-    """Not a public unicast address: private, loopback, link-local, reserved, multicast, the
-    local-use NAT64 prefix, or an IPv6 address that embeds such an IPv4 address."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return _private(addr.ipv4_mapped)
-    if not addr.is_global or addr.is_multicast or addr in _LOCAL_NAT64:
-        return True
-    return any(_private(v4) for v4 in embedded_ipv4(addr))
-
-
 def check_target(url: str, allow_hosts: str) -> None:
     """Refuse a URL that is not http(s), or whose host resolves to a private, loopback,
     link-local or otherwise non-public address that ``allow_hosts`` does not list."""
@@ -135,25 +82,17 @@ def check_target(url: str, allow_hosts: str) -> None:
         raise TargetRefused(f"webhook URL must be http:// or https:// with a host, got {url!r}")
     if parts.username or parts.password:
         raise TargetRefused("webhook URL must not carry a user name or password; sign with the secret instead")
-    host = parts.hostname
-    allow = [a.strip() for a in allow_hosts.split(",") if a.strip()]
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise TargetRefused(f"webhook URL has an invalid port: {url!r}") from None
     try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as e:
-        raise TargetRefused(f"cannot resolve the webhook host {host!r}: {e.strerror}") from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if _private(addr) and not _allowed(host, addr, allow):
-            inner = embedded_ipv4(addr)
-            also = f" (which embeds {', '.join(map(str, inner))})" if inner else ""
-            raise TargetRefused(
-                f"webhook host {host!r} resolves to the non-public address {addr}{also}; add it (or its "
-                "network) to LAYERTRACK_WEBHOOK_ALLOW_HOSTS to allow it"
-            )
+        netpolicy.resolve_checked(parts.hostname, port, allow_hosts)
+    except netpolicy.Unresolvable as e:
+        raise TargetRefused(f"webhook {e}") from None
+    except netpolicy.AddressRefused as e:
+        raise TargetRefused(f"webhook {e}; add it (or its network) to LAYERTRACK_WEBHOOK_ALLOW_HOSTS to allow it") \
+            from None
 
 
 # ------------------------------------------------------------------ subscriptions

@@ -9,7 +9,8 @@ import ipaddress
 
 import pytest
 from layertrack.service import webhooks
-from layertrack.service.webhooks import TargetRefused, check_target, embedded_ipv4
+from layertrack.service.webhooks import TargetRefused, check_target
+from layertrack.workers.netpolicy import embedded_ipv4
 
 #: (URL, the private IPv4 address it stands for): every one must be refused
 REFUSED = [
