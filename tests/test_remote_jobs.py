@@ -1,7 +1,8 @@
 """Remote checkpoints through the service, with real components: the API server and a Celery
-worker (PostgreSQL, a private Redis) and moto's S3 server on loopback (tests/moto_s3.py),
-reached by the worker's store client through the standard AWS_ENDPOINT_URL and AWS_*
-variables. Nothing of the store client is mocked.
+worker (PostgreSQL, a private Redis) and, on loopback, moto's S3 server (tests/moto_s3.py,
+reached through the standard AWS_ENDPOINT_URL and AWS_* variables), a server in the Hub's
+HTTP layout (tests/hub_server.py, HF_ENDPOINT) and http.server. Nothing of the store clients
+is mocked.
 
 - a single-file and a sharded checkpoint in S3 score exactly like the same checkpoint from a
   local path (max |Δ| ≤ 1e-12 over every stored score); the same URI again is the same job;
@@ -13,7 +14,10 @@ variables. Nothing of the store client is mocked.
   phase "waiting"), then scores when the shard lands; one that never completes fails at the
   deadline with checkpoint_incomplete;
 - the same content under another run is scored from the cache (no object bytes served);
-- `layertrack wait` prints the fetch progress (bytes done / total, seconds).
+- `layertrack wait` prints the fetch progress (bytes done / total, seconds);
+- hf://org/repo@tag: the tag resolved to its commit (recorded on the job), scores as local;
+- a directory over http: scores as local; one on a private address the allow list does not
+  name fails with host_refused.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import uuid
 
@@ -45,6 +50,7 @@ REMOTE_ENV = {
     "LAYERTRACK_FETCH_ALLOW_HOSTS": "127.0.0.1",
 }
 SECRET = "s3cr3tVALUE9f8e7d"
+HUB_ORG = "hf://layertrack-test/"
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +62,36 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, pg_url, redis_server, s3):
+def web(tmp_path_factory):
+    """http.server on 127.0.0.1 serving a directory of its own (tests/stores_fixtures.py)."""
+    from stores_fixtures import DirServer
+
+    server = DirServer(tmp_path_factory.mktemp("web"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def hub_srv():
+    """A Hub on loopback (tests/hub_server.py), reached through HF_ENDPOINT."""
+    from hub_server import HubServer
+
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, pg_url, redis_server, s3, web, hub_srv):
     from services import live_service
 
     tmp = tmp_path_factory.mktemp("remote")
-    roots = f"{tmp / 'ckpts'},s3://{BUCKET}/{PREFIX}/"
-    env = {**s3.env(), "LAYERTRACK_CHECKPOINT_ROOTS": roots, **REMOTE_ENV}
+    port = web.url.rsplit(":", 1)[1]
+    roots = ",".join([str(tmp / "ckpts"), f"s3://{BUCKET}/{PREFIX}/", f"{HUB_ORG}", f"{web.url}/ckpts/",
+                      # allowed as a location, but not as an address (LAYERTRACK_FETCH_ALLOW_HOSTS)
+                      f"http://127.0.0.2:{port}/ckpts/"])
+    env = {**s3.env(), "LAYERTRACK_CHECKPOINT_ROOTS": roots, **REMOTE_ENV, "HF_ENDPOINT": hub_srv.url,
+           "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HOME": str(tmp / "hf-home")}
     with live_service(tmp, redis_server.new_url(), db_url=pg_url, extra_env=env) as svc:
         yield svc
 
@@ -168,6 +198,45 @@ def test_the_same_content_under_another_run_is_scored_from_the_cache(live, s3, t
     assert max_delta(stored_scores(live.db_url, first["id"]), stored_scores(live.db_url, second["id"])) == 0
 
 
+def test_a_hub_revision_is_resolved_to_its_commit_and_scored_like_the_local_checkpoint(live, hub_srv, tokenizer):
+    from hub_server import Repo, files_of
+    from tiny_models import build_checkpoint
+
+    name = f"hub-{uid()}"
+    local = build_checkpoint(live.roots / name, "llama", tokenizer, seed=9, max_shard_size="60KB")
+    repo = Repo()
+    repo.commit({"README.md": b"step 0"}, tag="step0")
+    sha = repo.commit(files_of(local), tag="step100")
+    hub_srv.repos[f"layertrack-test/{name}"] = repo
+    with live.client() as c:
+        job = c.submit(run=f"hub-{name}", step=100, uri=f"hf://layertrack-test/{name}@step100", config=CFG)
+        assert job["resolved_revision"] is None  # the API does not reach the Hub
+        done = c.wait(job["id"], timeout=240, poll=0.5)
+        local_job = c.wait(c.submit(run=f"local-{name}", step=100, uri=str(local), config=CFG)["id"], timeout=240)
+    assert done["status"] == "succeeded", (done, live.logs())
+    assert done["uri"] == f"hf://layertrack-test/{name}@step100" and done["resolved_revision"] == sha, done
+    assert max_delta(stored_scores(live.db_url, done["id"]), stored_scores(live.db_url, local_job["id"])) <= 1e-12
+
+
+def test_a_directory_over_http_is_scored_and_a_private_address_is_refused(live, web, tokenizer):
+    from tiny_models import build_checkpoint
+
+    name = f"web-{uid()}"
+    local = build_checkpoint(live.roots / name, "llama", tokenizer, seed=10)
+    shutil.copytree(local, web.directory / "ckpts" / name)
+    with live.client() as c:
+        job = c.submit(run=f"web-{name}", step=1, uri=f"{web.url}/ckpts/{name}/", config=CFG)
+        refused = c.submit(run=f"web-{name}", step=2, uri=f"http://127.0.0.2:{web.url.rsplit(':', 1)[1]}/ckpts/{name}/",
+                           config=CFG)
+        done = c.wait(job["id"], timeout=240, poll=0.5)
+        refused = c.wait(refused["id"], timeout=120, poll=0.5)
+        local_job = c.wait(c.submit(run=f"local-{name}", step=1, uri=str(local), config=CFG)["id"], timeout=240)
+    assert done["status"] == "succeeded", (done, live.logs())
+    assert max_delta(stored_scores(live.db_url, done["id"]), stored_scores(live.db_url, local_job["id"])) <= 1e-12
+    assert refused["status"] == "failed" and refused["error_code"] == "host_refused", refused
+    assert "LAYERTRACK_FETCH_ALLOW_HOSTS" in refused["error"], refused["error"]
+
+
 # ------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("uri", [
     f"s3://{BUCKET}/{PREFIX}-evil/x/step-1",  # a prefix of the root's name, not under it
@@ -175,6 +244,8 @@ def test_the_same_content_under_another_run_is_scored_from_the_cache(live, s3, t
     f"s3://another-bucket/{PREFIX}/x/step-1",
     "gs://ml-ckpts/runs/x",
     "hf://EleutherAI/pythia-70m",
+    "hf://layertrack-testx/repo",
+    "http://127.0.0.1:9/ckpts/x",
 ])
 def test_a_location_outside_the_allowed_prefixes_is_refused(live, uri):
     with live.http() as h:

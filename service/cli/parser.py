@@ -145,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("run", help="run name")
     submit.add_argument("step", type=int, help="training step")
-    submit.add_argument("uri", metavar="PATH_OR_URI", help="checkpoint directory or file:// URI")
+    submit.add_argument("uri", metavar="PATH_OR_URI",
+                        help="checkpoint directory, file:// URI, or a remote one the service's workers fetch: "
+                             "s3://bucket/prefix/, gs://..., az://..., hf://org/repo[@revision][/subfolder], "
+                             "https://host/path/ (within the service's allowed prefixes)")
     submit.add_argument("--phase", choices=tuple(p.value for p in Phase),
                         help="the checkpoint's phase (default: the run's; a new run's is finetune when it has a "
                              "parent, else pretrain)")
