@@ -325,10 +325,14 @@ class Client:
         return self._request("POST", f"/v1/webhooks/{webhook_id}/test").json()
 
     # ---------------------------------------------------------------- signed hooks in
-    def create_hook_source(self, name: str, *, secret: str | None = None) -> dict:
-        """A sender of signed POST /v1/hooks/checkpoint requests; ``secret`` shown only once."""
-        body = {"name": name, **({"secret": secret} if secret else {})}
-        return self._request("POST", "/v1/hook-sources", json=body).json()
+    def create_hook_source(self, name: str, *, secret: str | None = None, prefix: str | None = None,
+                           pattern: str | None = None, markers: list[str] | None = None) -> dict:
+        """A sender of signed POST /v1/hooks/checkpoint requests; ``secret`` shown only once.
+        With ``prefix`` (``s3://bucket/path/``), and optionally ``pattern`` (named groups
+        ``run`` and ``step``) and ``markers`` (file names), it may also post bucket
+        notifications to POST /v1/hooks/object-store (docs/integrations.md)."""
+        body = {"name": name, "secret": secret, "prefix": prefix, "pattern": pattern, "markers": markers}
+        return self._request("POST", "/v1/hook-sources", json={k: v for k, v in body.items() if v}).json()
 
     def hook_sources(self) -> list[dict]:
         return self._request("GET", "/v1/hook-sources").json()

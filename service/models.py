@@ -261,7 +261,8 @@ class DeliveryAttempt(Base):
 
 # ------------------------------------------------------------------ signed webhooks in
 class HookSource(Base):
-    """A sender allowed to post checkpoints to /v1/hooks/checkpoint, with its signing secret."""
+    """A sender allowed to post checkpoints to /v1/hooks/checkpoint, with its signing secret
+    (and, with a prefix, bucket notifications to /v1/hooks/object-store)."""
 
     __tablename__ = "hook_sources"
 
@@ -271,6 +272,12 @@ class HookSource(Base):
     secret: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime)
+    #: bucket notifications (/v1/hooks/object-store, service/hooks.py): the s3:// prefix the
+    #: object keys lie under, the pattern that maps a key below it to run and step, and the
+    #: file names whose arrival submits the checkpoint; None for a source of signed hooks only
+    prefix: Mapped[str | None] = mapped_column(String(1024))
+    pattern: Mapped[str | None] = mapped_column(Text)
+    markers: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class HookReceipt(Base):

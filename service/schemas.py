@@ -348,6 +348,17 @@ class HookSourceIn(BaseModel):
     name: text(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")
     secret: text(max_length=200) | None = Field(
         default=None, description="whsec_<base64> signing secret; generated when left out")
+    #: bucket notifications (POST /v1/hooks/object-store): service/hooks.py check_mapping
+    prefix: text(min_length=1, max_length=1024) | None = Field(
+        default=None, description="s3://bucket/path/ the object keys of bucket notifications lie under; without it "
+        "the source sends signed hooks only")
+    pattern: text(min_length=1, max_length=1000) | None = Field(
+        default=None, description="regular expression matched at the start of an object key below the prefix, with "
+        "named groups 'run' and 'step', ending with '/' (the checkpoint's directory); default "
+        "(?P<run>[^/]+)/checkpoint-(?P<step>[0-9]+)/")
+    markers: list[text(min_length=1, max_length=200)] | None = Field(
+        default=None, min_length=1, max_length=16, description="file names whose arrival submits the checkpoint; "
+        "default model.safetensors.index.json and model.safetensors")
 
 
 class HookSourceOut(BaseModel):
@@ -357,10 +368,15 @@ class HookSourceOut(BaseModel):
     revoked_at: datetime | None
     #: only in the answer to the creation
     secret: str | None = None
+    #: the object-key mapping of bucket notifications (null: signed hooks only)
+    prefix: str | None = None
+    pattern: str | None = None
+    markers: list[str] | None = None
 
     @classmethod
     def of(cls, src: HookSource, secret: str | None = None) -> HookSourceOut:
-        return cls(id=src.id, name=src.name, created_at=src.created_at, revoked_at=src.revoked_at, secret=secret)
+        return cls(id=src.id, name=src.name, created_at=src.created_at, revoked_at=src.revoked_at, secret=secret,
+                   prefix=src.prefix, pattern=src.pattern, markers=src.markers)
 
 
 # ------------------------------------------------------------------ alerts

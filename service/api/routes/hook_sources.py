@@ -17,7 +17,8 @@ router = APIRouter(prefix="/v1/hook-sources", tags=["hook sources"], dependencie
 @router.post("", status_code=201, response_model=HookSourceOut)
 def create_hook_source(body: HookSourceIn, session: SessionDep) -> HookSourceOut:
     """A sender of signed checkpoint hooks. The answer holds its secret: it is never shown again."""
-    src, secret = hooks.create_source(session, name=body.name, secret=body.secret)
+    src, secret = hooks.create_source(session, name=body.name, secret=body.secret, prefix=body.prefix,
+                                      pattern=body.pattern, markers=body.markers)
     return HookSourceOut.of(src, secret)
 
 
