@@ -408,7 +408,18 @@ class Progress:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            with self._lock:
+                state = self.state
+                if state["phase"] == "fetching" and state.get("bytes_total") is not None:
+                    self._show_fetch(state["bytes_done"] or 0, state["bytes_total"])  # the clock runs on
             self.flush()
+
+    def _show_fetch(self, done: int, total: int) -> None:
+        seconds = time.monotonic() - self._t0
+        pct = f" ({100 * done / total:.0f} %)" if total else ""
+        self.state.update(bytes_done=done, bytes_total=total, seconds=round(seconds, 3),
+                          message=f"fetching {_size(done)} of {_size(total)}{pct}, {seconds:.1f} s")
+        self._dirty = True
 
     def phase(self, phase: str, message: str, **fields: Any) -> None:
         """Enter a phase (its clock starts) and write it now."""
@@ -421,11 +432,7 @@ class Progress:
     def fetched(self, done: int, total: int) -> None:
         """The fetch's progress callback: bytes of the checkpoint present in the cache so far."""
         with self._lock:
-            seconds = time.monotonic() - self._t0
-            pct = f" ({100 * done / total:.0f} %)" if total else ""
-            self.state.update(bytes_done=done, bytes_total=total, seconds=round(seconds, 3),
-                              message=f"fetching {_size(done)} of {_size(total)}{pct}, {seconds:.1f} s")
-            self._dirty = True
+            self._show_fetch(done, total)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0

@@ -377,8 +377,24 @@ def test_layertrack_wait_prints_the_fetch_progress(live, s3, tokenizer):
     env = {**os.environ, "LAYERTRACK_URL": live.url, "LAYERTRACK_TOKEN": live.token}
     with live.client() as c:
         job = c.submit(run=f"s3-{name}", step=1, uri=uri, config=CFG)
-    out = subprocess.run([layertrack_exe(), "wait", job["id"], "--timeout", "240"], capture_output=True, text=True,
-                         env=env, timeout=300)
+    proc = subprocess.Popen([layertrack_exe(), "wait", job["id"], "--timeout", "240"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+    def row() -> Job:
+        with session_scope(live.db_url) as s:
+            return s.get(Job, job["id"])
+
+    def fetching() -> Job | None:
+        r = row()
+        assert r.status.value in ("queued", "running"), (r.status, live.logs())
+        return r if (r.progress or {}).get("bytes_total") and r.progress["phase"] == "fetching" else None
+
+    first = wait_until(fetching, 120, what="the job to fetch").heartbeat_at
+    # the heartbeat goes on while the bytes come in (the sweeper would re-queue a silent job)
+    wait_until(lambda: (r := fetching()) is not None and r.heartbeat_at > first, 30,
+               what="a heartbeat while fetching", interval=0.05)
+    stdout, stderr = proc.communicate(timeout=300)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, (out.stdout, out.stderr, live.logs())
     assert re.search(r"fetching [\d.]+ (B|KiB|MiB) / [\d.]+ (KiB|MiB) \(\d+ %\), [\d.]+ s", out.stdout), out.stdout
     assert "succeeded" in out.stdout
@@ -386,3 +402,55 @@ def test_layertrack_wait_prints_the_fetch_progress(live, s3, tokenizer):
     with live.client() as c:
         final = c.job(job["id"])
     assert json.dumps(final["progress"])  # kept after the job: where the bytes came from
+
+
+# ------------------------------------------------------------------ progress on the dashboard
+def test_the_jobs_page_shows_a_remote_jobs_progress(live, s3, tokenizer):
+    """Debian's Chromium through Playwright (as tests/test_dashboard.py): the Jobs page shows
+    a job waiting for an upload, then fetching, then nothing once it succeeded."""
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+    from test_dashboard import ARTIFACTS, CHROMIUM
+    from tiny_models import build_checkpoint
+
+    name = f"page-{uid()}"
+    local = build_checkpoint(live.roots / name, "llama", tokenizer, seed=11, max_shard_size="60KB")
+    shards = sorted(p.name for p in local.glob("model-*.safetensors"))
+    key_prefix = f"{PREFIX}/{name}/step-1"
+    s3.upload_dir(BUCKET, key_prefix, local, skip=[shards[-1]])
+    with live.client() as c:
+        job = c.submit(run=f"s3-{name}", step=1, uri=s3_uri(name, "step-1"), config=CFG)
+    assert Path(CHROMIUM).exists(), "the browser tests need Debian's chromium (apt-get install chromium)"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    row = f"#jobs tr[data-job='{job['id']}']"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("console", lambda m: m.type == "error" and errors.append(f"console error: {m.text}"))
+            page.goto(live.url + "/")
+            page.fill("#token-input", live.token)
+            page.click("button[type=submit]")
+            page.wait_for_selector("#runs tbody tr")
+            page.goto(live.url + "/jobs")
+            page.wait_for_function(
+                f"() => (document.querySelector(\"{row} .job-progress\") || {{}}).textContent?.startsWith("
+                "'waiting: waiting for the upload')", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "jobs-remote-waiting.png"), full_page=True)
+            s3.delay_s = 5.0  # every object GET answers after 5 s: the page (polling every 4 s) sees the fetch
+            s3.upload_dir(BUCKET, key_prefix, local, skip=[f.name for f in local.iterdir() if f.name != shards[-1]])
+            page.wait_for_function(
+                f"() => /^fetching [0-9.]+ [KMG]?i?B \\/ [0-9.]+ [KMG]?i?B \\([0-9]+ %\\), [0-9.]+ s$/.test("
+                f"(document.querySelector(\"{row} .job-progress\") || {{}}).textContent || '')",
+                timeout=60_000)
+            text = page.locator(f"{row} .job-progress").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "jobs-remote-fetching.png"), full_page=True)
+            page.wait_for_selector(f"{row}[data-status='succeeded']", timeout=120_000)
+            assert page.locator(f"{row} .job-progress").count() == 0  # a finished job shows none
+            assert errors == [], errors
+        finally:
+            browser.close()
+    print(f"\nJobs page while fetching: {text!r}")

@@ -283,7 +283,10 @@ async function runPage(name) {
 
 // ------------------------------------------------------------------ jobs
 // a remote checkpoint's progress (GET /v1/jobs: progress.phase fetching | waiting | scoring)
-function mib(n) { return n >= 2 ** 30 ? (n / 2 ** 30).toFixed(1) + " GiB" : (n / 2 ** 20).toFixed(1) + " MiB"; }
+function mib(n) {
+  for (const [unit, k] of [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]]) if (n >= k) return (n / k).toFixed(1) + " " + unit;
+  return n + " B";
+}
 function progressText(j) {
   const p = j.progress;
   if (!p || !["queued", "running"].includes(j.status)) return "";
