@@ -191,3 +191,377 @@ def hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
     yield server
     server.stop()
+
+
+# ------------------------------------------------------------------ Azure and GCS emulators
+# Azurite (the Azure Storage emulator, a Node program from the npm registry) and
+# gcp-storage-emulator (a Python package), for the az:// and gs:// round trips of
+# tests/test_remote_emulators.py. Neither is mocked; both run on free ports of 127.0.0.1 and
+# keep their data in memory.
+
+#: Azurite's well-known development account (published in Azurite's README; not a secret)
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+#: the npm package installed when no Azurite is found (major version 3: the blob service's CLI)
+AZURITE_PACKAGE = "azurite@3"
+
+
+def install_cache_dir() -> Path:
+    """Where the tests keep what they install for themselves (Azurite): outside the
+    repository, reused across runs. ``LAYERTRACK_TEST_CACHE`` overrides it."""
+    base = os.environ.get("LAYERTRACK_TEST_CACHE")
+    if base:
+        return Path(base).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "layertrack-test"
+
+
+def azurite_blob_script(timeout: float = 600) -> Path:
+    """The ``azurite-blob`` program, installed with npm into :func:`install_cache_dir` the
+    first time (under a file lock: two sessions at once install it once). Fails the test,
+    saying what to do, when Node/npm are missing or the install does not work."""
+    import fcntl
+    import shutil
+
+    prefix = install_cache_dir() / "azurite"
+    script = prefix / "node_modules" / "azurite" / "dist" / "src" / "blob" / "main.js"
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail("the Azure round trip needs Azurite, a Node.js program: install Node.js >= 18 and npm "
+                    f"(apt-get install nodejs npm); missing: {'node' if node is None else 'npm'}")
+    prefix.mkdir(parents=True, exist_ok=True)
+    with open(prefix / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not script.is_file():
+            cmd = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--no-save",
+                   "--loglevel", "error", AZURITE_PACKAGE]
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=prefix)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"installing Azurite timed out after {timeout:g} s: {' '.join(cmd)} (is the npm registry "
+                            "reachable? npm config get registry)")
+            if out.returncode != 0 or not script.is_file():
+                pytest.fail(f"installing Azurite failed (exit {out.returncode}): {' '.join(cmd)}\n"
+                            f"{(out.stdout + out.stderr)[-3000:]}\nThe Azure round trip needs Azurite from the npm "
+                            "registry; install it by hand with that command, or point LAYERTRACK_TEST_CACHE at a "
+                            "directory holding azurite/node_modules/azurite")
+    return script
+
+
+def _azure_shared_key(method: str, path: str, query: dict[str, str], headers: dict[str, str],
+                      content_length: int = 0, content_type: str = "") -> str:
+    """The SharedKey Authorization of a Blob service request on Azurite's path-style URL
+    (``/devstoreaccount1/container[/blob]``)."""
+    import base64
+    import hashlib
+    import hmac
+
+    canon_headers = "".join(f"{k}:{v}\n" for k, v in sorted((k.lower(), v) for k, v in headers.items()
+                                                               if k.lower().startswith("x-ms-")))
+    resource = f"/{AZURITE_ACCOUNT}{path}" + "".join(f"\n{k.lower()}:{v}" for k, v in sorted(query.items()))
+    to_sign = "\n".join([method, "", "", str(content_length) if content_length else "", "", content_type,
+                         "", "", "", "", "", ""]) + "\n" + canon_headers + resource
+    digest = hmac.new(base64.b64decode(AZURITE_KEY), to_sign.encode(), hashlib.sha256).digest()
+    return f"SharedKey {AZURITE_ACCOUNT}:{base64.b64encode(digest).decode()}"
+
+
+class Azurite:
+    """Azurite's blob service (``azurite-blob``) on a free port of 127.0.0.1, in memory,
+    a process of its own. Containers and blobs are written through the Blob REST API with
+    the development account's shared key (no Azure SDK needed); ``env()`` is what a
+    process needs to reach it: the standard ``AZURE_STORAGE_CONNECTION_STRING``."""
+
+    def __init__(self, workdir: Path):
+        script = azurite_blob_script()
+        import shutil
+
+        self.port = free_port()
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log = self.workdir / "azurite.log"
+        cmd = [shutil.which("node") or "node", str(script), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+               "--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        import httpx
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"Azurite exited with code {self.proc.returncode}:\n"
+                            f"{self.log.read_text(errors='replace')[-3000:]}")
+            try:
+                httpx.get(f"{self.url}/", timeout=1)
+                return True
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(up, 60, what=f"Azurite's blob service on port {self.port} to answer")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        """The blob endpoint of the development account."""
+        return f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+                f"BlobEndpoint={self.url};")
+
+    def env(self) -> dict[str, str]:
+        return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string()}
+
+    def _request(self, method: str, path: str, query: dict[str, str], body: bytes = b"",
+                 headers: dict[str, str] | None = None):
+        from email.utils import formatdate
+
+        import httpx
+
+        headers = {"x-ms-date": formatdate(usegmt=True), "x-ms-version": "2021-08-06", **(headers or {})}
+        ctype = "application/octet-stream" if body else ""
+        if ctype:
+            headers["Content-Type"] = ctype
+        headers["Authorization"] = _azure_shared_key(method, path, query, headers, len(body), ctype)
+        r = httpx.request(method, f"http://127.0.0.1:{self.port}{path}", params=query, content=body,
+                          headers=headers, timeout=60)
+        if r.status_code >= 300:
+            raise RuntimeError(f"Azurite: {method} {path} answered {r.status_code}: {r.text[:500]}")
+        return r
+
+    def create_container(self, name: str) -> None:
+        self._request("PUT", f"/{AZURITE_ACCOUNT}/{name}", {"restype": "container"})
+
+    def put_blob(self, container: str, name: str, data: bytes) -> None:
+        from urllib.parse import quote
+
+        self._request("PUT", f"/{AZURITE_ACCOUNT}/{container}/{quote(name)}", {}, data,
+                      {"x-ms-blob-type": "BlockBlob"})
+
+    def upload_dir(self, container: str, prefix: str, directory: Path) -> None:
+        for p in sorted(Path(directory).iterdir()):
+            if p.is_file():
+                self.put_blob(container, f"{prefix}/{p.name}", p.read_bytes())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class GCSEmulator:
+    """gcp-storage-emulator (in memory, a thread of this process) and, in front of it, the
+    part of the GCS XML API that obstore's GCS client speaks.
+
+    obstore (Rust ``object_store``) reads GCS through the XML API only: it lists with
+    ``GET /BUCKET?list-type=2&prefix=&delimiter=`` and downloads with ``GET /BUCKET/OBJECT``,
+    requiring ``Last-Modified`` and ``ETag`` on the answer. gcp-storage-emulator implements the
+    JSON API, and of the XML API only object uploads and downloads, without those headers: its
+    list answers 501 Not Implemented, and obstore refuses its downloads ("Last-Modified Header
+    missing from response"). So the store's client talks to ``url`` (``STORAGE_EMULATOR_HOST``),
+    a small XML front on its own port that answers those two requests from the emulator's
+    JSON API (the listing, each object's md5 and update time) and passes the object bytes
+    through from the emulator's own download route, honouring ``Range`` and ``If-Match``.
+    Objects are written with the emulator's JSON upload API (:meth:`upload_dir`).
+    ``object_bytes`` counts the object bytes the front served."""
+
+    def __init__(self, workdir: Path, bucket: str):
+        try:
+            from gcp_storage_emulator.server import create_server
+        except ImportError as e:
+            pytest.fail(f"the GCS round trip needs gcp-storage-emulator ({e}); pip install gcp-storage-emulator "
+                        "(the test extra should carry it)")
+        import logging
+
+        logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+        self.bucket = bucket
+        self.emulator_port = free_port()
+        self._emulator = create_server("127.0.0.1", self.emulator_port, in_memory=True, default_bucket=bucket,
+                                       data_dir=str(workdir))
+        self._emulator.start()
+        self.object_bytes = 0
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        handler = type("Handler", (_GCSXmlFront,), {"owner": self})
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    @property
+    def emulator_url(self) -> str:
+        return f"http://127.0.0.1:{self.emulator_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.url}
+
+    def upload(self, name: str, data: bytes) -> None:
+        import httpx
+
+        r = httpx.post(f"{self.emulator_url}/upload/storage/v1/b/{self.bucket}/o",
+                       params={"uploadType": "media", "name": name}, content=data, timeout=60)
+        r.raise_for_status()
+
+    def upload_dir(self, prefix: str, directory: Path) -> None:
+        for p in sorted(Path(directory).iterdir()):
+            if p.is_file():
+                self.upload(f"{prefix}/{p.name}", p.read_bytes())
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._emulator.stop()
+
+
+class _GCSXmlFront(http.server.BaseHTTPRequestHandler):
+    """GCS XML API ListObjectsV2 and object GET/HEAD over gcp-storage-emulator's JSON API."""
+
+    owner: GCSEmulator
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+              content_type: str = "application/xml") -> None:
+        self.send_response(status)
+        for k, v in {"Content-Type": content_type, **(headers or {})}.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        from xml.sax.saxutils import escape
+
+        self._send(status, f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                           f"<Message>{escape(message)}</Message></Error>".encode())
+
+    @staticmethod
+    def _etag(meta: dict) -> str:
+        import base64
+
+        return '"' + base64.b64decode(meta["md5Hash"]).hex() + '"'
+
+    @staticmethod
+    def _modified(meta: dict) -> tuple[str, str]:
+        """(RFC 3339 for listings, HTTP date for headers) of the object's update time."""
+        from datetime import datetime
+        from email.utils import format_datetime
+
+        t = datetime.fromisoformat(meta["updated"].replace("Z", "+00:00"))
+        return t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z", format_datetime(t, usegmt=True)
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        from urllib.parse import parse_qs, unquote, urlsplit
+
+        parts = urlsplit(self.path)
+        with self.owner.lock:
+            self.owner.requests.append((self.command, self.path))
+        bucket, _, name = unquote(parts.path).lstrip("/").partition("/")
+        query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        if bucket != self.owner.bucket:
+            return self._error(404, "NoSuchBucket", f"the bucket {bucket!r} does not exist")
+        if not name and query.get("list-type") == "2" and self.command == "GET":
+            return self._list(query)
+        if name:
+            return self._object(name)
+        return self._error(501, "NotImplemented", f"{self.command} {self.path} is not served by this test front")
+
+    def _list(self, query: dict[str, str]) -> None:
+        from xml.sax.saxutils import escape
+
+        import httpx
+
+        params = {k: query[k] for k in ("prefix", "delimiter") if query.get(k)}
+        items, prefixes, token = [], [], None
+        while True:
+            r = httpx.get(f"{self.owner.emulator_url}/storage/v1/b/{self.owner.bucket}/o",
+                          params={**params, **({"pageToken": token} if token else {})}, timeout=60)
+            r.raise_for_status()
+            page = r.json()
+            items += page.get("items", [])
+            prefixes += page.get("prefixes", [])
+            token = page.get("nextPageToken")
+            if not token:
+                break
+        start_after = query.get("start-after") or ""
+        items = [m for m in items if m["name"] > start_after]
+        body = ["<?xml version='1.0' encoding='UTF-8'?>",
+                "<ListBucketResult xmlns='http://doc.s3.amazonaws.com/2006-03-01'>",
+                f"<Name>{escape(self.owner.bucket)}</Name><Prefix>{escape(params.get('prefix', ''))}</Prefix>",
+                f"<KeyCount>{len(items) + len(prefixes)}</KeyCount><MaxKeys>1000</MaxKeys>",
+                "<IsTruncated>false</IsTruncated>"]
+        for m in sorted(items, key=lambda m: m["name"]):
+            body.append(f"<Contents><Key>{escape(m['name'])}</Key><Size>{int(m['size'])}</Size>"
+                        f"<LastModified>{self._modified(m)[0]}</LastModified>"
+                        f"<ETag>{escape(self._etag(m))}</ETag></Contents>")
+        body += [f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>" for p in sorted(prefixes)]
+        body.append("</ListBucketResult>")
+        self._send(200, "".join(body).encode())
+
+    def _object(self, name: str) -> None:
+        from urllib.parse import quote
+
+        import httpx
+
+        r = httpx.get(f"{self.owner.emulator_url}/storage/v1/b/{self.owner.bucket}/o/{quote(name, safe='')}",
+                      timeout=60)
+        if r.status_code == 404:
+            return self._error(404, "NoSuchKey", f"the object {name!r} does not exist")
+        r.raise_for_status()
+        meta = r.json()
+        etag = self._etag(meta)
+        match = self.headers.get("If-Match")
+        if match is not None and match.strip() not in (etag, "*"):
+            return self._error(412, "PreconditionFailed", f"If-Match {match} does not match {etag}")
+        headers = {"ETag": etag, "Last-Modified": self._modified(meta)[1], "x-goog-generation": meta["generation"],
+                   "Accept-Ranges": "bytes"}
+        if self.command == "HEAD":
+            headers["Content-Length"] = str(meta["size"])
+            self.send_response(200)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            return
+        rng = self.headers.get("Range")
+        data = httpx.get(f"{self.owner.emulator_url}/{self.owner.bucket}/{quote(name)}",
+                         headers={"Range": rng} if rng else {}, timeout=120)
+        if data.status_code not in (200, 206):
+            return self._error(data.status_code, "EmulatorError", data.text[:300])
+        if data.status_code == 206:
+            headers["Content-Range"] = data.headers["content-range"]
+        with self.owner.lock:
+            self.owner.object_bytes += len(data.content)
+        self._send(data.status_code, data.content, headers, content_type="application/octet-stream")
+
+
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory):
+    """Azurite's blob service on loopback (installed with npm on first use), one per module."""
+    server = Azurite(tmp_path_factory.mktemp("azurite"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gcs_emulator(tmp_path_factory):
+    """gcp-storage-emulator with the XML front obstore needs, bucket ``mlckpts``, one per module."""
+    server = GCSEmulator(tmp_path_factory.mktemp("gcs"), "mlckpts")
+    yield server
+    server.close()
