@@ -177,7 +177,8 @@ def test_a_checkpoint_in_s3_scores_exactly_like_the_same_checkpoint_from_a_local
     assert len(a) == 3 * 4 + 4
     delta = max_delta(a, b)
     print(f"\n{'sharded' if shard else 'single-file'}: {len(a)} scores, max |Δ| S3 vs local = {delta:.3g}, "
-          f"fetched {p['bytes_total']} bytes in {p.get('fetch_s')} s")
+          f"fetched {p['bytes_total']} bytes in {p.get('fetch_s')} s; job {done['duration_s']:.2f} s "
+          f"(from a local path: {local_done['duration_s']:.2f} s)")
     assert delta <= 1e-12
 
 
