@@ -16,8 +16,9 @@ from layertrack.workers.vocabulary import BASE_METRICS, KNOWN_METRICS
 
 PROBLEM = "application/problem+json"
 LIMIT = 65536  # the default max_body_bytes
-#: the routes that take no bearer token (the signed hook: a signature instead)
-OPEN = {"/healthz", "/readyz", "/v1/hooks/checkpoint"}
+#: the routes that take no API token (the signed hook: a signature instead; bucket
+#: notifications: the hook source's secret as the bearer)
+OPEN = {"/healthz", "/readyz", "/v1/hooks/checkpoint", "/v1/hooks/object-store"}
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 

@@ -30,6 +30,8 @@ from services import layertrack_exe, wait_until
 
 # what a route needs
 OPEN, SIGNED, ANY = "open", "signed", "any token"
+#: bucket notifications: the hook source's secret is the bearer, no API token is one
+HOOK_SECRET = "hook-source secret"
 READ, READ_EVERY_RUN, SUBMIT, ADMIN = "read", "read, every run", "submit", "admin"
 JOB_READ, JOB_CHANGE = "read, or submit for its own jobs", "submit: its own jobs, or any with admin"
 
@@ -38,6 +40,7 @@ TABLE = {
     ("GET", "/healthz"): OPEN,
     ("GET", "/readyz"): OPEN,
     ("POST", "/v1/hooks/checkpoint"): SIGNED,
+    ("POST", "/v1/hooks/object-store"): HOOK_SECRET,
     ("GET", "/v1/meta"): ANY,
     ("GET", "/metrics"): READ_EVERY_RUN,
     ("POST", "/v1/checkpoints"): SUBMIT,
@@ -139,7 +142,7 @@ def scope_expected(kind: str, rule: str) -> str | None:
     and job ownership are looked at."""
     has = {"full": {"read", "submit", "admin"}, "read": {"read"}, "submit": {"submit"}, "admin": {"admin"},
            "limited": {"read", "submit"}}[kind]
-    if rule in (OPEN, SIGNED, ANY):
+    if rule in (OPEN, SIGNED, ANY, HOOK_SECRET):
         return None
     if rule in (READ, READ_EVERY_RUN):
         return None if "read" in has else "read"
@@ -153,7 +156,8 @@ def scope_expected(kind: str, rule: str) -> str | None:
 def cases(w: World, kind: str, method: str, path: str, rule: str):
     """(url, request body, expected) for one route and token kind; expected is "ok" (neither
     401 nor 403), ("scope", NAME), "runs" (403 naming the token's run patterns) or
-    "signature" (401: the signed hook wants its signature, whatever the token)."""
+    "signature" (401: the signed hook wants its signature, whatever the token) or "hook secret"
+    (401: bucket notifications want the hook source's secret, whatever the token)."""
     lacking = scope_expected(kind, rule)
     limited = kind == "limited"
 
@@ -171,6 +175,9 @@ def cases(w: World, kind: str, method: str, path: str, rule: str):
     body = None
     if rule == SIGNED:  # the signature is the credential: a bearer token, of any scope, changes nothing
         yield path, {}, "signature"
+        return
+    if rule == HOOK_SECRET:  # the source's secret is the credential: an API token, of any scope, is not it
+        yield f"{path}?source={w.source}", {}, "hook secret"
         return
     if path == "/v1/checkpoints":
         for letter in "ab":
@@ -224,6 +231,8 @@ def test_every_route_with_every_kind_of_token(world):
                     ok = r.status_code not in (401, 403)
                 elif expected == "signature":
                     ok = r.status_code == 401 and "sign the request" in detail
+                elif expected == "hook secret":
+                    ok = r.status_code == 401 and "secret of an active hook source" in detail
                 elif expected == "runs":
                     ok = r.status_code == 403 and f"limited to the runs matching {PATTERN}" in detail
                 else:

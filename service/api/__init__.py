@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI): one module per resource under ``routes/``, assembled here.
 
 OpenAPI at /openapi.json, Swagger UI at /docs. Every /v1 route and /metrics need a bearer
-token, but /v1/hooks/checkpoint, which takes a signed webhook instead. The OpenAPI document
+token, but /v1/hooks/checkpoint, which takes a signed webhook instead, and
+/v1/hooks/object-store, which takes a hook source's secret as its bearer. The OpenAPI document
 says what the API answers: every error as ``application/problem+json`` (``ProblemDetails``),
 the resource's own 404/409 given where its router is included, the answers of the
 middleware and of validation (400, 401, 403, 413, 422, 503) added by :func:`describe_errors`
@@ -30,6 +31,7 @@ from .routes import (
     inbound_hooks,
     jobs,
     meta,
+    object_store_hooks,
     ops,
     pages,
     plots,
@@ -78,7 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     #: each router with the errors of its resource (the rest: describe_errors)
     routers = [
         (ops.router, ()), (meta.router, ()), (checkpoints.router, (409,)),
-        (inbound_hooks.router, (401, 409, 503)), (jobs.router, (404, 409)), (webhooks.router, (404, 409)),
+        (inbound_hooks.router, (401, 409, 503)), (object_store_hooks.router, (401, 409, 503)),
+        (jobs.router, (404, 409)), (webhooks.router, (404, 409)),
         (hook_sources.router, (404, 409)), (alerts.router, (404,)), (plots.router, (404,)), (runs.router, (404,)),
         (runs.last, (404,)),  # GET /v1/runs/{run:path} matches every longer run path: last
         (pages.router, ()),

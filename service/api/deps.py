@@ -16,8 +16,10 @@ within the token's run patterns; a read also leaves other runs out of the lists 
 ``job_read`` (a job or the job list: ``read``, or ``submit`` for the token's own jobs) and
 ``job_change`` (cancel, retry: ``submit``, the token's own job unless it is also ``admin``)
 are the jobs' rules. ``current_caller``: any valid token (/v1/meta). Refusals are 403 problems naming
-the missing scope, or the token's run patterns. FastAPI gives the handler and these checks
-the same session within one request.
+the missing scope, or the token's run patterns. The inbound hooks (/v1/hooks/checkpoint,
+/v1/hooks/object-store) take no API token and none of these: their routes check a hook
+source's credential (service/hooks.py), and middleware.SIGNED lets them through. FastAPI
+gives the handler and these checks the same session within one request.
 
 The session carries the app's settings (``session.info["settings"]``) for the service
 functions that need them without a parameter of their own (the keys of the secrets at rest,

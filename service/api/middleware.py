@@ -9,8 +9,9 @@ import anyio
 
 from .problems import problem_response
 
-#: the one route under /v1 that takes no token: it is signed instead (Standard Webhooks)
-SIGNED = frozenset({"/v1/hooks/checkpoint"})
+#: the routes under /v1 that take no API token: the signed hook (Standard Webhooks) and bucket
+#: notifications (the hook source's own secret as the bearer); each checks its credential itself
+SIGNED = frozenset({"/v1/hooks/checkpoint", "/v1/hooks/object-store"})
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 MISSING = "missing API token: send 'Authorization: Bearer <token>' (create one with 'layertrack token create')"
 MALFORMED = "the Authorization header must be 'Bearer <token>'"
@@ -18,7 +19,7 @@ UNKNOWN = "unknown or revoked API token"
 
 
 def needs_token(path: str) -> bool:
-    """Every /v1 route and /metrics need a bearer token, but the signed inbound hook;
+    """Every /v1 route and /metrics need a bearer token, but the inbound hooks (SIGNED);
     /healthz, /readyz, the pages, /static, /docs and /openapi.json hold no data."""
     return (path == "/metrics" or path == "/v1" or path.startswith("/v1/")) and path not in SIGNED
 
