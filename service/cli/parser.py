@@ -264,8 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
     ht.add_argument("webhook_id", type=int, help="the subscription's id")
     ht.set_defaults(func=remote.cmd_webhook_test)
 
-    src = sub.add_parser("hook-source", help="create a sender of signed POST /v1/hooks/checkpoint requests")
+    src = sub.add_parser(
+        "hook-source", help="create a sender of signed POST /v1/hooks/checkpoint requests (with --prefix: of bucket "
+        "notifications to POST /v1/hooks/object-store)",
+        description="Create a hook source and print its secret (shown once). Without options it signs "
+        "POST /v1/hooks/checkpoint requests. With --prefix, an S3-compatible store (MinIO, Ceph RGW, ...) may also "
+        "post its bucket notifications to POST /v1/hooks/object-store?source=NAME with the secret as its bearer "
+        "token: each object key under the prefix is mapped to a run and step by --pattern, and the checkpoint is "
+        "submitted when one of its --marker files lands (docs/integrations.md).")
     src.add_argument("name", help="the sender's name (the ?source= of its requests)")
+    src.add_argument("--prefix", metavar="S3_URI",
+                     help="bucket notifications: the s3://bucket/path/ the checkpoints lie under (within the "
+                          "service's allowed locations)")
+    src.add_argument("--pattern", metavar="REGEX",
+                     help="how a key below the prefix names a checkpoint: a regular expression with named groups "
+                          "'run' and 'step', ending with '/' (default: '(?P<run>[^/]+)/checkpoint-(?P<step>[0-9]+)/', "
+                          "i.e. RUN/checkpoint-STEP/)")
+    src.add_argument("--marker", action="append", metavar="FILE",
+                     help="a file whose arrival submits the checkpoint (repeat; default: model.safetensors.index.json "
+                          "and model.safetensors; shards still uploading then make the job wait)")
     src.set_defaults(func=remote.cmd_hook_source)
 
     # ---------------------------------------------------------------- the demo

@@ -215,9 +215,17 @@ def cmd_webhook_test(c, args: argparse.Namespace) -> None:
 
 @api_command
 def cmd_hook_source(c, args: argparse.Namespace) -> None:
-    src = c.create_hook_source(args.name)
+    if (args.pattern or args.marker) and not args.prefix:
+        raise CliError("--pattern and --marker map the keys under a --prefix: give --prefix s3://bucket/path/ too",
+                       EXIT_USAGE)
+    src = c.create_hook_source(args.name, prefix=args.prefix, pattern=args.pattern, markers=args.marker)
     print(f"hook source {src['name']}: sign POST /v1/hooks/checkpoint?source={src['name']} with")
     print(f"secret (shown once): {src['secret']}")
+    if src.get("prefix"):
+        print(f"bucket notifications: POST /v1/hooks/object-store?source={src['name']} with "
+              "'Authorization: Bearer <that secret>'")
+        print(f"  keys under {src['prefix'].rstrip('/')}/ matching {src['pattern']}")
+        print(f"  a checkpoint is submitted when one of {', '.join(src['markers'])} lands")
 
 
 # ------------------------------------------------------------------ the spool
