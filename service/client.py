@@ -214,9 +214,16 @@ class Client:
     def submit(self, *, run: str, step: int, uri: str, idempotency_key: str | None = None, **fields) -> Job:
         """Queue a checkpoint (fields: phase, parent_run, parent_step, probe, metrics, config).
         The same checkpoint again returns the existing job."""
+        return self.submit_checked(run=run, step=step, uri=uri, idempotency_key=idempotency_key, **fields)[0]
+
+    def submit_checked(self, *, run: str, step: int, uri: str, idempotency_key: str | None = None,
+                       **fields) -> tuple[Job, bool]:
+        """As :meth:`submit`, and whether the service made a new job (202: True) or answered
+        with the job it already had for this checkpoint (200: False)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"run": run, "step": step, "uri": uri, **{k: v for k, v in fields.items() if v is not None}}
-        return self._request("POST", "/v1/checkpoints", json=body, headers=headers).json()
+        r = self._request("POST", "/v1/checkpoints", json=body, headers=headers)
+        return r.json(), r.status_code == 202
 
     def job(self, job_id: str) -> Job:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
