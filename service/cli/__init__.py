@@ -3,10 +3,13 @@
     layertrack score PATH_OR_URI [--max-tokens N] [--seq-len N] [--json] ...   score here
     layertrack up [--roots DIR ...]                                            run the service
     layertrack submit RUN STEP PATH_OR_URI [--wait]                            use the service
+    layertrack watch LOCATION --run RUN [--once]                               follow a training run
+    layertrack backfill LOCATION --run RUN [--revisions GLOB] [--dry-run]      submit an existing series
     layertrack demo                                                            the paper's dynamics
 
 Modules: ``parser`` (every option), ``local`` (score, demo: compute on this machine),
-``remote`` (commands that call the API), ``admin`` (tokens, migrations: the database),
+``remote`` (commands that call the API), ``series`` (watch and backfill: list a directory,
+a prefix or Hub revisions here, submit through the API), ``admin`` (tokens, migrations: the database),
 ``up`` (the service's processes). This package imports no torch: commands that need the
 compute side import it when they run.
 

@@ -22,7 +22,7 @@ from layertrack.workers.vocabulary import (
     Phase,
 )
 
-from . import admin, local, remote, up
+from . import admin, local, remote, series, up
 from .common import EXIT_USAGE, one_line
 
 DEFAULT_PORT = 8321
@@ -43,6 +43,31 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def seconds_or_zero(text: str) -> float:
+    """Zero or a positive number of seconds."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return seconds(text)
+
+
+def at_least_two(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("the first and the last step are always taken: give at least 2")
     return value
 
 
@@ -71,6 +96,90 @@ def _group(sub, name: str, help: str) -> argparse._SubParsersAction:
     parser = sub.add_parser(name, help=help, description=help)
     parser.set_defaults(help_parser=parser)
     return parser.add_subparsers(dest=f"{name}_action", metavar="ACTION", title="actions")
+
+
+def _add_series(sub) -> None:
+    """watch and backfill (service/cli/series.py)."""
+    listed_here = ("LOCATION is listed on THIS machine (where the command runs), with the store libraries "
+                   "installed here (pip install 'layertrack[s3]', [gcs], [azure] or [hub]) and this machine's "
+                   "credentials (AWS_*, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*, "
+                   "HF_TOKEN, HF_ENDPOINT); the service's workers read each checkpoint with theirs.")
+    names = ("A checkpoint is a directory named with its step: checkpoint-1000/, step_2000/, global_step3000/, "
+             "iter_0004000/ (or --step-pattern).")
+    watch = sub.add_parser(
+        "watch", help="submit each new complete checkpoint that appears under a directory or remote prefix",
+        description="Look at LOCATION (a local directory, s3://bucket/prefix/, gs://..., az://..., or a Hub "
+                    "repository with --revisions) every --interval seconds and submit each new COMPLETE "
+                    "checkpoint once, printing run, step, URI and job id. " + names + " A checkpoint still "
+                    "being written (config.json or the weights missing, the index naming a shard not there yet, a "
+                    "local safetensors file still short, files changing within --settle seconds) is submitted "
+                    "once it is complete. What was submitted is kept in a state file, so a restarted watch does "
+                    "not submit again (and the service answers a resubmitted checkpoint with its existing job). "
+                    "Local directories are submitted as absolute paths. " + listed_here + " Ctrl-C stops.")
+    backfill = sub.add_parser(
+        "backfill", help="submit an existing series of checkpoints (a directory, a prefix, Hub revisions) in "
+                         "step order",
+        description="Submit, in step order, every checkpoint directory under LOCATION (a local directory, "
+                    "s3://..., gs://..., az://..., hf://org/repo), or with --revisions every branch or tag of a Hub "
+                    "repository whose name matches (hf://org/repo@NAME, the step parsed from the name, e.g. "
+                    "Pythia's step1000). " + names + " Incomplete checkpoints are left out (said on stderr). "
+                    + listed_here)
+    for p in (watch, backfill):
+        p.add_argument("location", metavar="LOCATION",
+                       help="a directory, s3://bucket/prefix/, gs://bucket/prefix/, az://container/prefix/ or "
+                            "hf://org/repo[@revision][/subfolder], listed on this machine")
+        p.add_argument("--run", required=True, help="the run the checkpoints are submitted to")
+        p.add_argument("--step-pattern", type=series.step_pattern, metavar="REGEX",
+                       help="a regular expression that must match the whole directory (or revision) name, with a "
+                            "group 'step' or a first group for the step, e.g. 'run7-(?P<step>[0-9]+)k' (default: "
+                            "directories named checkpoint-N, checkpoint_N, stepN, step_N, step-N, global_stepN, "
+                            "iter_N, ckpt-N; revisions whose names hold such a part, e.g. step1000, "
+                            "step1000-tokens4B, stage1-step1000-tokens4B)")
+        p.add_argument("--revisions", metavar="GLOB",
+                       help="hf://org/repo only: take the repository's branches and tags whose names match this "
+                            "fnmatch pattern, e.g. 'step*' (default: the checkpoint directories in the repository)")
+        p.add_argument("--phase", choices=tuple(ph.value for ph in Phase),
+                       help="the checkpoints' phase (default: the run's; a new run's is finetune when it has a "
+                            "parent, else pretrain)")
+        p.add_argument("--parent-run", metavar="RUN", help="the run a fine-tune starts from")
+        p.add_argument("--parent-step", type=int, metavar="STEP", help="the parent run's step it starts from")
+        p.add_argument("--probe", metavar="NAME", help=f"probe the service scores with (default: {DEFAULT_PROBE})")
+        p.add_argument("--max-tokens", type=positive_int, metavar="N",
+                       help=f"probe tokens to score (default: max({DEFAULT_MIN_TOKENS}, "
+                            f"{WARN_TOKENS_PER_DIM:g}·d), capped by the probe)")
+        p.add_argument("--seq-len", type=positive_int, metavar="N",
+                       help=f"tokens per sequence (default: {DEFAULT_SEQ_LEN})")
+        p.add_argument("--drop-first-token", action="store_true",
+                       help="do not score the first token of each sequence (attention sink)")
+        p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: the worker's device default)")
+        p.add_argument("--replaceability", action="store_true",
+                       help="also store loss_delta_linear and loss_delta_drop per block (nats/token; 2 extra "
+                            "passes over the held-out tokens per block)")
+        p.add_argument("--holdout-tokens", type=positive_int, metavar="N",
+                       help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
+    watch.add_argument("--interval", type=seconds, default=series.DEFAULT_INTERVAL_S, metavar="SECONDS",
+                       help=f"seconds between two looks (default: {series.DEFAULT_INTERVAL_S:g})")
+    watch.add_argument("--once", action="store_true",
+                       help="look once, submit what is complete, and exit (for cron; default: keep watching)")
+    watch.add_argument("--settle", type=seconds_or_zero, default=series.DEFAULT_SETTLE_S, metavar="SECONDS",
+                       help="local directories: a complete checkpoint is looked at again after this many seconds "
+                            "and submitted only if none of its files changed (0: no second look; default: "
+                            f"{series.DEFAULT_SETTLE_S:g})")
+    watch.add_argument("--state", metavar="FILE",
+                       help="where the submitted checkpoints are remembered across restarts (default: "
+                            "<data dir>/watch/<run>-<hash of service, run, location and options>.json)")
+    watch.set_defaults(func=series.cmd_watch)
+    subset = backfill.add_mutually_exclusive_group()
+    subset.add_argument("--every", type=positive_int, metavar="K",
+                        help="take every K-th checkpoint in step order, starting with the first (default: all)")
+    subset.add_argument("--log-spaced", type=at_least_two, metavar="N",
+                        help="take N checkpoints spread log-uniformly over the steps, the first and the last "
+                             "kept (default: all)")
+    backfill.add_argument("--dry-run", action="store_true",
+                          help="print what would be submitted (step, URI), one per line, and submit nothing")
+    backfill.set_defaults(func=series.cmd_backfill)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", metavar="FILE",
                       help="file to write, .png or .svg (default: RUN-METRIC-KIND.png)")
     plot.set_defaults(func=remote.cmd_plot)
+
+    _add_series(sub)
 
     tokens = _group(sub, "token", "create, list or revoke API tokens (talks to the database, not the API)")
     tc = tokens.add_parser("create", help="create a token and print it (shown once)")
