@@ -138,27 +138,7 @@ def _add_series(sub) -> None:
         p.add_argument("--revisions", metavar="GLOB",
                        help="hf://org/repo only: take the repository's branches and tags whose names match this "
                             "fnmatch pattern, e.g. 'step*' (default: the checkpoint directories in the repository)")
-        p.add_argument("--phase", choices=tuple(ph.value for ph in Phase),
-                       help="the checkpoints' phase (default: the run's; a new run's is finetune when it has a "
-                            "parent, else pretrain)")
-        p.add_argument("--parent-run", metavar="RUN", help="the run a fine-tune starts from")
-        p.add_argument("--parent-step", type=int, metavar="STEP", help="the parent run's step it starts from")
-        p.add_argument("--probe", metavar="NAME", help=f"probe the service scores with (default: {DEFAULT_PROBE})")
-        p.add_argument("--max-tokens", type=positive_int, metavar="N",
-                       help=f"probe tokens to score (default: max({DEFAULT_MIN_TOKENS}, "
-                            f"{WARN_TOKENS_PER_DIM:g}·d), capped by the probe)")
-        p.add_argument("--seq-len", type=positive_int, metavar="N",
-                       help=f"tokens per sequence (default: {DEFAULT_SEQ_LEN})")
-        p.add_argument("--drop-first-token", action="store_true",
-                       help="do not score the first token of each sequence (attention sink)")
-        p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: the worker's device default)")
-        p.add_argument("--replaceability", action="store_true",
-                       help="also store loss_delta_linear and loss_delta_drop per block (nats/token; 2 extra "
-                            "passes over the held-out tokens per block)")
-        p.add_argument("--holdout-tokens", type=positive_int, metavar="N",
-                       help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
-        p.add_argument("--allow-pickle", action="store_true",
-                       help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
+        add_submission_options(p)
     watch.add_argument("--interval", type=seconds, default=series.DEFAULT_INTERVAL_S, metavar="SECONDS",
                        help=f"seconds between two looks (default: {series.DEFAULT_INTERVAL_S:g})")
     watch.add_argument("--once", action="store_true",
@@ -180,6 +160,31 @@ def _add_series(sub) -> None:
     backfill.add_argument("--dry-run", action="store_true",
                           help="print what would be submitted (step, URI), one per line, and submit nothing")
     backfill.set_defaults(func=series.cmd_backfill)
+
+
+def add_submission_options(p: argparse.ArgumentParser) -> None:
+    """The options of a submission: submit, watch and backfill take the same."""
+    p.add_argument("--phase", choices=tuple(ph.value for ph in Phase),
+                   help="the checkpoint's phase (default: the run's; a new run's is finetune when it has a "
+                        "parent, else pretrain)")
+    p.add_argument("--parent-run", metavar="RUN", help="the run a fine-tune starts from")
+    p.add_argument("--parent-step", type=int, metavar="STEP", help="the parent run's step it starts from")
+    p.add_argument("--probe", metavar="NAME", help=f"probe the service scores with (default: {DEFAULT_PROBE})")
+    p.add_argument("--max-tokens", type=positive_int, metavar="N",
+                   help=f"probe tokens to score (default: max({DEFAULT_MIN_TOKENS}, "
+                        f"{WARN_TOKENS_PER_DIM:g}·d), capped by the probe)")
+    p.add_argument("--seq-len", type=positive_int, metavar="N",
+                   help=f"tokens per sequence (default: {DEFAULT_SEQ_LEN})")
+    p.add_argument("--drop-first-token", action="store_true",
+                   help="do not score the first token of each sequence (attention sink)")
+    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: the worker's device default)")
+    p.add_argument("--replaceability", action="store_true",
+                   help="also store loss_delta_linear and loss_delta_drop per block (nats/token; 2 extra "
+                        "passes over the held-out tokens per block)")
+    p.add_argument("--holdout-tokens", type=positive_int, metavar="N",
+                   help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,27 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint directory, file:// URI, or a remote one the service's workers fetch: "
                              "s3://bucket/prefix/, gs://..., az://..., hf://org/repo[@revision][/subfolder], "
                              "https://host/path/ (within the service's allowed prefixes)")
-    submit.add_argument("--phase", choices=tuple(p.value for p in Phase),
-                        help="the checkpoint's phase (default: the run's; a new run's is finetune when it has a "
-                             "parent, else pretrain)")
-    submit.add_argument("--parent-run", metavar="RUN", help="the run a fine-tune starts from")
-    submit.add_argument("--parent-step", type=int, metavar="STEP", help="the parent run's step it starts from")
-    submit.add_argument("--probe", metavar="NAME", help=f"probe the service scores with (default: {DEFAULT_PROBE})")
-    submit.add_argument("--max-tokens", type=positive_int, metavar="N",
-                        help=f"probe tokens to score (default: max({DEFAULT_MIN_TOKENS}, "
-                             f"{WARN_TOKENS_PER_DIM:g}·d), capped by the probe)")
-    submit.add_argument("--seq-len", type=positive_int, metavar="N",
-                        help=f"tokens per sequence (default: {DEFAULT_SEQ_LEN})")
-    submit.add_argument("--drop-first-token", action="store_true",
-                        help="do not score the first token of each sequence (attention sink)")
-    submit.add_argument("--dtype", choices=DTYPES, help="model dtype (default: the worker's device default)")
-    submit.add_argument("--replaceability", action="store_true",
-                        help="also store loss_delta_linear and loss_delta_drop per block (nats/token; 2 extra "
-                             "passes over the held-out tokens per block)")
-    submit.add_argument("--holdout-tokens", type=positive_int, metavar="N",
-                        help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
-    submit.add_argument("--allow-pickle", action="store_true",
-                        help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
+    add_submission_options(submit)
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish; exit 0 if it succeeded")
     submit.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                         help="with --wait: give up after this many seconds (default: 3600)")
