@@ -6,7 +6,8 @@
 The checkpoint is a random-init Llama (d=768, 14 blocks, ~122 M parameters, float32, 487 MB =
 464 MiB) saved with ``max_shard_size="100MB"`` (6 safetensors shards + index + config and
 tokenizer files, 11 files), uploaded with one PUT per file to moto's S3 server (``python -m
-moto.server``, a process of its own, threaded) on 127.0.0.1. Then:
+moto.server``, a process of its own, threaded) on 127.0.0.1 (tests/moto_s3.py's MotoProcess,
+upload_dir and CREDENTIALS). Then:
 
 1. Fetch, ``--reps`` rounds (default 5; the order of the methods rotates each round; each
    round starts from nothing on the local disk); the median, min and max wall time of:
@@ -38,7 +39,6 @@ otherwise idle machine; the load average printed at the end says how idle it was
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
@@ -50,21 +50,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # moto_s3: the tests' moto helpers
+
+from moto_s3 import MotoProcess, upload_dir
+
 BUCKET = "bench"
 PREFIX = "ckpts/llama-121m/step-1000"
-CREDS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 SHAPE = dict(hidden=768, layers=14, heads=12, kv_heads=4, intermediate=3072, vocab=384)
 MIB = 1 << 20
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    from layertrack.service.embedded import free_port as fp
-
-    return fp()
 
 
 # ---------------------------------------------------------------- the checkpoint and the store
@@ -83,44 +80,6 @@ def build_model(directory: Path, tokenizer, *, shape: dict, shard: str | None, s
     model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
     tokenizer.save_pretrained(directory)
     return directory
-
-
-class Moto:
-    """``python -m moto.server`` on a free port of 127.0.0.1."""
-
-    def __init__(self):
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/moto-api/", timeout=1).status_code < 500:
-                    break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("moto's server did not start (pip install 'moto[server]')")
-            time.sleep(0.2)
-
-    def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.url, **CREDS}
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.url, region_name=CREDS["AWS_DEFAULT_REGION"],
-                            aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"])
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 # ---------------------------------------------------------------- the fetch methods
@@ -186,7 +145,10 @@ def main() -> None:
     own_workdir = args.workdir is None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lt-fetch-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    moto = Moto()
+    try:
+        moto = MotoProcess(timeout=60, new_session=True)
+    except RuntimeError as e:
+        raise SystemExit(f"{e} (pip install 'moto[server]')") from None
     os.environ.update(moto.env())
     for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
         os.environ.pop(k, None)
@@ -199,7 +161,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args, cmd: str, work: Path, moto: Moto) -> None:
+def run(args, cmd: str, work: Path, moto: MotoProcess) -> None:
     from layertrack.service.demo import train_tokenizer
     from layertrack.workers.probe import default_probe
 
@@ -214,8 +176,7 @@ def run(args, cmd: str, work: Path, moto: Moto) -> None:
     s3 = moto.client()
     s3.create_bucket(Bucket=BUCKET)
     t0 = time.perf_counter()
-    for f in files:
-        s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{f.name}", Body=f.read_bytes())
+    upload_dir(s3, BUCKET, PREFIX, ckpt)
     log(f"uploaded to {moto.url}/{BUCKET}/{PREFIX} ({time.perf_counter() - t0:.1f} s)")
     uri = f"s3://{BUCKET}/{PREFIX}"
 

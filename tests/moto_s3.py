@@ -6,12 +6,20 @@ Nothing is mocked on the client side: the service's workers talk HTTP to it thro
 store client, configured by the standard ``AWS_ENDPOINT_URL`` and ``AWS_*`` credentials
 (:meth:`S3Server.env`). :meth:`stop` and :meth:`start` again (same port, same objects: moto
 keeps its state in this process) stand for an outage.
+
+Also here, for tests/stores_fixtures.py and bench/fetch_bench.py alike (nothing in this module
+needs pytest): :class:`MotoProcess`, moto's standalone server as a process of its own, and
+:func:`s3_client`, :func:`upload_dir` and :func:`stop_process`, which both servers use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,83 @@ from layertrack.service.embedded import free_port
 
 REGION = "us-east-1"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+
+
+def s3_client(url: str, credentials: dict[str, str] = CREDENTIALS):
+    """A boto3 S3 client of the endpoint ``url`` with ``credentials`` (the AWS_* names)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, region_name=credentials["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"])
+
+
+def upload_dir(client, bucket: str, prefix: str, directory: Path, *, skip: Iterable[str] = ()) -> list[str]:
+    """Upload every file of ``directory`` under ``prefix/`` (but those named in ``skip``), one
+    PUT per file in name order, with the boto3 ``client``; the keys written."""
+    skipped = set(skip)
+    keys = []
+    for f in sorted(Path(directory).iterdir()):
+        if f.is_file() and f.name not in skipped:
+            key = f"{prefix.strip('/')}/{f.name}"
+            client.put_object(Bucket=bucket, Key=key, Body=f.read_bytes())
+            keys.append(key)
+    return keys
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM ``proc`` and wait for it; SIGKILL it when it has not exited within ``timeout`` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class MotoProcess:
+    """``python -m moto.server`` on a free port of 127.0.0.1, a process of its own (in a
+    session of its own with ``new_session``: a terminal's Ctrl-C does not reach it). Raises
+    RuntimeError when it exits or does not answer within ``timeout`` seconds."""
+
+    def __init__(self, *, timeout: float = 30, new_session: bool = False):
+        import httpx
+
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=new_session)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/moto-api/", timeout=1).status_code < 500:
+                    return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"moto's server (python -m moto.server) did not answer on port {self.port} "
+                                   f"within {timeout:g} s (exit code {self.proc.returncode})")
+            time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """What a process needs to reach this store with the standard provider chain."""
+        return {"AWS_ENDPOINT_URL": self.url, **CREDENTIALS}
+
+    def client(self):
+        return s3_client(self.url)
+
+    def enable_iam_auth(self) -> None:
+        """From now on every request must be signed by an IAM user's key and allowed by its
+        policies (moto evaluates identity policies; it does not evaluate bucket policies)."""
+        import httpx
+
+        httpx.post(f"{self.url}/moto-api/reset-auth", content=b"0").raise_for_status()
+
+    def close(self) -> None:
+        stop_process(self.proc)
 
 
 class S3Server:
@@ -107,24 +192,12 @@ class S3Server:
 
     # ------------------------------------------------------------------ objects
     def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.url, region_name=REGION,
-                            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        return s3_client(self.url)
 
     def upload_dir(self, bucket: str, prefix: str, directory: Path, *, skip: Iterable[str] = ()) -> list[str]:
         """Upload every file of ``directory`` under ``prefix/`` (but those named in ``skip``);
         the keys written."""
-        c = self.client()
-        skipped = set(skip)
-        keys = []
-        for f in sorted(Path(directory).iterdir()):
-            if f.is_file() and f.name not in skipped:
-                key = f"{prefix.strip('/')}/{f.name}"
-                c.put_object(Bucket=bucket, Key=key, Body=f.read_bytes())
-                keys.append(key)
-        return keys
+        return upload_dir(self.client(), bucket, prefix, directory, skip=skip)
 
     def reset_counts(self) -> None:
         with self._lock:

@@ -16,20 +16,24 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from layertrack.service.embedded import EmbeddedService, free_port
 
-__all__ = ["RedisServer", "Service", "api_only", "create_pg_database", "drop_pg_database", "free_port",
-           "layertrack_exe", "live_service", "wait_until"]
+__all__ = ["Receiver", "RedisServer", "Service", "api_only", "create_pg_database", "drop_pg_database", "free_port",
+           "interrupt_group", "layertrack_exe", "live_service", "max_delta", "ready", "store_service",
+           "stored_scores", "synthetic_run", "wait_until"]
 
 PG_ADMIN = os.environ.get("LAYERTRACK_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -58,6 +62,27 @@ def layertrack_exe() -> str:
     return exe
 
 
+def ready(url: str) -> bool:
+    """Whether the API at ``url`` answers /readyz with 200 (False while it does not listen)."""
+    import httpx
+
+    with contextlib.suppress(httpx.TransportError):
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    return False
+
+
+def interrupt_group(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Ctrl-C (SIGINT) to the process group of ``proc`` (started with ``start_new_session``,
+    as ``layertrack up`` is), reading what it still writes to its pipes, if any, until it
+    exits; SIGKILL to the group when it has not exited within ``timeout`` seconds."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
 # ------------------------------------------------------------------ PostgreSQL
 def create_pg_database() -> str:
     """A new, empty database ``lt_test_*`` in the machine's PostgreSQL; its URL."""
@@ -77,17 +102,61 @@ def create_pg_database() -> str:
 
 def drop_pg_database(url: str) -> None:
     """Drop a database made by :func:`create_pg_database` (and nothing else)."""
-    from layertrack.service.db import get_engine
+    from layertrack.service.db import dispose_engine
     from sqlalchemy import create_engine, text
 
     name = url.rsplit("/", 1)[1]
     assert name.startswith("lt_test_"), f"refusing to drop {name!r}: not made by the tests"
-    get_engine(url).dispose()  # this process's own pooled connections
+    dispose_engine(url)  # this process's own pooled connections
     eng = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with eng.connect() as c:
         c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     eng.dispose()
+
+
+def stored_scores(db_url: str, job_id: str) -> dict[tuple[str, int], float | None]:
+    """The scores stored for a job: {(metric, layer): value}."""
+    from layertrack.service.db import session_scope
+    from layertrack.service.models import Score
+    from sqlalchemy import select
+
+    with session_scope(db_url) as s:
+        rows = s.execute(select(Score.metric, Score.layer, Score.value).where(Score.job_id == job_id)).all()
+    return {(m, layer): v for m, layer, v in rows}
+
+
+def max_delta(a: dict, b: dict) -> float:
+    """The largest |a[k] - b[k]| of two score dicts with the same (non-empty) keys."""
+    assert a.keys() == b.keys() and a, (sorted(a), sorted(b))
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+def synthetic_run(db_url: str, run: str, steps: tuple[int, ...], *, fingerprint: str,
+                  pair: Callable[[int], dict[str, float]], anisotropy: float) -> list[str]:
+    """Synthetic scores through the real completion path (jobs.submit, claim, complete), no
+    worker: at each step a job (checkpoint fingerprint ``fingerprint`` + step) with
+    BASE_METRICS, ``pair(step)`` for two blocks and the final-norm pair and ``anisotropy`` for
+    four hidden states; the job ids."""
+    from layertrack.service import jobs
+    from layertrack.service.db import session_scope
+    from layertrack.workers.vocabulary import BASE_METRICS, Phase
+
+    ids = []
+    for step in steps:
+        sub = jobs.Submission(run=run, step=step, uri=f"/synthetic/{run}/{step}", fingerprint=f"{fingerprint}{step}",
+                              phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
+                              config={"metrics": list(BASE_METRICS)})
+        with session_scope(db_url) as s:
+            job, _ = jobs.submit(s, sub)
+            s.flush()
+            ids.append(job.id)
+        assert jobs.claim(db_url, ids[-1], "test") is not None
+        scores = pair(step)
+        result = {"pairs": [{"layer": 0, **scores}, {"layer": 1, **scores}, {"layer": 2, **scores, "final_norm": True}],
+                  "layers": [{"layer": k, "anisotropy": anisotropy} for k in range(4)], "n_tokens": 1}
+        assert jobs.complete(db_url, ids[-1], "test", result, list(BASE_METRICS))
+    return ids
 
 
 # ------------------------------------------------------------------ Redis
@@ -205,6 +274,15 @@ def api_only(tmp: Path, *, db_url: str | None = None, broker_url: str = "filesys
         svc.stop()
 
 
+def store_service(tmp: Path, redis_url: str, roots: list[str], store_env: dict[str, str], *,
+                  db_url: str | None = None):
+    """:func:`live_service` whose checkpoint roots (LAYERTRACK_CHECKPOINT_ROOTS) are its local
+    directory ``tmp/ckpts`` and the remote locations ``roots``, with ``store_env`` (the
+    stores' variables and any other settings) in the environment of its processes."""
+    env = {**store_env, "LAYERTRACK_CHECKPOINT_ROOTS": ",".join([str(tmp / "ckpts"), *roots])}
+    return live_service(tmp, redis_url, db_url=db_url, extra_env=env)
+
+
 @contextlib.contextmanager
 def live_service(tmp: Path, redis_url: str, *, db_url: str | None = None, extra_env: dict[str, str] | None = None,
                  workers: tuple[tuple[str, str], ...] = (("w1", "gpu"),)):
@@ -225,3 +303,52 @@ def live_service(tmp: Path, redis_url: str, *, db_url: str | None = None, extra_
         svc.stop()
         if db_url is None:
             drop_pg_database(db)
+
+
+# ------------------------------------------------------------------ webhook receiver
+class Receiver:
+    """An HTTP server on 127.0.0.1 that records every POST (path, headers with lower-case
+    names, body, the status answered) and answers from a per-path script of statuses
+    (``script[path]``, used up in order; 200 once empty)."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.script: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with outer.lock:
+                    queue = outer.script.get(self.path) or []
+                    status = queue.pop(0) if queue else 200
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    outer.requests.append({"path": self.path, "headers": headers, "body": body, "status": status})
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def got(self, path: str | None = None, where=lambda r: True) -> list[dict]:
+        """The requests so far (to ``path``, when given) that satisfy ``where``."""
+        with self.lock:
+            return [r for r in self.requests if (path is None or r["path"] == path) and where(r)]
+
+    def at(self, path: str, n: int, timeout: float = 120, where=lambda r: True) -> list[dict]:
+        """The requests to ``path`` (that satisfy ``where``), once there are at least ``n``."""
+        def enough() -> list[dict] | None:
+            got = self.got(path, where)
+            return got if len(got) >= n else None
+
+        return wait_until(enough, timeout, what=f"{n} request(s) to {path}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -3,31 +3,39 @@
 - ``DirServer``: ``http.server`` serving a directory, with Range support (or without:
   ``ranges=False`` is the plain ``SimpleHTTPRequestHandler``), counting the bytes it serves,
   optionally cutting a body short (``short_by``) or sending it slowly (``delay_s`` per 64 KiB).
-- ``MotoProcess``: moto's standalone server as a process of its own (``python -m
-  moto.server``), for what must not touch the in-process S3 server of tests/moto_s3.py
-  (switching IAM authentication on, which moto does per process).
+- ``Azurite`` and ``GCSEmulator``: the Azure and GCS emulators (below).
 - fixtures: ``tiny_single`` and ``tiny_sharded`` (tiny Llama checkpoints, single-file and in
   three shards), ``s3_server`` (tests/moto_s3.py's S3Server, one per module) and ``s3_env``
-  (its AWS_* variables set for the test), ``hub`` (tests/hub_server.py, HF_ENDPOINT set).
+  (its AWS_* variables set for the test), ``hub`` (tests/hub_server.py, HF_ENDPOINT set),
+  ``hub_srv`` (a Hub without a token, one per module, for a live service: :func:`hub_env`),
+  ``web`` (a DirServer of a directory of its own, one per module), ``azurite`` and
+  ``gcs_emulator``.
+- for the remote round trips through a live service: :func:`upload_checkpoint` (a tiny
+  checkpoint built under the service's local root and uploaded to a store) and
+  :func:`assert_scored_like_local` (the remote job against the same checkpoint's local job).
+
+moto's standalone server as a process of its own is tests/moto_s3.py's ``MotoProcess``.
 
 Import the fixtures into a test module (``from stores_fixtures import s3_env, ...``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import pytest
 from layertrack.service.embedded import free_port
-from services import wait_until
+from moto_s3 import stop_process
+from services import max_delta, stored_scores, wait_until
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
@@ -97,43 +105,6 @@ class DirServer:
         self._httpd.server_close()
 
 
-class MotoProcess:
-    """``python -m moto.server`` on a free port of 127.0.0.1, a process of its own."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import httpx
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{self.url}/moto-api/", timeout=1).status_code < 500
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 30, what="moto server to answer")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def enable_iam_auth(self) -> None:
-        """From now on every request must be signed by an IAM user's key and allowed by its
-        policies (moto evaluates identity policies; it does not evaluate bucket policies)."""
-        import httpx
-
-        httpx.post(f"{self.url}/moto-api/reset-auth", content=b"0").raise_for_status()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="session")
 def tiny_single(tmp_path_factory, tokenizer):
@@ -178,6 +149,30 @@ def s3_env(s3_server, monkeypatch):
     s3_server.on_get = None
     s3_server.delay_s = 0.0
     return s3_server
+
+
+@pytest.fixture(scope="module")
+def hub_srv():
+    """A Hub on loopback (tests/hub_server.py) without a token, one per module; a live
+    service reaches it through :func:`hub_env`."""
+    from hub_server import HubServer
+
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+def hub_env(hub, home: Path) -> dict[str, str]:
+    """The variables that point a process at ``hub`` (no implicit token), its Hub cache
+    under ``home``."""
+    return {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HOME": str(home)}
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    """http.server on 127.0.0.1 serving a directory of its own (``web.directory``), one per module."""
+    with contextlib.closing(DirServer(tmp_path_factory.mktemp("web"))) as server:
+        yield server
 
 
 @pytest.fixture()
@@ -346,12 +341,7 @@ class Azurite:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
 
 
 class GCSEmulator:
@@ -554,14 +544,53 @@ class _GCSXmlFront(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory):
     """Azurite's blob service on loopback (installed with npm on first use), one per module."""
-    server = Azurite(tmp_path_factory.mktemp("azurite"))
-    yield server
-    server.close()
+    with contextlib.closing(Azurite(tmp_path_factory.mktemp("azurite"))) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def gcs_emulator(tmp_path_factory):
     """gcp-storage-emulator with the XML front obstore needs, bucket ``mlckpts``, one per module."""
-    server = GCSEmulator(tmp_path_factory.mktemp("gcs"), "mlckpts")
-    yield server
-    server.close()
+    with contextlib.closing(GCSEmulator(tmp_path_factory.mktemp("gcs"), "mlckpts")) as server:
+        yield server
+
+
+# ------------------------------------------------------------------ remote round trips
+def upload_checkpoint(live, tokenizer, name: str, upload: Callable[[str, Path], object], *, prefix: str,
+                      shard: str | None = None, seed: int = 0) -> tuple[Path, str]:
+    """A tiny Llama checkpoint built under the local root of the service ``live`` as ``name``
+    and handed to ``upload(key prefix, directory)`` with the key prefix ``prefix/name/step-1``;
+    (local directory, key prefix)."""
+    from tiny_models import build_checkpoint
+
+    local = build_checkpoint(live.roots / name, "llama", tokenizer, seed=seed, max_shard_size=shard)
+    key_prefix = f"{prefix}/{name}/step-1"
+    upload(key_prefix, local)
+    return local, key_prefix
+
+
+def assert_scored_like_local(live, done: dict, local_done: dict, local: Path, label: str) -> tuple[dict, int]:
+    """The finished remote job ``done`` against ``local_done``, the job of the same checkpoint
+    from its local path ``local``: both succeeded, the remote one at its first attempt, with a
+    content fingerprint, its progress at "scoring" with every byte done, at least the weights
+    and at most every file of the checkpoint; both jobs' stored scores (3 pairs x 4 + 4)
+    within 1e-12 of each other. (its progress, the size of the weights)."""
+    assert done["status"] == "succeeded", (done["error_code"], done["error"], done, live.logs())
+    assert local_done["status"] == "succeeded", (local_done["error_code"], local_done["error"], local_done,
+                                                 live.logs())
+    assert done["attempts"] == 1, done
+    assert isinstance(done["content_fingerprint"], str) and len(done["content_fingerprint"]) >= 16, done
+    p = done["progress"]
+    shards = sorted(f.name for f in local.glob("*.safetensors"))
+    sizes = {f.name: f.stat().st_size for f in local.iterdir()}
+    weights = sum(sizes[n] for n in shards)
+    assert p["phase"] == "scoring" and p["bytes_done"] == p["bytes_total"], p
+    assert weights <= p["bytes_total"] <= sum(sizes.values()), (p, sizes)
+    a, b = stored_scores(live.db_url, done["id"]), stored_scores(live.db_url, local_done["id"])
+    assert len(a) == 3 * 4 + 4
+    delta = max_delta(a, b)
+    print(f"\n{label}: {len(shards)} safetensors file(s), {len(a)} scores, max |Δ| vs local = {delta:.3g}, "
+          f"fetched {p['bytes_total']} bytes in {p.get('fetch_s')} s; job {done['duration_s']:.2f} s "
+          f"(from a local path: {local_done['duration_s']:.2f} s)")
+    assert delta <= 1e-12
+    return p, weights

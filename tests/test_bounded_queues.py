@@ -11,14 +11,12 @@ once (attempts 1, one set of scores) and the receiver gets every delivery once.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from services import live_service, wait_until
+from services import Receiver, live_service, wait_until
 
 CFG = {"max_tokens": 600, "seq_len": 64}
 ROWS_PER_TINY_JOB = 3 * 4 + 4  # 3 pairs × 4 pair metrics + 4 hidden states × anisotropy
@@ -28,39 +26,6 @@ LOST = 3  # messages taken out of each list behind the service's back
 SWEEP_S = 1.0
 #: the most messages a list may hold beyond one per pending item
 SLACK = 2
-
-
-class Receiver:
-    """An HTTP server that answers 200 and records the webhook-id of every POST."""
-
-    def __init__(self):
-        self.ids: list[str] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                with outer.lock:
-                    outer.ids.append(self.headers["webhook-id"])
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def received(self) -> list[str]:
-        with self.lock:
-            return list(self.ids)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture()
@@ -188,7 +153,7 @@ def test_queues_hold_one_message_per_item_without_workers_and_each_item_runs_onc
                     and lists.unacked() == 0)
 
         wait_until(settled, 120, what="every delivery to succeed and both queues to drain")
-        got = Counter(receiver.received())
+        got = Counter(r["headers"].get("webhook-id") for r in receiver.got())
         with session_scope(svc.db_url) as s:
             delivery_ids = set(s.scalars(select(Delivery.id)))
         assert set(test_ids) <= delivery_ids

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 
-import httpx
-from services import free_port, layertrack_exe, wait_until
+from services import free_port, interrupt_group, layertrack_exe, ready, wait_until
 
 EXE = layertrack_exe()
 
@@ -20,12 +17,6 @@ def clean_env(tmp_path) -> dict[str, str]:
               "LAYERTRACK_CHECKPOINT_ROOTS"):
         env.pop(k, None)
     return env
-
-
-def ready(url: str) -> bool:
-    with contextlib.suppress(httpx.TransportError):
-        return httpx.get(url + "/readyz", timeout=2).status_code == 200
-    return False
 
 
 def test_up_roots_reach_the_api_and_the_workers(tmp_path, tokenizer):
@@ -64,12 +55,7 @@ def test_up_roots_reach_the_api_and_the_workers(tmp_path, tokenizer):
         assert refused.returncode == 3 and "outside the allowed checkpoint roots" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
     finally:
-        os.killpg(up.pid, signal.SIGINT)
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
+        interrupt_group(up, timeout=60)
 
 
 def test_up_refuses_a_missing_root_a_bad_port_and_a_busy_port_in_one_line(tmp_path):

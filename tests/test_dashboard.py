@@ -26,23 +26,10 @@ SLASHED = "org/llama-350m"  # a run name with a "/", as Hugging Face names model
 def flat_run(db_url: str, run: str, steps: tuple[int, ...]) -> None:
     """Scores through the real completion path (jobs.complete) that are the same at every
     step: linearity, linearity_nores, cosine and anisotropy 1.0, norm_ratio 0.5."""
-    from layertrack.service import jobs
-    from layertrack.service.db import session_scope
-    from layertrack.workers.vocabulary import BASE_METRICS, Phase
+    from services import synthetic_run
 
-    for step in steps:
-        sub = jobs.Submission(run=run, step=step, uri=f"/synthetic/{run}/{step}", fingerprint=f"flat{step}",
-                              phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
-                              config={"metrics": list(BASE_METRICS)})
-        with session_scope(db_url) as s:
-            job, _ = jobs.submit(s, sub)
-            s.flush()
-            job_id = job.id
-        assert jobs.claim(db_url, job_id, "test") is not None
-        pair = {"linearity": 1.0, "linearity_nores": 1.0, "cosine": 1.0, "norm_ratio": 0.5}
-        result = {"pairs": [{"layer": 0, **pair}, {"layer": 1, **pair}, {"layer": 2, **pair, "final_norm": True}],
-                  "layers": [{"layer": k, "anisotropy": 1.0} for k in range(4)], "n_tokens": 1}
-        assert jobs.complete(db_url, job_id, "test", result, list(BASE_METRICS))
+    synthetic_run(db_url, run, steps, fingerprint="flat", anisotropy=1.0,
+                  pair=lambda step: {"linearity": 1.0, "linearity_nores": 1.0, "cosine": 1.0, "norm_ratio": 0.5})
 
 
 @pytest.fixture(scope="module")

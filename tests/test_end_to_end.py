@@ -5,12 +5,10 @@ Also the embedded mode (`layertrack up`: SQLite + filesystem broker) through the
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import signal
 import subprocess
 import uuid
 
@@ -222,7 +220,7 @@ def test_broker_down_while_submitting_loses_nothing(tmp_path, tokenizer):
 
 def test_layertrack_up_runs_everything_without_servers(tmp_path, tokenizer):
     """The README's main command: API + worker on SQLite and a filesystem broker."""
-    from services import free_port
+    from services import free_port, interrupt_group, ready
     from tiny_models import build_checkpoint
 
     port = free_port()
@@ -242,12 +240,7 @@ def test_layertrack_up_runs_everything_without_servers(tmp_path, tokenizer):
         assert saved["url"] == f"http://127.0.0.1:{port}" and saved["token"].startswith("lt_")
         assert oct((tmp_path / "data" / "client.json").stat().st_mode)[-3:] == "600"
         assert (tmp_path / "data" / "layertrack.db").is_file()
-        def ready() -> bool:
-            with contextlib.suppress(httpx.TransportError):
-                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-            return False
-
-        wait_until(ready, 60, what="layertrack up to answer /readyz with 200")
+        wait_until(lambda: ready(f"http://127.0.0.1:{port}"), 60, what="layertrack up to answer /readyz with 200")
         out = subprocess.run([exe, "submit", "demo", "5", str(path), "--max-tokens", "600", "--seq-len", "64",
                               "--wait"], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -255,12 +248,7 @@ def test_layertrack_up_runs_everything_without_servers(tmp_path, tokenizer):
         out = subprocess.run([exe, "trend", "demo"], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout.splitlines()[2].split()[0] == "5"
     finally:
-        os.killpg(up.pid, signal.SIGINT)
-        try:
-            up.communicate(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.communicate()
+        interrupt_group(up, timeout=40)
 
 
 def test_a_failing_job_records_why_and_can_be_retried(live, tokenizer):

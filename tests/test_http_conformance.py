@@ -12,7 +12,7 @@ import uuid
 
 import httpx
 import pytest
-from layertrack.workers.vocabulary import BASE_METRICS, KNOWN_METRICS
+from layertrack.workers.vocabulary import KNOWN_METRICS
 
 PROBLEM = "application/problem+json"
 LIMIT = 65536  # the default max_body_bytes
@@ -25,25 +25,11 @@ METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 def scored_run(db_url: str, run: str, steps: tuple[int, ...]) -> list[str]:
     """Synthetic scores through the real completion path (jobs.submit, claim, complete), no
     worker: BASE_METRICS for two blocks and the final-norm pair at each step; the job ids."""
-    from layertrack.service import jobs
-    from layertrack.service.db import session_scope
-    from layertrack.workers.vocabulary import Phase
+    from services import synthetic_run
 
-    ids = []
-    for step in steps:
-        sub = jobs.Submission(run=run, step=step, uri=f"/synthetic/{run}/{step}", fingerprint=f"syn{step}",
-                              phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
-                              config={"metrics": list(BASE_METRICS)})
-        with session_scope(db_url) as s:
-            job, _ = jobs.submit(s, sub)
-            s.flush()
-            ids.append(job.id)
-        assert jobs.claim(db_url, ids[-1], "test") is not None
-        pair = {"linearity": 0.9, "linearity_nores": 0.5 + step / 1000, "cosine": 0.8, "norm_ratio": 1.1}
-        result = {"pairs": [{"layer": 0, **pair}, {"layer": 1, **pair}, {"layer": 2, **pair, "final_norm": True}],
-                  "layers": [{"layer": k, "anisotropy": 0.3} for k in range(4)], "n_tokens": 1}
-        assert jobs.complete(db_url, ids[-1], "test", result, list(BASE_METRICS))
-    return ids
+    return synthetic_run(db_url, run, steps, fingerprint="syn", anisotropy=0.3,
+                         pair=lambda step: {"linearity": 0.9, "linearity_nores": 0.5 + step / 1000, "cosine": 0.8,
+                                            "norm_ratio": 1.1})
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from layertrack.service.db import session_scope
-from layertrack.service.models import Score
-from sqlalchemy import select
-from stores_fixtures import azurite, gcs_emulator  # noqa: F401  (fixtures)
+from services import store_service
+from stores_fixtures import assert_scored_like_local, azurite, gcs_emulator, upload_checkpoint  # noqa: F401  (fixtures)
 
 CONTAINER = "ckpts"  # the Azure container (the GCS bucket is the fixture's, "mlckpts")
 PREFIX = "runs"
@@ -40,27 +38,12 @@ def uid() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def stored_scores(db_url: str, job_id: str) -> dict[tuple[str, int], float | None]:
-    with session_scope(db_url) as s:
-        rows = s.execute(select(Score.metric, Score.layer, Score.value).where(Score.job_id == job_id)).all()
-    return {(m, layer): v for m, layer, v in rows}
-
-
-def max_delta(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and a, (sorted(a), sorted(b))
-    return max(abs(a[k] - b[k]) for k in a)
-
-
 def service_for(tmp_path_factory, redis_server, name: str, root: str, store_env: dict[str, str]):
     """A live service (API + one worker) whose checkpoint roots are its local directory and
     ``root``, with the store's variables in the environment of its processes. A database of
     its own: the two services of this module run at the same time, and a service's sweeper
     requeues the jobs of its database onto its own broker."""
-    from services import live_service
-
-    tmp = tmp_path_factory.mktemp(name)
-    env = {**store_env, **REMOTE_ENV, "LAYERTRACK_CHECKPOINT_ROOTS": f"{tmp / 'ckpts'},{root}"}
-    return live_service(tmp, redis_server.new_url(), extra_env=env)
+    return store_service(tmp_path_factory.mktemp(name), redis_server.new_url(), [root], {**store_env, **REMOTE_ENV})
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +65,10 @@ def round_trip(live, tokenizer, scheme: str, upload, uri_of, seed: int) -> dict:
     """Build a sharded tiny checkpoint under the service's local root, ``upload(key prefix,
     directory)`` it, submit it as ``uri_of(key prefix)`` and from its local path, and check
     that the remote job fetched it all and scored it like the local one; the remote job."""
-    from tiny_models import build_checkpoint
-
     name = f"{scheme}-{uid()}"
-    local = build_checkpoint(live.roots / name, "llama", tokenizer, seed=seed, max_shard_size="60KB")
+    local, key_prefix = upload_checkpoint(live, tokenizer, name, upload, prefix=PREFIX, shard="60KB", seed=seed)
     shards = sorted(p.name for p in local.glob("*.safetensors"))
     assert len(shards) > 1, shards
-    key_prefix = f"{PREFIX}/{name}/step-1"
-    upload(key_prefix, local)
     uri = uri_of(key_prefix)
     with live.client() as c:
         remote = c.submit(run=f"{scheme}-{name}", step=1, uri=uri, config=CFG)
@@ -97,22 +76,8 @@ def round_trip(live, tokenizer, scheme: str, upload, uri_of, seed: int) -> dict:
         local_job = c.submit(run=f"local-{name}", step=1, uri=str(local), config=CFG)
         done = c.wait(remote["id"], timeout=300, poll=0.5)
         local_done = c.wait(local_job["id"], timeout=300, poll=0.5)
-    assert done["status"] == "succeeded", (done["error_code"], done["error"], done, live.logs())
-    assert local_done["status"] == "succeeded", (local_done["error_code"], local_done["error"], live.logs())
-    assert done["attempts"] == 1, done
-    assert isinstance(done["content_fingerprint"], str) and len(done["content_fingerprint"]) >= 16, done
-    p = done["progress"]
-    sizes = {f.name: f.stat().st_size for f in local.iterdir()}
-    weights = sum(sizes[n] for n in shards)
-    assert p["phase"] == "scoring" and p["bytes_done"] == p["bytes_total"], p
-    assert weights <= p["bytes_total"] <= sum(sizes.values()), (p, sizes)
+    p, _weights = assert_scored_like_local(live, done, local_done, local, f"{scheme}://")
     assert p["bytes_fetched"] == p["bytes_total"], p  # a fresh cache: every byte came from the store
-    a, b = stored_scores(live.db_url, done["id"]), stored_scores(live.db_url, local_job["id"])
-    assert len(a) == 3 * 4 + 4
-    delta = max_delta(a, b)
-    print(f"\n{scheme}://: {len(shards)} shards, {len(a)} scores, max |Δ| vs local = {delta:.3g}, "
-          f"fetched {p['bytes_total']} bytes in {p.get('fetch_s')} s")
-    assert delta <= 1e-12
     return done
 
 

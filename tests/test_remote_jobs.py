@@ -31,10 +31,11 @@ import uuid
 
 import pytest
 from layertrack.service.db import session_scope
-from layertrack.service.models import Checkpoint, Job, Score
+from layertrack.service.models import Checkpoint, Job
 from moto_s3 import S3Server
-from services import layertrack_exe, wait_until
+from services import layertrack_exe, max_delta, store_service, stored_scores, wait_until
 from sqlalchemy import select
+from stores_fixtures import assert_scored_like_local, hub_env, hub_srv, s3_server, upload_checkpoint, web  # noqa: F401  (fixtures)
 
 BUCKET = "ml-ckpts"
 PREFIX = "runs"
@@ -54,45 +55,20 @@ HUB_ORG = "hf://layertrack-test/"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+def s3(s3_server):  # noqa: F811
+    s3_server.client().create_bucket(Bucket=BUCKET)
+    return s3_server
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
-    """http.server on 127.0.0.1 serving a directory of its own (tests/stores_fixtures.py)."""
-    from stores_fixtures import DirServer
-
-    server = DirServer(tmp_path_factory.mktemp("web"))
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def hub_srv():
-    """A Hub on loopback (tests/hub_server.py), reached through HF_ENDPOINT."""
-    from hub_server import HubServer
-
-    server = HubServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory, pg_url, redis_server, s3, web, hub_srv):
-    from services import live_service
-
+def live(tmp_path_factory, pg_url, redis_server, s3, web, hub_srv):  # noqa: F811
     tmp = tmp_path_factory.mktemp("remote")
     port = web.url.rsplit(":", 1)[1]
-    roots = ",".join([str(tmp / "ckpts"), f"s3://{BUCKET}/{PREFIX}/", f"{HUB_ORG}", f"{web.url}/ckpts/",
-                      # allowed as a location, but not as an address (LAYERTRACK_FETCH_ALLOW_HOSTS)
-                      f"http://127.0.0.2:{port}/ckpts/"])
-    env = {**s3.env(), "LAYERTRACK_CHECKPOINT_ROOTS": roots, **REMOTE_ENV, "HF_ENDPOINT": hub_srv.url,
-           "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HOME": str(tmp / "hf-home")}
-    with live_service(tmp, redis_server.new_url(), db_url=pg_url, extra_env=env) as svc:
+    roots = [f"s3://{BUCKET}/{PREFIX}/", f"{HUB_ORG}", f"{web.url}/ckpts/",
+             # allowed as a location, but not as an address (LAYERTRACK_FETCH_ALLOW_HOSTS)
+             f"http://127.0.0.2:{port}/ckpts/"]
+    env = {**s3.env(), **REMOTE_ENV, **hub_env(hub_srv, tmp / "hf-home")}
+    with store_service(tmp, redis_server.new_url(), roots, env, db_url=pg_url) as svc:
         yield svc
 
 
@@ -113,17 +89,6 @@ def s3_uri(*parts: str) -> str:
     return f"s3://{BUCKET}/{PREFIX}/" + "/".join(parts)
 
 
-def stored_scores(db_url: str, job_id: str) -> dict[tuple[str, int], float | None]:
-    with session_scope(db_url) as s:
-        rows = s.execute(select(Score.metric, Score.layer, Score.value).where(Score.job_id == job_id)).all()
-    return {(m, layer): v for m, layer, v in rows}
-
-
-def max_delta(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and a, (sorted(a), sorted(b))
-    return max(abs(a[k] - b[k]) for k in a)
-
-
 def weight_bytes_served(s3: S3Server, prefix: str) -> int:
     return sum(n for k, n in s3.bytes_by_key.items() if prefix in k and k.endswith(".safetensors"))
 
@@ -132,11 +97,8 @@ def remote_checkpoint(live, s3, tokenizer, name: str, *, shard: str | None = Non
                       skip: tuple[str, ...] = ()):
     """A tiny llama checkpoint built under the local root and uploaded to S3 (but the files
     in ``skip``); (local directory, s3 URI, S3 key prefix)."""
-    from tiny_models import build_checkpoint
-
-    local = build_checkpoint(live.roots / name, "llama", tokenizer, seed=seed, max_shard_size=shard)
-    key_prefix = f"{PREFIX}/{name}/step-1"
-    s3.upload_dir(BUCKET, key_prefix, local, skip=skip)
+    local, key_prefix = upload_checkpoint(live, tokenizer, name, lambda k, d: s3.upload_dir(BUCKET, k, d, skip=skip),
+                                          prefix=PREFIX, shard=shard, seed=seed)
     return local, s3_uri(name, "step-1"), key_prefix
 
 
@@ -159,27 +121,14 @@ def test_a_checkpoint_in_s3_scores_exactly_like_the_same_checkpoint_from_a_local
         local_job = c.submit(run=f"local-{name}", step=1, uri=str(local), config=CFG)
         done = c.wait(remote["id"], timeout=240, poll=0.5)
         local_done = c.wait(local_job["id"], timeout=240, poll=0.5)
-    assert done["status"] == "succeeded", (done, live.logs())
-    assert local_done["status"] == "succeeded", (local_done, live.logs())
-    assert done["attempts"] == 1 and local_done["progress"] is None
-    assert isinstance(done["content_fingerprint"], str) and len(done["content_fingerprint"]) >= 16, done
-    p = done["progress"]
-    sizes = {f.name: f.stat().st_size for f in local.iterdir()}
-    weights = sum(sizes[n] for n in shards)
-    assert p["phase"] == "scoring" and p["bytes_done"] == p["bytes_total"], p
-    assert weights <= p["bytes_total"] <= sum(sizes.values()), (p, sizes)
+    _p, weights = assert_scored_like_local(live, done, local_done, local,
+                                           f"{'sharded' if shard else 'single-file'} S3")
+    assert local_done["progress"] is None
     assert weight_bytes_served(s3, key_prefix) >= weights  # the weights came from S3
     with session_scope(live.db_url) as s:
         fp = s.scalar(select(Checkpoint.fingerprint).join(Job, Job.checkpoint_id == Checkpoint.id)
                       .where(Job.id == remote["id"]))
     assert re.fullmatch(r"uri:[0-9a-f]{64}", fp), fp  # provisional: the normalized URI's hash
-    a, b = stored_scores(live.db_url, remote["id"]), stored_scores(live.db_url, local_job["id"])
-    assert len(a) == 3 * 4 + 4
-    delta = max_delta(a, b)
-    print(f"\n{'sharded' if shard else 'single-file'}: {len(a)} scores, max |Δ| S3 vs local = {delta:.3g}, "
-          f"fetched {p['bytes_total']} bytes in {p.get('fetch_s')} s; job {done['duration_s']:.2f} s "
-          f"(from a local path: {local_done['duration_s']:.2f} s)")
-    assert delta <= 1e-12
 
 
 def test_the_same_content_under_another_run_is_scored_from_the_cache(live, s3, tokenizer):
@@ -199,7 +148,7 @@ def test_the_same_content_under_another_run_is_scored_from_the_cache(live, s3, t
     assert max_delta(stored_scores(live.db_url, first["id"]), stored_scores(live.db_url, second["id"])) == 0
 
 
-def test_a_hub_revision_is_resolved_to_its_commit_and_scored_like_the_local_checkpoint(live, hub_srv, tokenizer):
+def test_a_hub_revision_is_resolved_to_its_commit_and_scored_like_the_local_checkpoint(live, hub_srv, tokenizer):  # noqa: F811
     from hub_server import Repo, files_of
     from tiny_models import build_checkpoint
 
@@ -219,7 +168,7 @@ def test_a_hub_revision_is_resolved_to_its_commit_and_scored_like_the_local_chec
     assert max_delta(stored_scores(live.db_url, done["id"]), stored_scores(live.db_url, local_job["id"])) <= 1e-12
 
 
-def test_a_directory_over_http_is_scored_and_a_private_address_is_refused(live, web, tokenizer):
+def test_a_directory_over_http_is_scored_and_a_private_address_is_refused(live, web, tokenizer):  # noqa: F811
     from tiny_models import build_checkpoint
 
     name = f"web-{uid()}"

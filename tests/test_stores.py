@@ -23,7 +23,8 @@ from layertrack.workers.errors import (
 )
 from layertrack.workers.locations import parse
 from layertrack.workers.stores import ObjectInfo, checkpoint_files, fingerprint, open_store
-from stores_fixtures import DirServer, MotoProcess
+from moto_s3 import MotoProcess
+from stores_fixtures import DirServer
 
 BUCKET = "store-tests"
 

@@ -27,8 +27,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from moto_s3 import S3Server
-from services import layertrack_exe, wait_until
+from services import layertrack_exe, store_service, wait_until
+from stores_fixtures import hub_env, hub_srv, s3_server  # noqa: F401  (fixtures)
 
 EXE = layertrack_exe()
 BUCKET = "series-ckpts"
@@ -39,31 +39,17 @@ SCORING = ["--max-tokens", "600", "--seq-len", "64"]
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+def s3(s3_server):  # noqa: F811
+    s3_server.client().create_bucket(Bucket=BUCKET)
+    return s3_server
 
 
 @pytest.fixture(scope="module")
-def hub_srv():
-    from hub_server import HubServer
-
-    server = HubServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory, pg_url, redis_server, s3, hub_srv):
-    from services import live_service
-
+def live(tmp_path_factory, pg_url, redis_server, s3, hub_srv):  # noqa: F811
     tmp = tmp_path_factory.mktemp("series")
-    roots = ",".join([str(tmp / "ckpts"), f"s3://{BUCKET}/{PREFIX}/", f"hf://{HUB_ORG}/"])
-    env = {**s3.env(), "LAYERTRACK_CHECKPOINT_ROOTS": roots, "HF_ENDPOINT": hub_srv.url,
-           "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HOME": str(tmp / "hf-home-worker")}
-    with live_service(tmp, redis_server.new_url(), db_url=pg_url, extra_env=env) as svc:
+    env = {**s3.env(), **hub_env(hub_srv, tmp / "hf-home-worker")}
+    with store_service(tmp, redis_server.new_url(), [f"s3://{BUCKET}/{PREFIX}/", f"hf://{HUB_ORG}/"], env,
+                       db_url=pg_url) as svc:
         yield svc
 
 
@@ -80,13 +66,13 @@ def built(tmp_path_factory, tokenizer) -> list[Path]:
 
 
 @pytest.fixture()
-def env(live, s3, hub_srv, tmp_path) -> dict[str, str]:
+def env(live, s3, hub_srv, tmp_path) -> dict[str, str]:  # noqa: F811
     """The CLI's environment: the service, its own data directory (watch states), the S3
     server and the Hub, through the standard variables."""
     out = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERTRACK_", "AWS_", "HF_"))}
     out.update(LAYERTRACK_URL=live.url, LAYERTRACK_TOKEN=live.token, LAYERTRACK_DATA_DIR=str(tmp_path / "cli-data"),
-               AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, HF_ENDPOINT=hub_srv.url,
-               HF_HUB_DISABLE_IMPLICIT_TOKEN="1", HF_HOME=str(tmp_path / "hf-home"), **s3.env())
+               AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+               **hub_env(hub_srv, tmp_path / "hf-home"), **s3.env())
     return out
 
 
@@ -320,7 +306,7 @@ def test_backfill_dry_run_of_a_directory_lists_the_subset_and_sends_nothing(live
     assert jobs_of(live, run) == []
 
 
-def test_backfill_of_hub_revisions_gives_a_run_in_step_order_with_resolved_revisions(live, hub_srv, built, env):
+def test_backfill_of_hub_revisions_gives_a_run_in_step_order_with_resolved_revisions(live, hub_srv, built, env):  # noqa: F811
     from hub_server import Repo, files_of
 
     name = f"pythia-like-{uid()}"

@@ -9,58 +9,15 @@ import hashlib
 import hmac
 import itertools
 import json
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from services import live_service, wait_until
+from services import Receiver, live_service, wait_until
 
 CFG = {"max_tokens": 600, "seq_len": 64}
-
-
-class Receiver:
-    """An HTTP server that records every POST and answers from a per-path script."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.script: dict[str, list[int]] = {}
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with outer.lock:
-                    queue = outer.script.get(self.path) or []
-                    status = queue.pop(0) if queue else 200
-                    headers = {k.lower(): v for k, v in self.headers.items()}
-                    outer.requests.append({"path": self.path, "headers": headers, "body": body, "status": status})
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def got(self, path: str, where=lambda r: True) -> list[dict]:
-        with self.lock:
-            return [r for r in self.requests if r["path"] == path and where(r)]
-
-    def at(self, path: str, n: int, timeout: float = 120, where=lambda r: True) -> list[dict]:
-        """The requests to ``path`` (that satisfy ``where``), once there are at least ``n``."""
-        def enough() -> list[dict] | None:
-            got = self.got(path, where)
-            return got if len(got) >= n else None
-
-        return wait_until(enough, timeout, what=f"{n} request(s) to {path}")
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +37,7 @@ def live(tmp_path_factory, redis_server):
 def receiver():
     r = Receiver()
     yield r
-    r.server.shutdown()
-    r.server.server_close()
+    r.close()
 
 
 def finished(delivery: dict) -> dict | None:
