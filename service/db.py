@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -17,8 +17,15 @@ def _migrations_dir() -> Path:
     return Path(layertrack.migrations.__file__).resolve().parent
 
 
-@lru_cache(maxsize=8)
-def get_engine(url: str) -> Engine:
+#: one engine (and its connection pool) per database URL, for the life of the process; an
+#: engine is only dropped by dispose_engine, so no pool is ever garbage-collected with its
+#: connections still open
+_engines: dict[str, Engine] = {}
+_sessionmakers: dict[str, sessionmaker[Session]] = {}
+_lock = threading.Lock()
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -34,9 +41,32 @@ def get_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-@lru_cache(maxsize=8)
+def _engine_locked(url: str) -> Engine:
+    if url not in _engines:
+        _engines[url] = _create_engine(url)
+    return _engines[url]
+
+
+def get_engine(url: str) -> Engine:
+    with _lock:
+        return _engine_locked(url)
+
+
 def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+    with _lock:
+        if url not in _sessionmakers:
+            _sessionmakers[url] = sessionmaker(_engine_locked(url), expire_on_commit=False)
+        return _sessionmakers[url]
+
+
+def dispose_engine(url: str) -> None:
+    """Close the pooled connections to ``url`` and forget its engine (before dropping the
+    database, say)."""
+    with _lock:
+        engine = _engines.pop(url, None)
+        _sessionmakers.pop(url, None)
+    if engine is not None:
+        engine.dispose()
 
 
 @contextmanager

@@ -163,9 +163,9 @@ class EmbeddedService:
             self.kill_worker(name, signal.SIGTERM)
         self.stop_api()
         with contextlib.suppress(Exception):
-            from .db import get_engine
+            from .db import dispose_engine
 
-            get_engine(self.db_url).dispose()
+            dispose_engine(self.db_url)
 
     def __enter__(self) -> EmbeddedService:
         return self

@@ -181,7 +181,7 @@ class Cache:
 
     def usage(self) -> int:
         """Bytes held by cache entries (complete files) and downloads in progress."""
-        return sum(size for _, size, _, _ in self._entries()) + sum(p.stat().st_size for p in self._parts())
+        return sum(size for _, size, _, _ in self._entries()) + self._parts_size()
 
     # -------------------------------------------------------------- checkouts
     def _new_checkout(self) -> Path:
@@ -317,6 +317,15 @@ class Cache:
     def _parts(self) -> list[Path]:
         return list((self.root / "tmp").glob("*.part"))
 
+    def _parts_size(self) -> int:
+        """Bytes of the downloads in progress; a part renamed into place (or swept) between
+        listing and stat counts as nothing."""
+        total = 0
+        for part in self._parts():
+            with contextlib.suppress(FileNotFoundError):
+                total += part.stat().st_size
+        return total
+
     def _sweep(self) -> None:
         """Remove checkouts whose process is gone and ``.part`` files nobody is writing."""
         for lock in (self.root / "checkouts").glob("*.lock"):
@@ -344,7 +353,7 @@ class Cache:
             if used + need > self.max_bytes:
                 self._sweep()
                 entries = sorted(self._entries(), key=lambda e: e[2])
-                used = sum(e[1] for e in entries) + sum(p.stat().st_size for p in self._parts())
+                used = sum(e[1] for e in entries) + self._parts_size()
                 for path, size, _, nlink in entries:
                     if used + need <= self.max_bytes:
                         break
