@@ -147,17 +147,19 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import tempfile
 
-    from services import Service, create_pg_database, drop_pg_database, redis_db_url, release_redis_db
+    import numpy as np
+    from safetensors.numpy import save_file
+    from services import RedisServer, Service, create_pg_database, drop_pg_database
 
     tmp = Path(tempfile.mkdtemp(prefix="lt-api-bench-"))
     roots = tmp / "ckpts"
     ckpt = roots / "tiny"
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    (ckpt / "model.safetensors").write_bytes(b"\0" * 64)  # the API reads only names and sizes
-    db, broker = create_pg_database(), redis_db_url()
-    svc = Service(tmp=tmp, db_url=db, broker_url=broker, roots=roots)
-    svc.extra_env["LAYERTRACK_SWEEP_INTERVAL_S"] = "0"
+    save_file({"w": np.zeros(1, np.float32)}, str(ckpt / "model.safetensors"))  # the API checks its header only
+    redis = RedisServer().start()  # a private server on a free port
+    db, broker = create_pg_database(), redis.new_url()
+    svc = Service(tmp=tmp, db_url=db, broker_url=broker, roots=roots, extra_env={"LAYERTRACK_SWEEP_INTERVAL_S": "0"})
     try:
         svc.migrate_and_token()
         if not args.only_submit:
@@ -204,7 +206,7 @@ def main() -> None:
     finally:
         svc.stop()
         drop_pg_database(db)
-        release_redis_db(broker)
+        redis.close()
 
 
 if __name__ == "__main__":
