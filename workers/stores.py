@@ -315,12 +315,13 @@ class ObjectStore:
                 return CheckpointNotFound(f"{where}: the {self._kind()} {self.location.container!r} does not exist")
             return CheckpointNotFound(f"{where} does not exist")
         if isinstance(e, ox.PermissionDeniedError | ox.UnauthenticatedError | PermissionError) or re.search(
-                r"\b(403|401)\b|AccessDenied|Forbidden|AuthorizationFailure|InvalidAccessKeyId|"
+                r"(?<![:\d])(403|401)(?!\d)|AccessDenied|Forbidden|AuthorizationFailure|InvalidAccessKeyId|"
                 r"SignatureDoesNotMatch", text):
             return AccessDenied(
                 f"{where}: access denied by the store ({_first_line(text)}). Give the workers credentials that may "
                 f"read it ({self._credentials_hint()})")
-        if isinstance(e, ox.PreconditionError) or "Precondition" in text or "412" in text:
+        if isinstance(e, ox.PreconditionError) or "Precondition" in text or re.search(r"(?<![:\d])412(?!\d)", text):
+            # (a status 412, not the digits of a port such as 127.0.0.1:41245)
             return CheckpointIncomplete(f"{where} changed while it was read (still being uploaded?)")
         if isinstance(e, ox.GenericError | ConnectionError | TimeoutError | OSError) and (
                 re.search(r"connect|timed? ?out|timeout|\b5\d\d\b|error sending request|retries|dns|reset|"
