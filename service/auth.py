@@ -141,13 +141,20 @@ CACHE_SECONDS = 5.0
 _valid: dict[str, tuple[float, Caller]] = {}  # token hash -> (monotonic time last checked, caller)
 
 
+def cached(token: str) -> Caller | None:
+    """The caller of a token verified less than CACHE_SECONDS ago (no database involved);
+    None when it must be looked up."""
+    hit = _valid.get(hash_token(token))
+    return hit[1] if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS else None
+
+
 def verify(session: Session, token: str) -> Caller | None:
     """The caller a token belongs to, or None when it is unknown or revoked. A check that
     reaches the database also records the token's ``last_used_at`` (committed)."""
+    caller = cached(token)
+    if caller is not None:
+        return caller
     digest = hash_token(token)
-    cached = _valid.get(digest)
-    if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
-        return cached[1]
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
     if row is None or row.revoked_at is not None:
         _valid.pop(digest, None)

@@ -75,7 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequireBearer, verify=_token_check(settings))  # outermost: before the body is read
+    app.add_middleware(RequireBearer, verify=_token_check(settings),  # outermost: before the body is read
+                       known=lambda token: auth.cached(token) is not None)
     install_error_handlers(app)
     #: each router with the errors of its resource (the rest: describe_errors)
     routers = [

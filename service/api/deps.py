@@ -44,6 +44,7 @@ from ..auth import ADMIN, READ, SUBMIT
 from ..db import get_sessionmaker
 from ..models import Job
 from ..settings import Settings
+from .middleware import CHALLENGE, MALFORMED, MISSING, UNKNOWN
 from .problems import Problem
 
 log = logging.getLogger("layertrack.api")
@@ -71,20 +72,17 @@ def session_dep(settings: SettingsDep) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(session_dep)]
 
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
 def current_caller(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> auth.Caller:
-    """The owner of the request's bearer token; 401 when it is missing, malformed or revoked."""
+    """The owner of the request's bearer token; 401 when it is missing, malformed or revoked
+    (the messages RequireBearer gives when it answers first)."""
     if not authorization:
-        raise Problem(401, "Unauthorized", "missing API token: send 'Authorization: Bearer <token>' "
-                      "(create one with 'layertrack token create')", _CHALLENGE)
+        raise Problem(401, "Unauthorized", MISSING, CHALLENGE)
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Problem(401, "Unauthorized", "the Authorization header must be 'Bearer <token>'", _CHALLENGE)
+        raise Problem(401, "Unauthorized", MALFORMED, CHALLENGE)
     caller = auth.verify(session, token.strip())
     if caller is None:
-        raise Problem(401, "Unauthorized", "unknown or revoked API token", _CHALLENGE)
+        raise Problem(401, "Unauthorized", UNKNOWN, CHALLENGE)
     auth.bind(session, caller)
     return caller
 

@@ -42,8 +42,11 @@ class RequireBearer:
     is down); requests without a body leave that to the routes' ``current_caller``, which
     checks every token again either way (a verified token is cached, so that costs nothing)."""
 
-    def __init__(self, app, verify: Callable[[str], bool | None] | None = None):
-        self.app, self.verify = app, verify
+    def __init__(self, app, verify: Callable[[str], bool | None] | None = None,
+                 known: Callable[[str], bool] | None = None):
+        #: ``known(token)``: verified recently (a cache hit, answered on the event loop without
+        #: a thread or a database session)
+        self.app, self.verify, self.known = app, verify, known
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not needs_token(scope["path"]):
@@ -57,7 +60,8 @@ class RequireBearer:
             return await _unauthorized(MALFORMED)(scope, receive, send)
         has_body = _header(scope, b"transfer-encoding") is not None or _header(scope, b"content-length") not in (
             None, b"0")
-        if has_body and self.verify is not None and await anyio.to_thread.run_sync(self.verify, token) is False:
+        if (has_body and self.verify is not None and not (self.known is not None and self.known(token))
+                and await anyio.to_thread.run_sync(self.verify, token) is False):
             return await _unauthorized(UNKNOWN)(scope, receive, send)
         return await self.app(scope, receive, send)
 
