@@ -321,7 +321,7 @@ def _is_causal_lm(config: dict[str, Any]) -> bool:
 
 
 def inspect_checkpoint(
-    path: Path, *, allow_pickle: bool = False, check_causal_lm: bool = True
+    path: Path, *, allow_pickle: bool = False, check_causal_lm: bool = True, pending: dict[str, int] | None = None
 ) -> CheckpointInfo:
     """Check that ``path`` is a causal-LM checkpoint directory with loadable weights: its
     config, its weight files (every safetensors header) and the size of the small files a
@@ -329,15 +329,17 @@ def inspect_checkpoint(
 
     ``check_causal_lm=False`` skips the one check that imports transformers (the API side
     validates and fingerprints a submission without it; the worker checks again).
+    ``pending``: weight files still being fetched, name → size (their headers were checked
+    at the store); they need not be present yet.
     """
     try:
-        return _inspect(path, allow_pickle=allow_pickle, check_causal_lm=check_causal_lm)
+        return _inspect(path, allow_pickle=allow_pickle, check_causal_lm=check_causal_lm, pending=pending or {})
     except OSError as e:
         where = f"checkpoint {_shown(path)}" if e.filename is None else _shown(e.filename)
         raise _os_error(e, where) from None
 
 
-def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool) -> CheckpointInfo:
+def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool, pending: dict[str, int]) -> CheckpointInfo:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise NotAModelDirectory(
@@ -365,13 +367,13 @@ def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool) -> Checkp
             "scores decoder-only causal LMs such as Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, OPT"
         )
 
-    safetensors = sorted(p.name for p in path.glob("*.safetensors"))
+    safetensors = sorted({p.name for p in path.glob("*.safetensors")} | set(pending))
     index = path / "model.safetensors.index.json"
     pickles = sorted(p.name for p in path.glob("pytorch_model*.bin"))
     if safetensors or index.is_file():
         if index.is_file():
             shards = _shard_names(index)
-            missing = [s for s in shards if not (path / s).is_file()]
+            missing = [s for s in shards if not (path / s).is_file() and s not in pending]
             if missing:
                 raise NoSafetensorsWeights(
                     f"checkpoint {str(path)!r} is incomplete: shard(s) {', '.join(missing)} listed "
@@ -397,13 +399,15 @@ def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool) -> Checkp
         )
     if weights_format == "safetensors":
         for name in files:
-            check_safetensors(path / name)
+            if name not in pending:
+                check_safetensors(path / name)
     for name in SMALL_FILES:  # read whole by transformers when it loads the model or tokenizer
         if (path / name).is_file():
             check_file_size(path / name)
     h = hashlib.sha256(cfg_bytes)
     for name in files:
-        h.update(f"\0{name}\0{(path / name).stat().st_size}".encode())
+        size = pending.get(name)
+        h.update(f"\0{name}\0{size if size is not None else (path / name).stat().st_size}".encode())
     return CheckpointInfo(
         path=path,
         config=config,
@@ -460,9 +464,11 @@ def translate_oom(what: str, advice: str) -> Iterator[None]:
         raise
 
 
-def load_model(info: CheckpointInfo, *, device=None, dtype=None, with_lm_head: bool = False):
+def load_model(info: CheckpointInfo, *, device=None, dtype=None, with_lm_head: bool = False,
+               device_map: dict | None = None):
     """Load the base model (``AutoModel``), or with ``with_lm_head`` the causal LM around it
-    (``AutoModelForCausalLM``), on ``device`` in ``dtype``, in eval mode."""
+    (``AutoModelForCausalLM``), on ``device`` in ``dtype``, in eval mode. ``device_map``
+    (module name → CUDA index) places blocks across several GPUs instead."""
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -481,8 +487,10 @@ def load_model(info: CheckpointInfo, *, device=None, dtype=None, with_lm_head: b
             weights_only=True,
             trust_remote_code=False,
             local_files_only=True,
+            **({"device_map": device_map} if device_map else {}),
         )
-        model.to(device)
+        if not device_map:
+            model.to(device)
     model.eval()
     return model
 

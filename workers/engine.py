@@ -260,6 +260,38 @@ class StreamingStats:
         if layer == self.last:
             self.end_batch()
 
+    def fold(self, layer: int, h: torch.Tensor, prev: torch.Tensor | None = None) -> None:
+        """Block-major feeding: fold hidden state ``layer`` of one batch, given ``prev``, the
+        same tokens' hidden state ``layer − 1`` (folded earlier; None for ``first``).
+
+        A streamed pass runs every batch through block i before any through block i + 1, so
+        the batches of one hidden state arrive together instead of one batch's hidden states
+        in a row (``add``). Each accumulator still sees the batches in the same order and the
+        same float64 values, so the statistics are bitwise those of ``add``."""
+        if not self.first <= layer <= self.last:
+            raise ValueError(f"hidden state {layer} is outside this group ({self.first}…{self.last})")
+        if (layer > self.first) != (prev is not None):
+            raise ValueError("prev is the hidden state before ``layer``; give it for every layer after the first")
+        j = layer - self.first
+        self._prev = self._prev_c = self._prev_norms = None
+        self._n_batch = None
+        if prev is not None:
+            if self.pivot[j - 1] is None:
+                raise ValueError(f"hidden state {layer - 1} must be folded before {layer}")
+            n_b = prev.shape[0]
+            x = self._buffer("x", 0, n_b)
+            x.copy_(prev)
+            xc = torch.sub(x, self.pivot[j - 1], out=self._buffer("xc", 0, n_b))
+            self._prev, self._prev_c = x, xc.to(self._gemm_dtype)
+            self._prev_norms = torch.linalg.vector_norm(x, dim=1)
+            self._n_batch = n_b
+        self._slot = 0  # add() takes slot 1 for h; slot 0 holds prev
+        self._next = layer
+        self.add(layer, h)
+        if layer < self.last:
+            self._prev = self._prev_c = self._prev_norms = None
+            self._n_batch = None
+
     def _buffer(self, name: str, slot: int, n: int) -> torch.Tensor:
         """Work buffers reused from batch to batch (no allocator churn, flat peak memory)."""
         key = (name, slot)

@@ -29,6 +29,8 @@ This module imports nothing heavy, so the API side can use the codes too.
     ├── ProbeError                    code "invalid_probe"
     ├── TooFewTokens                  code "too_few_tokens"
     └── OutOfMemory                   code "out_of_memory"
+        └── PlanDoesNotFit            code "plan_does_not_fit"          (refused before loading: the
+                                                                          model cannot fit the budget)
 """
 
 from __future__ import annotations
@@ -140,3 +142,7 @@ class TooFewTokens(LayertrackError):
 
 class OutOfMemory(LayertrackError):
     code = "out_of_memory"
+
+
+class PlanDoesNotFit(OutOfMemory):
+    code = "plan_does_not_fit"

@@ -270,7 +270,10 @@ class Cache:
             finally:
                 os.close(fd)
             obj.parent.mkdir(exist_ok=True)
-            os.rename(tmp, obj)
+            # under the eviction lock (shared): a usage count taken while making room lists the
+            # entries, then the parts, and must not miss a file renamed from one to the other
+            with _flock(self.root / "evict.lock", exclusive=False):
+                os.rename(tmp, obj)
         except BaseException:
             done.add(-credited)
             with contextlib.suppress(FileNotFoundError):
@@ -318,8 +321,8 @@ class Cache:
         return list((self.root / "tmp").glob("*.part"))
 
     def _parts_size(self) -> int:
-        """Bytes of the downloads in progress; a part renamed into place (or swept) between
-        listing and stat counts as nothing."""
+        """Bytes of the downloads in progress. A part renamed into place between listing and
+        stat counts as nothing; renames take the eviction lock, so ``_make_room`` never sees that."""
         total = 0
         for part in self._parts():
             with contextlib.suppress(FileNotFoundError):

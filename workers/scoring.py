@@ -41,8 +41,16 @@ from .engine import (
     stats_bytes,
 )
 from .errors import OutOfMemory
+from .planner import DEFAULT_BUDGET_SHARE, ModelShape, Plan, model_shape, plan_memory
 from .probe import DEFAULT_SEED, Probe, ProbeTokens, load_probe, tokenize_probe
-from .vocabulary import DEFAULT_HOLDOUT_TOKENS, DEFAULT_MIN_TOKENS, DEFAULT_SEQ_LEN, WARN_TOKENS_PER_DIM
+from .streaming import BlockRunner, WeightSource, build_streamed, read_header
+from .vocabulary import (
+    DEFAULT_HOLDOUT_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    DEFAULT_SEQ_LEN,
+    REPLACEABILITY_TOKENS_PER_DIM,
+    WARN_TOKENS_PER_DIM,
+)
 
 #: default tokens per forward batch. On CPU a bigger batch is no faster (measured: 1 to 8
 #: sequences of 512 within 10 %) and only costs memory; on CUDA it buys throughput.
@@ -70,6 +78,11 @@ class ScoreConfig:
     replaceability: bool = False
     #: held-out probe tokens for the replaceability losses (taken after the scored ones)
     holdout_tokens: int = DEFAULT_HOLDOUT_TOKENS
+    #: bytes for weights and activations on the device(s) (LAYERTRACK_MAX_MEMORY); None:
+    #: DEFAULT_BUDGET_SHARE of the free memory. The memory plan keeps within it.
+    max_memory: int | None = None
+    #: "resident" or "streamed" to override the plan's choice (tests, benchmarks)
+    execution: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -90,6 +103,8 @@ class ScoreResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: with replaceability: the held-out tokens and the intact model's loss on them (nats/token)
     holdout: dict[str, float] | None = None
+    #: the memory plan the job ran with (planner.Plan.to_dict)
+    plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k != "scores"}
@@ -235,7 +250,8 @@ class HiddenStateTap:
         self._last_block_output = None
 
     def _add(self, i: int, h: torch.Tensor) -> None:
-        self.stats.add(i, h[self._keep])
+        keep = self._keep if self._keep.device == h.device else self._keep.to(h.device)  # blocks on several GPUs
+        self.stats.add(i, h[keep])
 
     def _take_input(self, _module, args, kwargs) -> None:
         self._add(0, args[0] if args else kwargs["hidden_states"])
@@ -315,6 +331,93 @@ def score_model(
     )
 
 
+def _passes(n_sequences: int, per_pass: int | None) -> list[range]:
+    per_pass = per_pass or n_sequences
+    return [range(s, min(s + per_pass, n_sequences)) for s in range(0, n_sequences, per_pass)]
+
+
+def score_blockwise(
+    runner: BlockRunner,
+    tokens: ProbeTokens,
+    *,
+    config: ScoreConfig = ScoreConfig(),
+    sequences_per_pass: int | None = None,
+    hidden_on_host: bool = False,
+    progress: Callable[[int, int], None] | bool = False,
+    maps: dict[int, LinearMap] | None = None,
+) -> tuple[Scores, int]:
+    """``score_model`` block-major, for a streamed model: a pass takes its sequences (all, or
+    ``sequences_per_pass``) through block 0 batch by batch, then through block 1, and so on,
+    so each block's weights are loaded once per pass. The statistics see the same batches in
+    the same order with the same values as ``score_model``'s: the scores are the same.
+    Returns (scores, forward passes over the probe)."""
+    device = runner.device
+    d = runner.model.config.hidden_size
+    n_blocks = runner.n_blocks
+    warnings = check_token_count(tokens.n_tokens, d, config.engine)
+    groups = _layer_groups(n_blocks + 1, d, config.stats_memory_budget, device)
+    ids = torch.tensor(tokens.input_ids, dtype=torch.long)
+    attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
+    keep = torch.tensor(tokens.score_mask, dtype=torch.bool)
+    bs = _sequences_per_batch(tokens, config.batch_size, device)
+    passes = _passes(ids.shape[0], sequences_per_pass)
+    store = torch.device("cpu") if hidden_on_host else device
+
+    pairs: list[PairScores] = []
+    layers: list[LayerScores] = []
+    work = sum(min(last, n_blocks) for _, last in groups) * tokens.n_tokens
+    done = 0
+    with _progress_reporter(progress, work) as report, torch.inference_mode():
+        for first, last in groups:
+            stats = StreamingStats(d, first, last, device=device, gemm_precision=config.engine.gemm_precision)
+            final_norm: bool | None = None
+            run = min(last, n_blocks)  # blocks 0 … run − 1 produce hidden states first … last
+            for p in passes:
+                batches = [slice(s, min(s + bs, p.stop)) for s in range(p.start, p.stop, bs)]
+                kept = [keep[b].to(device) for b in batches]
+                masks = [_mask_or_none(attn[b], device) for b in batches]
+                hs, calls = [], []
+                for k, b in enumerate(batches):
+                    h, call = runner.embed(ids[b], masks[k])
+                    if first == 0:
+                        stats.fold(0, h[kept[k]])
+                    hs.append(h.to(store))
+                    calls.append(call)
+                runner.prepare(list(range(run)))
+                for i in range(run):
+                    with runner.weights(i), ckpt.translate_oom(
+                            "running a block", "Lower --batch-size or --seq-len, or LAYERTRACK_MAX_MEMORY."):
+                        for k, b in enumerate(batches):
+                            x = hs[k].to(device)
+                            y = runner.block(i, x, calls[k])
+                            if i + 1 < n_blocks:
+                                if first <= i + 1 <= last:
+                                    stats.fold(i + 1, y[kept[k]], x[kept[k]] if i + 1 > first else None)
+                            else:  # the last block: h_L is the model's output (final norm applied)
+                                h_last = runner.tail(y, ids[b], masks[k], calls[k]).last_hidden_state
+                                if final_norm is None:
+                                    final_norm = not torch.equal(y, h_last)
+                                stats.fold(n_blocks, h_last[kept[k]], x[kept[k]] if n_blocks > first else None)
+                            hs[k] = y.to(store)
+                            del x, y
+                            done += int(kept[k].sum())
+                            report(done)
+                del hs, calls
+            with ckpt.translate_oom("solving the statistics", "Set a smaller stats memory budget."):
+                group_pairs, group_layers = stats.scores(config.engine, fit_maps=maps is not None)
+            group_pairs[-1].final_norm = bool(final_norm)
+            if maps is not None:
+                maps.update(stats.maps)
+            pairs += group_pairs
+            layers += [s for s in group_layers if not layers or s.layer > layers[-1].layer]
+            del stats
+    n = tokens.n_tokens
+    return (
+        Scores(n_tokens=n, d=d, chance=d / (n - 1), pairs=pairs, layers=layers, warnings=warnings),
+        len(groups) * len(passes),
+    )
+
+
 def lm_loss(lm: torch.nn.Module, tokens: ProbeTokens, *, batch_size: int | None = None) -> float:
     """Mean next-token cross-entropy (nats) of a causal LM over the tokens' real positions."""
     device = next(lm.parameters()).device
@@ -335,37 +438,71 @@ def lm_loss(lm: torch.nn.Module, tokens: ProbeTokens, *, batch_size: int | None 
 
 
 def replaceability(
-    lm: torch.nn.Module, maps: dict[int, LinearMap], holdout: ProbeTokens, *, final_norm: bool,
-    batch_size: int | None = None,
+    runner: BlockRunner, maps: dict[int, LinearMap], holdout: ProbeTokens, *, final_norm: bool,
+    batch_size: int | None = None, progress: Callable[[int, int], None] | bool = False,
 ) -> tuple[float, dict[int, tuple[float | None, float]]]:
     """The pruning experiment of "Your Transformer is Secretly Linear" (arXiv 2405.12250) on
     held-out tokens: for each block i, the LM loss with the block replaced by its fitted
     affine map (``maps[i]``), and with the block dropped (its output := its input), minus the
     intact loss. Returns (intact loss, {i: (linear, drop)}). The last block's pair ends in
     the final norm when ``final_norm``: its fitted map is not a map of the block alone, so
-    only the drop is measured there (linear: None)."""
-    blocks = find_blocks(lm)
-    base = lm_loss(lm, holdout, batch_size=batch_size)
+    only the drop is measured there (linear: None).
 
-    def with_block(i: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> float:
-        def hook(_module, args, kwargs, output):
-            h = args[0] if args else kwargs["hidden_states"]
-            new = replace(h)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
+    ``runner`` runs a causal LM (resident or streamed). The intact pass goes block by block
+    and keeps the hidden state entering block i; the two variants start from it and run only
+    blocks i + 1 … L − 1 and the head. That is L·(L + 1) block runs per batch instead of the
+    2·L² of two whole forward passes per block."""
+    device = runner.device
+    n_blocks = runner.n_blocks
+    ids = torch.tensor(holdout.input_ids, dtype=torch.long)
+    attn = torch.tensor(holdout.attention_mask, dtype=torch.long)
+    bs = _sequences_per_batch(holdout, batch_size, device)
+    batches = [slice(s, s + bs) for s in range(0, ids.shape[0], bs)]
+    masks = [_mask_or_none(attn[b], device) for b in batches]
+    labels = [ids[b].masked_fill(attn[b] == 0, -100) for b in batches]
+    counts = [int((lab[:, 1:] != -100).sum()) for lab in labels]
 
-        handle = blocks[i].register_forward_hook(hook, with_kwargs=True)
-        try:
-            return lm_loss(lm, holdout, batch_size=batch_size) - base
-        finally:
-            handle.remove()
+    def loss(outputs: list[torch.Tensor], calls: list) -> float:
+        total = 0.0
+        for k, b in enumerate(batches):
+            out = runner.tail(outputs[k], ids[b], masks[k], calls[k], labels=labels[k].to(device))
+            total += float(out.loss) * counts[k]
+        return total / sum(counts)
 
-    out: dict[int, tuple[float | None, float]] = {}
-    for i in range(len(blocks)):
-        drop = with_block(i, lambda h: h)
-        fitted = maps.get(i)
-        linear = None if fitted is None or (final_norm and i == len(blocks) - 1) else with_block(i, fitted)
-        out[i] = (linear, drop)
-    return base, out
+    order = [j for i in range(n_blocks) for j in range(i, n_blocks)]
+    deltas: dict[int, tuple[float | None, float]] = {}
+    raw: dict[int, tuple[float | None, float]] = {}
+    with _progress_reporter(progress, len(order)) as report, torch.inference_mode():
+        hs, calls = [], []
+        for k, b in enumerate(batches):
+            h, call = runner.embed(ids[b], masks[k])
+            hs.append(h)
+            calls.append(call)
+        runner.prepare(order)
+        base = float("nan")
+        steps = 0
+        for i in range(n_blocks):
+            with runner.weights(i):
+                nxt = [runner.block(i, h, calls[k]) for k, h in enumerate(hs)]
+            steps += 1
+            report(steps)
+            if i == n_blocks - 1:
+                base = loss(nxt, calls)
+            fitted = maps.get(i)
+            linear_too = fitted is not None and not (final_norm and i == n_blocks - 1)
+            variants = [list(hs)] + ([[fitted(h) for h in hs]] if linear_too else [])
+            for j in range(i + 1, n_blocks):
+                with runner.weights(j):
+                    variants = [[runner.block(j, h, calls[k]) for k, h in enumerate(v)] for v in variants]
+                steps += 1
+                report(steps)
+            losses = [loss(v, calls) for v in variants]
+            raw[i] = (losses[1] if linear_too else None, losses[0])
+            del variants
+            hs = nxt
+    for i, (linear, drop) in raw.items():
+        deltas[i] = (None if linear is None else linear - base, drop - base)
+    return base, deltas
 
 
 def holdout_tokens(probe: Probe, tokenizer: Any, *, used: ProbeTokens, n_tokens: int, seed: int) -> tuple[
@@ -396,6 +533,156 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+def memory_budget(device: torch.device, devices: list[torch.device] | None = None) -> int:
+    """The default budget for weights and activations: DEFAULT_BUDGET_SHARE of what the
+    device(s) have free now (CUDA: on the devices; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free = sum(torch.cuda.mem_get_info(d)[0] for d in (devices or [device]))
+    else:
+        free = 2 * _auto_stats_budget(device)
+    return int(free * DEFAULT_BUDGET_SHARE)
+
+
+def cuda_devices(device: torch.device, requested: str | None) -> list[torch.device]:
+    """Every visible CUDA device when the job names none (or plain "cuda"); else just its own."""
+    if device.type == "cuda" and requested in (None, "cuda") and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+@dataclass
+class Prepared:
+    """Everything known about a job before its weights are touched."""
+
+    path: Path
+    info: ckpt.CheckpointInfo
+    probe: Probe
+    tokenizer: Any
+    device: torch.device
+    devices: list[torch.device]
+    dtype: torch.dtype
+    hf_config: Any
+    seq_len: int
+    tokens: ProbeTokens
+    warnings: list[str]
+    headers: dict[str, tuple[dict, int]] | None
+    plan: Plan
+    shape: ModelShape | None
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def prepare(
+    uri: str,
+    *,
+    probe: Probe | str | Path | None = None,
+    config: ScoreConfig = ScoreConfig(),
+    roots: list[str | Path] | None = None,
+    tokenizer_path: str | Path | None = None,
+    headers: dict[str, tuple[dict, int]] | None = None,
+) -> Prepared:
+    """Check the checkpoint, tokenise the probe and plan the job's memory (nothing loaded).
+    ``headers``: the safetensors headers when the weight files are still being fetched."""
+    from transformers import AutoConfig
+
+    path = ckpt.resolve_checkpoint_path(uri, roots)
+    pending = {f: start + max((t["data_offsets"][1] for n, t in h.items() if n != "__metadata__"), default=0)
+               for f, (h, start) in (headers or {}).items()}
+    info = ckpt.inspect_checkpoint(path, allow_pickle=config.allow_pickle, pending=pending)
+    if not isinstance(probe, Probe):
+        probe = load_probe(probe)
+    tokenizer = ckpt.load_tokenizer(path, tokenizer_path)
+    device = ckpt.pick_device(config.device)
+    devices = cuda_devices(device, config.device)
+    dtype = ckpt.pick_dtype(config.dtype, device)
+    hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    d = hf_config.hidden_size
+    seq_len = config.seq_len
+    limit = max_positions(hf_config)
+    warnings: list[str] = []
+    if limit is not None and seq_len > limit:
+        warnings.append(f"seq_len {seq_len} exceeds the model's {limit} positions; using {limit}")
+        seq_len = limit
+    max_tokens = config.max_tokens if config.max_tokens is not None else default_max_tokens(d)
+    tokens = tokenize_probe(probe, tokenizer, max_tokens=max_tokens, seq_len=seq_len,
+                            drop_first_token=config.drop_first_token, seed=config.seed)
+    if tokens.n_tokens < max_tokens:
+        warnings.append(
+            f"the probe holds only {tokens.n_available} scorable tokens at seq_len {seq_len}; "
+            f"scoring {tokens.n_tokens} instead of the {max_tokens} asked for"
+        )
+    if config.replaceability:
+        n_fit = tokens.n_tokens
+        if n_fit < REPLACEABILITY_TOKENS_PER_DIM * d:
+            warnings.append(
+                f"replaceability: the linear maps are fitted on {n_fit} tokens, {n_fit / d:.1f} per dimension "
+                f"(d={d}); below {REPLACEABILITY_TOKENS_PER_DIM:g} per dimension a d×d map overfits and its "
+                f"held-out loss is pessimistic (--max-tokens {math.ceil(REPLACEABILITY_TOKENS_PER_DIM * d)} "
+                "or more)")
+    budget = config.max_memory or memory_budget(device, devices)
+    db = _dtype_bytes(dtype)
+    batch = _sequences_per_batch(tokens, config.batch_size, device)
+    n_seq = len(tokens.input_ids)
+    stats = _group_stats_bytes(hf_config.num_hidden_layers + 1, d, config.stats_memory_budget, device)
+    shape = None
+    if info.weights_format == "safetensors":
+        if headers is None:
+            headers = {f: read_header(path / f) for f in info.weight_files}
+        tensors = {n: (t["dtype"], t["shape"]) for h, _ in headers.values() for n, t in h.items()
+                   if n != "__metadata__"}
+        skip = () if config.replaceability else _head_names(tensors, hf_config)
+        shape = model_shape(tensors, hf_config.to_dict(), dtype_bytes=db, skip=skip)
+        plan = plan_memory(shape, dtype_bytes=db, n_sequences=n_seq, seq_len=seq_len, batch_sequences=batch,
+                           budget=budget, stats_bytes=stats, device_type=device.type,
+                           devices=tuple(str(x) for x in devices), force=config.execution)
+    else:  # pickle weights load whole
+        size = sum((path / f).stat().st_size for f in info.weight_files)
+        plan = Plan(mode="resident", passes=1, sequences_per_pass=n_seq, batch_sequences=batch,
+                    hidden_states="device", prefetch=False, budget=budget, weight_bytes=size, peak_bytes=size,
+                    stats_bytes=stats, devices=tuple(str(x) for x in devices))
+    return Prepared(path=path, info=info, probe=probe, tokenizer=tokenizer, device=device, devices=devices,
+                    dtype=dtype, hf_config=hf_config, seq_len=seq_len, tokens=tokens, warnings=warnings,
+                    headers=headers, plan=plan, shape=shape)
+
+
+def _group_stats_bytes(n_hidden: int, d: int, budget: int | None, device: torch.device) -> int:
+    """Bytes of the largest statistics group the job will hold."""
+    try:
+        groups = _layer_groups(n_hidden, d, budget, device)
+    except OutOfMemory:
+        return stats_bytes(2, d)
+    return max(stats_bytes(last - first + 1, d) for first, last in groups)
+
+
+def _head_names(tensors: dict[str, Any], hf_config: Any) -> tuple[str, ...]:
+    """Names of the LM head's tensors (left out when only the base model is loaded)."""
+    return tuple(n for n in ("lm_head.", "embed_out.", "output.") if any(t.startswith(n) for t in tensors))
+
+
+def _device_map(prep: Prepared) -> dict[str, Any] | None:
+    """Resident on several GPUs: contiguous runs of blocks per device, by the devices' free memory."""
+    if len(prep.devices) < 2 or prep.shape is None:
+        return None
+    free = [torch.cuda.mem_get_info(d)[0] for d in prep.devices]
+    total = sum(free)
+    n = prep.shape.n_blocks
+    bounds, acc = [], 0.0
+    for f in free:
+        acc += f / total
+        bounds.append(round(acc * n))
+    prefix = prep.shape.block_prefix
+    out: dict[str, Any] = {}
+    start = 0
+    for dev_index, end in enumerate(bounds):
+        for i in range(start, end):
+            out[f"{prefix}.{i}"] = dev_index
+        start = end
+    out[""] = 0  # everything else on the first device
+    return out
+
+
 def score_checkpoint(
     uri: str,
     *,
@@ -404,56 +691,62 @@ def score_checkpoint(
     roots: list[str | Path] | None = None,
     tokenizer_path: str | Path | None = None,
     progress: Callable[[int, int], None] | bool = False,
+    headers: dict[str, tuple[dict, int]] | None = None,
+    ready: Callable[[str], None] | None = None,
 ) -> ScoreResult:
-    """Score every block of the checkpoint at ``uri`` on the probe (default: built-in)."""
-    t0 = time.perf_counter()
-    path = ckpt.resolve_checkpoint_path(uri, roots)
-    info = ckpt.inspect_checkpoint(path, allow_pickle=config.allow_pickle)
-    if not isinstance(probe, Probe):
-        probe = load_probe(probe)
-    tokenizer = ckpt.load_tokenizer(path, tokenizer_path)
-    device = ckpt.pick_device(config.device)
-    dtype = ckpt.pick_dtype(config.dtype, device)
-    lm = ckpt.load_model(info, device=device, dtype=dtype, with_lm_head=True) if config.replaceability else None
-    model = lm.base_model if lm is not None else ckpt.load_model(info, device=device, dtype=dtype)
-    t_load = time.perf_counter()
+    """Score every block of the checkpoint at ``uri`` on the probe (default: built-in).
 
-    d = model.config.hidden_size
-    seq_len = config.seq_len
-    limit = max_positions(model.config)
-    warnings: list[str] = []
-    if limit is not None and seq_len > limit:
-        warnings.append(f"seq_len {seq_len} exceeds the model's {limit} positions; using {limit}")
-        seq_len = limit
-    max_tokens = config.max_tokens if config.max_tokens is not None else default_max_tokens(d)
-    tokens = tokenize_probe(
-        probe,
-        tokenizer,
-        max_tokens=max_tokens,
-        seq_len=seq_len,
-        drop_first_token=config.drop_first_token,
-        seed=config.seed,
-    )
-    if tokens.n_tokens < max_tokens:
-        warnings.append(
-            f"the probe holds only {tokens.n_available} scorable tokens at seq_len {seq_len}; "
-            f"scoring {tokens.n_tokens} instead of the {max_tokens} asked for"
-        )
-    t_tok = time.perf_counter()
-    maps: dict[int, LinearMap] | None = {} if lm is not None else None
-    scores, n_passes = score_model(model, tokens, config=config, progress=progress, maps=maps)
-    t_scored = time.perf_counter()
-    holdout = None
-    if lm is not None:
-        held, held_warnings = holdout_tokens(probe, tokenizer, used=tokens, n_tokens=config.holdout_tokens,
-                                             seed=config.seed)
-        warnings += held_warnings
-        with ckpt.translate_oom("measuring replaceability", "Lower holdout_tokens or --batch-size."):
-            base_loss, deltas = replaceability(lm, maps, held, final_norm=scores.pairs[-1].final_norm,
-                                               batch_size=config.batch_size)
-        for p in scores.pairs:
-            p.loss_delta_linear, p.loss_delta_drop = deltas[p.layer]
-        holdout = {"n_tokens": held.n_tokens, "intact_loss": base_loss}
+    The memory plan decides resident or streamed execution (``prepare``). ``headers`` and
+    ``ready`` let weights be scored while they are still being fetched: ``ready(file)``
+    returns once ``file`` is complete (the job then runs streamed, in the order of its
+    blocks)."""
+    t0 = time.perf_counter()
+    prep = prepare(uri, probe=probe, config=config, roots=roots, tokenizer_path=tokenizer_path, headers=headers)
+    plan, tokens, device, dtype, info = prep.plan, prep.tokens, prep.device, prep.dtype, prep.info
+    streamed = plan.mode == "streamed" or ready is not None
+    runner: BlockRunner | None = None
+    lm = None
+    if streamed:
+        source = WeightSource(prep.path, prep.headers or {}, ready=ready)
+        streamed_model = build_streamed(prep.path, source, with_lm_head=config.replaceability, device=device,
+                                        dtype=dtype, prefetch=plan.prefetch or plan.mode == "resident",
+                                        find_blocks=find_blocks)
+        runner = streamed_model
+        base = streamed_model.model.base_model if config.replaceability else streamed_model.model
+        base_runner = runner.view(base)
+    else:
+        device_map = _device_map(prep)
+        lm = ckpt.load_model(info, device=device, dtype=dtype, with_lm_head=True,
+                             device_map=device_map) if config.replaceability else None
+        model = lm.base_model if lm is not None else ckpt.load_model(info, device=device, dtype=dtype,
+                                                                     device_map=device_map)
+    t_load = time.perf_counter()
+    warnings = list(prep.warnings)
+    maps: dict[int, LinearMap] | None = {} if config.replaceability else None
+    try:
+        if streamed:
+            scores, n_passes = score_blockwise(base_runner, tokens, config=config, progress=progress, maps=maps,
+                                               sequences_per_pass=plan.sequences_per_pass,
+                                               hidden_on_host=plan.hidden_states == "host")
+        else:
+            scores, n_passes = score_model(model, tokens, config=config, progress=progress, maps=maps)
+        t_scored = time.perf_counter()
+        holdout = None
+        if config.replaceability:
+            held, held_warnings = holdout_tokens(prep.probe, prep.tokenizer, used=tokens,
+                                                 n_tokens=config.holdout_tokens, seed=config.seed)
+            warnings += held_warnings
+            if runner is None:
+                runner = BlockRunner(lm, find_blocks(lm), device)
+            with ckpt.translate_oom("measuring replaceability", "Lower holdout_tokens or --batch-size."):
+                base_loss, deltas = replaceability(runner, maps, held, final_norm=scores.pairs[-1].final_norm,
+                                                   batch_size=config.batch_size)
+            for p in scores.pairs:
+                p.loss_delta_linear, p.loss_delta_drop = deltas[p.layer]
+            holdout = {"n_tokens": held.n_tokens, "intact_loss": base_loss}
+    finally:
+        if streamed:
+            streamed_model.close()
     t_done = time.perf_counter()
     scores.warnings = warnings + scores.warnings
     return ScoreResult(
@@ -462,22 +755,23 @@ def score_checkpoint(
         n_layers=len(scores.pairs),
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
-        seq_len=seq_len,
+        seq_len=prep.seq_len,
         n_sequences=len(tokens.input_ids),
         n_passes=n_passes,
-        probe_name=probe.name,
-        probe_sha256=probe.sha256,
+        probe_name=prep.probe.name,
+        probe_sha256=prep.probe.sha256,
         tokenizer_fingerprint=tokens.tokenizer_fingerprint,
         checkpoint_fingerprint=info.fingerprint,
         holdout=holdout,
+        plan={**plan.to_dict(), "mode": "streamed" if streamed else "resident"},
         timings={
             "load_s": t_load - t0,
-            "tokenize_s": t_tok - t_load,
-            "score_s": t_scored - t_tok,
-            **({"replaceability_s": t_done - t_scored} if lm is not None else {}),
+            "score_s": t_scored - t_load,
+            **({"replaceability_s": t_done - t_scored} if config.replaceability else {}),
             "total_s": t_done - t0,
         },
     )
 
 
-__all__ = ["ScoreConfig", "ScoreResult", "find_blocks", "score_checkpoint", "score_model"]
+__all__ = ["ScoreConfig", "ScoreResult", "find_blocks", "prepare", "replaceability", "score_blockwise",
+           "score_checkpoint", "score_model"]

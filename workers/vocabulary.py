@@ -91,5 +91,9 @@ DEFAULT_HOLDOUT_TOKENS = 4096
 #: dimensions on fewer tokens is trivially good) and warns below WARN_TOKENS_PER_DIM · d
 MIN_TOKENS_PER_DIM = 2.0
 WARN_TOKENS_PER_DIM = 8.0
+#: replaceability warns when the maps are fitted on fewer than this many tokens per
+#: dimension: a least-squares map of d regressors fitted on n tokens errs on new tokens by
+#: about d/(n − d − 1) of the residual variance more than on its own (docs/engine.md)
+REPLACEABILITY_TOKENS_PER_DIM = 32.0
 #: the built-in probe's name
 DEFAULT_PROBE = "default"
