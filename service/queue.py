@@ -460,12 +460,14 @@ class Progress:
         self.flush()
 
 
-def _fetch_remote(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress) -> tuple[Any, Path]:
-    """Resolve, list and fetch a remote checkpoint into the cache; (cache, local directory).
-    Records the content fingerprint and the resolved revision on the job. Raises the store's
-    errors (LayertrackError: checkpoint_not_found, access_denied, store_unreachable,
-    checkpoint_incomplete, ...)."""
-    from layertrack.workers import fetch, locations, stores  # the store clients: worker side only
+def _fetch_and_score(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress,
+                     options: Any) -> tuple[Any, Any, Path]:
+    """Resolve and list a remote checkpoint, then fetch it into the cache while scoring it
+    (weights in block order, each block as soon as its file is in: workers.remote);
+    (result, cache, local directory). Records the content fingerprint and the resolved
+    revision on the job. Raises the store's errors (LayertrackError: checkpoint_not_found,
+    access_denied, store_unreachable, checkpoint_incomplete, ...)."""
+    from layertrack.workers import fetch, locations, remote, stores  # the store clients: worker side only
 
     jobs.check_remote(job.uri, settings.remote_roots)  # the worker's own allowed locations too
     loc = locations.parse(job.uri)
@@ -476,11 +478,21 @@ def _fetch_remote(settings: Settings, job: jobs.ClaimedJob, worker: str, progres
     total = sum(f.size for f in files)
     jobs.record_source(settings.db_url, job.id, worker, content_fingerprint=stores.fingerprint(loc, files, resolved),
                        resolved_revision=resolved)
-    progress.phase("fetching", f"fetching {len(files)} files, {_size(total)}", bytes_done=0, bytes_total=total,
-                   files=len(files))
+    progress.phase("fetching", f"fetching {len(files)} files, {_size(total)}, scoring as they arrive",
+                   bytes_done=0, bytes_total=total, files=len(files))
     cache = fetch.Cache(settings.cache_root, settings.cache_max_bytes)
-    path = cache.fetch(store, files, progress=progress.fetched)
-    return cache, Path(path)
+    before = cache.bytes_fetched
+
+    def fetched(seconds: float) -> None:
+        new = cache.bytes_fetched - before
+        source = ("all from the cache" if new == 0 else "" if new >= total else
+                  f"{_size(new)} from the store, the rest from the cache")
+        progress.phase("scoring", f"fetched {_size(total)} in {seconds:.1f} s"
+                       + (f" ({source})" if source else "") + "; scoring",
+                       bytes_done=total, fetch_s=round(seconds, 3), bytes_fetched=new)
+
+    out = remote.fetch_and_score(store, files, cache, config=options, progress=progress.fetched, on_fetched=fetched)
+    return out.result, cache, Path(out.checkout)
 
 
 def _wait_for_upload(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress,
@@ -555,20 +567,12 @@ def score(self, job_id: str) -> str:
     progress = Progress(db_url, job_id, worker, settings.progress_interval_s, job.progress).start() if remote else None
     fetched: tuple[Any, Path] | None = None
     try:
-        if remote:
-            fetched = _fetch_remote(settings, job, worker, progress)
-            total, new = progress.snapshot().get("bytes_total") or 0, fetched[0].bytes_fetched
-            source = ("all from the cache" if new == 0 else "" if new >= total else
-                      f"{_size(new)} from the store, the rest from the cache")
-            progress.phase("scoring", f"fetched {_size(total)} in {progress.elapsed():.1f} s"
-                           + (f" ({source})" if source else "") + "; scoring",
-                           bytes_done=total, fetch_s=round(progress.elapsed(), 3), bytes_fetched=new)
         from layertrack.workers.scoring import ScoreConfig, score_checkpoint  # the compute side: torch
 
-        options = ScoreConfig(**jobs.score_options(job.config))
-        if fetched is not None:
-            cache, path = fetched
-            result = score_checkpoint(str(path), config=options, roots=[cache.root])
+        options = ScoreConfig(**jobs.score_options(job.config), max_memory=settings.max_memory)
+        if remote:
+            result, cache, path = _fetch_and_score(settings, job, worker, progress, options)
+            fetched = (cache, path)
         else:
             result = score_checkpoint(job.uri, config=options, roots=jobs.require_roots(settings.roots))
     except LayertrackError as e:

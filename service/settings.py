@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     #: the most bytes the fetch cache holds; least recently used checkpoints are evicted to
     #: make room. At least the largest checkpoint scored (default 50 GiB)
     cache_max_bytes: int = Field(default=50 * 2**30, gt=0)
+    #: memory a worker's job may use for weights and activations on its device(s): bytes or
+    #: a size such as "24GiB", "512MB". The memory plan keeps within it, streaming the weights
+    #: block by block when they do not fit (docs/engine.md, "Memory plan"). Empty: 80 % of
+    #: the memory free when the job starts
+    max_memory: int | None = None
     #: http(s) checkpoints on private, loopback or link-local addresses are refused unless
     #: they match one of these (comma separated host names, addresses or CIDR networks, as
     #: webhook_allow_hosts). Object stores (s3, gs, az, hf) reach the endpoint their own
@@ -108,6 +113,25 @@ class Settings(BaseSettings):
             locations.parse_roots(v)
         except LayertrackError as e:
             raise ValueError(f"LAYERTRACK_CHECKPOINT_ROOTS: {e.message}") from None
+        return v
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        from layertrack.workers.planner import parse_bytes  # stdlib only
+
+        if v is None or isinstance(v, int):
+            return v
+        if isinstance(v, str):
+            if not v.strip():
+                return None
+            try:
+                value = parse_bytes(v)
+            except ValueError as e:
+                raise ValueError(f"LAYERTRACK_MAX_MEMORY: {e}") from None
+            if value <= 0:
+                raise ValueError("LAYERTRACK_MAX_MEMORY must be more than 0 bytes")
+            return value
         return v
 
     @field_validator("cache_dir", mode="before")

@@ -111,7 +111,8 @@ class S3Server:
     """moto's S3 on ``127.0.0.1:port``. ``object_bytes`` counts the body bytes of object GETs
     served (per key in ``bytes_by_key``); ``on_get(key)`` may return ``"cut"`` to send half of
     that object's body and drop the connection (a server dying mid-transfer); ``delay_s``
-    holds each object GET that long before answering."""
+    holds each object GET that long before answering; ``bytes_per_s`` (when set) sends each
+    object body no faster than that (a throttled link, per request)."""
 
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
@@ -123,6 +124,7 @@ class S3Server:
         self.bytes_by_key: dict[str, int] = {}
         self.on_get: Callable[[str], str | None] | None = None
         self.delay_s = 0.0
+        self.bytes_per_s: float | None = None
         self._app = None
 
     @property
@@ -160,6 +162,8 @@ class S3Server:
             threading.Thread(target=self.stop, daemon=True).start()
             raise ConnectionAbortedError("the S3 test server stops mid-transfer")
         self._count(key, len(data))
+        if self.bytes_per_s:
+            threading.Event().wait(len(data) / self.bytes_per_s)
         yield data
 
     def _count(self, key: str, n: int) -> None:

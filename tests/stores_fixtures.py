@@ -148,6 +148,7 @@ def s3_env(s3_server, monkeypatch):
     s3_server.reset_counts()
     s3_server.on_get = None
     s3_server.delay_s = 0.0
+    s3_server.bytes_per_s = None
     return s3_server
 
 

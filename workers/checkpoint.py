@@ -253,30 +253,48 @@ def _shard_names(index: Path) -> list[str]:
     return shards
 
 
-def check_safetensors(file: Path) -> None:
+def check_safetensors(file: Path) -> tuple[dict[str, Any], int]:
     """Check a safetensors file's framing without loading it: the 8-byte header length, the
     JSON header (at most MAX_JSON_BYTES) and every tensor's offsets, which must lie within
     the file and match its dtype and shape; the tensors must reach the end of the file (a
-    shorter file was truncated). MalformedWeights otherwise."""
-    def bad(why: str) -> MalformedWeights:
-        return MalformedWeights(f"{_shown(file)} is not a valid safetensors file: {why}. Write it again "
-                                "(save_pretrained) or copy it completely")
-
+    shorter file was truncated). MalformedWeights otherwise. Returns (header, data start)."""
     with os.fdopen(os.open(file, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise bad("it is not a regular file")
+            raise _malformed(_shown(file), "it is not a regular file")
         size = st.st_size
         head = f.read(8)
-        if len(head) < 8:
-            raise bad(f"it is {size} bytes long, shorter than the 8-byte header length (empty or truncated)")
-        n = int.from_bytes(head, "little")
-        if n > MAX_JSON_BYTES:
-            raise bad(f"it declares a {n:,}-byte header; at most {MAX_JSON_BYTES:,} bytes are read (corrupt?)")
-        if 8 + n > size:
-            raise bad(f"it declares a {n:,}-byte header but holds only {size - 8:,} bytes after the length "
-                      "(truncated?)")
+        n = header_length(head, size, _shown(file))
         raw = f.read(n)
+    return parse_safetensors_header(raw, size, _shown(file)), 8 + n
+
+
+def _malformed(shown: str, why: str) -> MalformedWeights:
+    return MalformedWeights(f"{shown} is not a valid safetensors file: {why}. Write it again "
+                            "(save_pretrained) or copy it completely")
+
+
+def header_length(head: bytes, size: int, shown: str) -> int:
+    """The JSON header's length from a safetensors file's first 8 bytes (of a file of ``size``)."""
+    if len(head) < 8:
+        raise _malformed(shown, f"it is {size} bytes long, shorter than the 8-byte header length (empty or "
+                                "truncated)")
+    n = int.from_bytes(head, "little")
+    if n > MAX_JSON_BYTES:
+        raise _malformed(shown, f"it declares a {n:,}-byte header; at most {MAX_JSON_BYTES:,} bytes are read "
+                                "(corrupt?)")
+    if 8 + n > size:
+        raise _malformed(shown, f"it declares a {n:,}-byte header but holds only {size - 8:,} bytes after the "
+                                "length (truncated?)")
+    return n
+
+
+def parse_safetensors_header(raw: bytes, size: int, shown: str) -> dict[str, Any]:
+    """Check a safetensors JSON header against the size of its file (``check_safetensors``)."""
+    def bad(why: str) -> MalformedWeights:
+        return _malformed(shown, why)
+
+    n = len(raw)
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -307,6 +325,7 @@ def check_safetensors(file: Path) -> None:
         last_end = max(last_end, end)
     if last_end < data_len:
         raise bad(f"its tensors end at byte {last_end:,} of the data but the file holds {data_len:,}")
+    return header
 
 
 def _is_causal_lm(config: dict[str, Any]) -> bool:

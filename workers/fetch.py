@@ -143,28 +143,48 @@ class Cache:
 
     # -------------------------------------------------------------- the public part
     def fetch(self, store: Store, files: list[ObjectInfo], *, progress: Callable[[int, int], None] | None = None,
-              concurrency: int = 8, part_size: int = 16 << 20) -> Path:
+              concurrency: int = 8, part_size: int = 16 << 20, checkout: Path | None = None,
+              on_file: Callable[[ObjectInfo], None] | None = None, files_at_once: int | None = None) -> Path:
         """A local checkpoint directory holding exactly ``files`` of ``store`` (hard links to
-        cache entries), fetched where not cached. Give it back with ``release`` when done."""
+        cache entries), fetched where not cached. Give it back with ``release`` when done.
+
+        ``checkout``: a directory from ``new_checkout`` to fill (its files can be used as they
+        arrive); ``on_file(f)`` is called as soon as file ``f`` is complete and verified in it.
+        Files are started in the order given, ``files_at_once`` at a time (default: up to
+        ``concurrency``); each file's parts are fetched ``concurrency`` at a time."""
         total = sum(f.size for f in files)
         if total > self.max_bytes:
             raise CacheTooSmall(
                 f"checkpoint {store.location.uri()} is {total:,} bytes, more than the fetch cache may hold "
                 f"({self.max_bytes:,} bytes): raise LAYERTRACK_CACHE_MAX_BYTES above the checkpoint's size")
-        checkout = self._new_checkout()
+        checkout = checkout if checkout is not None else self.new_checkout()
         done = _Progress(total, progress)
         if progress is not None:
             progress(0, total)
+        at_once = max(1, min(files_at_once or concurrency, len(files) or 1))
+
+        def one(f: ObjectInfo) -> None:
+            self._one(store, f, checkout, done, parts, part_size)
+            if on_file is not None:
+                on_file(f)
+
         try:
             with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="fetch-part") as parts, \
-                    ThreadPoolExecutor(max(1, min(concurrency, len(files))), thread_name_prefix="fetch") as each:
-                futures = [each.submit(self._one, store, f, checkout, done, parts, part_size) for f in files]
+                    ThreadPoolExecutor(at_once, thread_name_prefix="fetch") as each:
+                futures = [each.submit(one, f) for f in files]
                 for fut in futures:
                     fut.result()
         except BaseException:
             self.release(checkout)
             raise
         return checkout
+
+    def cached(self, store: Store, f: ObjectInfo) -> Path | None:
+        """The cache entry of ``f`` when it is complete here (read it, do not write it)."""
+        if f.version is None:
+            return None
+        obj = self._object(self.entry_id(store, f))
+        return obj if self._complete(obj, f.size) else None
 
     def release(self, path: Path) -> None:
         """Give back a directory ``fetch`` returned: it is removed and its entries may be
@@ -184,7 +204,8 @@ class Cache:
         return sum(size for _, size, _, _ in self._entries()) + self._parts_size()
 
     # -------------------------------------------------------------- checkouts
-    def _new_checkout(self) -> Path:
+    def new_checkout(self) -> Path:
+        """An empty directory for ``fetch(checkout=...)``; give it back with ``release``."""
         name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         path = self.root / "checkouts" / name
         with _flock(self.root / "evict.lock", exclusive=False):

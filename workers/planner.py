@@ -165,14 +165,12 @@ class Plan:
         return out
 
     def describe(self) -> str:
-        gib = 2**30
         lines = [
             f"plan: {self.mode}, {self.passes} pass{'es' if self.passes != 1 else ''} over the probe "
             f"({self.sequences_per_pass} sequences per pass, {self.batch_sequences} per batch)",
-            f"weights {self.weight_bytes / gib:.3f} GiB; budget {self.budget / gib:.3f} GiB on "
-            f"{', '.join(self.devices)}",
-            f"predicted peak {self.peak_bytes / gib:.3f} GiB (weights and activations) + "
-            f"{self.stats_bytes / gib:.3f} GiB (statistics)",
+            f"weights {fmt_bytes(self.weight_bytes)}; budget {fmt_bytes(self.budget)} on {', '.join(self.devices)}",
+            f"predicted peak {fmt_bytes(self.peak_bytes)} (weights and activations) + "
+            f"{fmt_bytes(self.stats_bytes)} (statistics)",
             f"hidden states of a pass: on the {self.hidden_states}"
             + ("; the next block is read while one runs" if self.mode == "streamed" and self.prefetch else ""),
         ]
@@ -202,13 +200,12 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, n_sequences: int, seq_le
     one_block = shape.other_bytes + shape.max_block_bytes
     smallest = one_block + act + batch_sequences * per_sequence
     if smallest > budget:
-        mib = 2**20
         raise PlanDoesNotFit(
-            f"the model does not fit a budget of {budget / mib:,.1f} MiB even streamed: its non-block tensors "
-            f"({shape.other_bytes / mib:,.1f} MiB), its largest block ({shape.max_block_bytes / mib:,.1f} MiB), one "
-            f"batch's activations ({act / mib:,.1f} MiB for {batch_sequences} sequences of {seq_len}) and its hidden "
-            f"states ({batch_sequences * per_sequence / mib:,.1f} MiB) need {smallest / mib:,.1f} MiB. Raise "
-            "LAYERTRACK_MAX_MEMORY (--max-memory), lower --batch-size or --seq-len, or use a smaller --dtype")
+            f"the model does not fit a budget of {fmt_bytes(budget)} even streamed: its non-block tensors "
+            f"({fmt_bytes(shape.other_bytes)}), its largest block ({fmt_bytes(shape.max_block_bytes)}), one batch's "
+            f"activations ({fmt_bytes(act)} for {batch_sequences} sequences of {seq_len}) and its hidden states "
+            f"({fmt_bytes(batch_sequences * per_sequence)}) need {fmt_bytes(smallest)}. Raise LAYERTRACK_MAX_MEMORY "
+            "(--max-memory), lower --batch-size or --seq-len, or use a smaller --dtype")
     prefetch = one_block + shape.max_block_bytes + act + batch_sequences * per_sequence <= budget
     weights = one_block + (shape.max_block_bytes if prefetch else 0)
     room = budget - weights - act
@@ -223,6 +220,14 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, n_sequences: int, seq_le
     held = (min(per_pass, n_sequences) if hidden == "device" else batch_sequences) * per_sequence
     return Plan(mode="streamed", passes=passes, sequences_per_pass=per_pass, hidden_states=hidden,
                 prefetch=prefetch, peak_bytes=weights + act + held, **common)
+
+
+def fmt_bytes(n: int) -> str:
+    """1536 → "1.5 KiB"; binary units, one decimal."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n} B"
 
 
 def parse_bytes(text: str) -> int:

@@ -633,12 +633,16 @@ def prepare(
         tensors = {n: (t["dtype"], t["shape"]) for h, _ in headers.values() for n, t in h.items()
                    if n != "__metadata__"}
         skip = () if config.replaceability else _head_names(tensors, hf_config)
-        shape = model_shape(tensors, hf_config.to_dict(), dtype_bytes=db, skip=skip)
+        try:
+            shape = model_shape(tensors, hf_config.to_dict(), dtype_bytes=db, skip=skip)
+        except ValueError:  # tensor names not numbered by block: transformers maps (or refuses) them
+            shape = None
+    if shape is not None:
         plan = plan_memory(shape, dtype_bytes=db, n_sequences=n_seq, seq_len=seq_len, batch_sequences=batch,
                            budget=budget, stats_bytes=stats, device_type=device.type,
                            devices=tuple(str(x) for x in devices), force=config.execution)
-    else:  # pickle weights load whole
-        size = sum((path / f).stat().st_size for f in info.weight_files)
+    else:  # pickle weights, or tensors the planner cannot place in blocks: loaded whole
+        size = sum((path / f).stat().st_size if f not in pending else pending[f] for f in info.weight_files)
         plan = Plan(mode="resident", passes=1, sequences_per_pass=n_seq, batch_sequences=batch,
                     hidden_states="device", prefetch=False, budget=budget, weight_bytes=size, peak_bytes=size,
                     stats_bytes=stats, devices=tuple(str(x) for x in devices))
@@ -703,7 +707,10 @@ def score_checkpoint(
     t0 = time.perf_counter()
     prep = prepare(uri, probe=probe, config=config, roots=roots, tokenizer_path=tokenizer_path, headers=headers)
     plan, tokens, device, dtype, info = prep.plan, prep.tokens, prep.device, prep.dtype, prep.info
-    streamed = plan.mode == "streamed" or ready is not None
+    streamed = plan.mode == "streamed" or (ready is not None and prep.shape is not None)
+    if ready is not None and not streamed:  # loaded whole: every file first
+        for f in info.weight_files:
+            ready(f)
     runner: BlockRunner | None = None
     lm = None
     if streamed:

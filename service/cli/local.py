@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -57,12 +58,40 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _size_arg(text: str, what: str) -> int:
+    from layertrack.workers.planner import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except ValueError as e:
+        raise CliError(f"{what}: {e}", EXIT_USAGE) from None
+    if value <= 0:
+        raise CliError(f"{what} must be more than 0 bytes", EXIT_USAGE)
+    return value
+
+
+def size(text: str) -> int:
+    """argparse type of --max-memory: bytes, or 512MiB, 8GB, 1.5G ..."""
+    from layertrack.workers.planner import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 bytes")
+    return value
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     try:
         from layertrack.workers.errors import LayertrackError
-        from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+        from layertrack.workers.scoring import ScoreConfig, prepare, score_checkpoint
     except ImportError as e:
         raise _compute_side_missing(e, "worker") from None
+    max_memory = args.max_memory
+    if max_memory is None and os.environ.get("LAYERTRACK_MAX_MEMORY", "").strip():
+        max_memory = _size_arg(os.environ["LAYERTRACK_MAX_MEMORY"], "LAYERTRACK_MAX_MEMORY")
     config = ScoreConfig(
         max_tokens=args.max_tokens,
         seq_len=args.seq_len,
@@ -74,8 +103,20 @@ def cmd_score(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         replaceability=args.replaceability,
         holdout_tokens=args.holdout_tokens,
+        max_memory=max_memory,
     )
     try:
+        if args.plan:
+            prep = prepare(args.checkpoint, probe=args.probe, config=config, tokenizer_path=args.tokenizer)
+            if args.json:
+                print(json.dumps(prep.plan.to_dict(), indent=2))
+            else:
+                cfg = prep.hf_config
+                print(f"{prep.info.model_type}, {cfg.num_hidden_layers} blocks, d {cfg.hidden_size}, "
+                      f"{prep.tokens.n_tokens} probe tokens in {len(prep.tokens.input_ids)} sequences of "
+                      f"{prep.seq_len}, {str(prep.dtype).removeprefix('torch.')}")
+                print(prep.plan.describe())
+            return 0
         result = score_checkpoint(
             args.checkpoint,
             probe=args.probe,

@@ -232,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "replaced by its fitted linear map and when it is dropped (2 extra passes per block)")
     score.add_argument("--holdout-tokens", type=positive_int, default=DEFAULT_HOLDOUT_TOKENS, metavar="N",
                        help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
+    score.add_argument("--max-memory", type=local.size, metavar="SIZE",
+                       help="memory for weights and activations, e.g. 8GiB or 512MB (default: LAYERTRACK_MAX_MEMORY, "
+                            "else 80%% of the free memory); a model that does not fit is streamed block by block")
+    score.add_argument("--plan", action="store_true",
+                       help="print the memory plan (resident or streamed, passes, predicted peak) and exit "
+                            "without scoring")
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=local.cmd_score)
