@@ -87,3 +87,19 @@ def test_progress_lines():
     assert progress_line(job) == "  waiting: waiting for the upload"
     assert progress_line({"status": "succeeded", "progress": {"phase": "scoring"}}) is None
     assert progress_line({"status": "running", "progress": None}) is None
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("268435456", 268435456), ("256MiB", 256 * 2**20), ("24GiB", 24 * 2**30), ("512MB", 512 * 10**6),
+    ("1.5G", int(1.5 * 2**30)), ("", None),
+])
+def test_max_memory_takes_bytes_or_a_size(tmp_path, monkeypatch, value, expected):
+    monkeypatch.setenv("LAYERTRACK_MAX_MEMORY", value)
+    assert Settings(data_dir=tmp_path).max_memory == expected
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", "0", "12 parsecs"])
+def test_a_max_memory_that_is_not_a_size_is_refused_with_the_variable_named(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("LAYERTRACK_MAX_MEMORY", value)
+    with pytest.raises(ValueError, match="LAYERTRACK_MAX_MEMORY"):
+        Settings(data_dir=tmp_path)
