@@ -484,10 +484,10 @@ def translate_oom(what: str, advice: str) -> Iterator[None]:
 
 
 def load_model(info: CheckpointInfo, *, device=None, dtype=None, with_lm_head: bool = False,
-               device_map: dict | None = None):
+               placement: tuple[str, dict[int, int]] | None = None):
     """Load the base model (``AutoModel``), or with ``with_lm_head`` the causal LM around it
-    (``AutoModelForCausalLM``), on ``device`` in ``dtype``, in eval mode. ``device_map``
-    (module name → CUDA index) places blocks across several GPUs instead."""
+    (``AutoModelForCausalLM``), on ``device`` in ``dtype``, in eval mode. ``placement``
+    (a device map such as "auto", and bytes per CUDA index) spreads it over several GPUs."""
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -506,9 +506,9 @@ def load_model(info: CheckpointInfo, *, device=None, dtype=None, with_lm_head: b
             weights_only=True,
             trust_remote_code=False,
             local_files_only=True,
-            **({"device_map": device_map} if device_map else {}),
+            **({"device_map": placement[0], "max_memory": placement[1]} if placement else {}),
         )
-        if not device_map:
+        if not placement:
             model.to(device)
     model.eval()
     return model

@@ -665,26 +665,14 @@ def _head_names(tensors: dict[str, Any], hf_config: Any) -> tuple[str, ...]:
     return tuple(n for n in ("lm_head.", "embed_out.", "output.") if any(t.startswith(n) for t in tensors))
 
 
-def _device_map(prep: Prepared) -> dict[str, Any] | None:
-    """Resident on several GPUs: contiguous runs of blocks per device, by the devices' free memory."""
-    if len(prep.devices) < 2 or prep.shape is None:
+def _device_map(prep: Prepared) -> tuple[str, dict[int, int]] | None:
+    """Resident on several GPUs: accelerate's "auto" placement (blocks in order across the
+    devices) within each device's share of the budget, in proportion to its free memory."""
+    if len(prep.devices) < 2:
         return None
     free = [torch.cuda.mem_get_info(d)[0] for d in prep.devices]
     total = sum(free)
-    n = prep.shape.n_blocks
-    bounds, acc = [], 0.0
-    for f in free:
-        acc += f / total
-        bounds.append(round(acc * n))
-    prefix = prep.shape.block_prefix
-    out: dict[str, Any] = {}
-    start = 0
-    for dev_index, end in enumerate(bounds):
-        for i in range(start, end):
-            out[f"{prefix}.{i}"] = dev_index
-        start = end
-    out[""] = 0  # everything else on the first device
-    return out
+    return "auto", {d.index: int(prep.plan.budget * f / total) for d, f in zip(prep.devices, free, strict=True)}
 
 
 def score_checkpoint(
@@ -722,11 +710,11 @@ def score_checkpoint(
         base = streamed_model.model.base_model if config.replaceability else streamed_model.model
         base_runner = runner.view(base)
     else:
-        device_map = _device_map(prep)
+        placement = _device_map(prep)
         lm = ckpt.load_model(info, device=device, dtype=dtype, with_lm_head=True,
-                             device_map=device_map) if config.replaceability else None
+                             placement=placement) if config.replaceability else None
         model = lm.base_model if lm is not None else ckpt.load_model(info, device=device, dtype=dtype,
-                                                                     device_map=device_map)
+                                                                     placement=placement)
     t_load = time.perf_counter()
     warnings = list(prep.warnings)
     maps: dict[int, LinearMap] | None = {} if config.replaceability else None
