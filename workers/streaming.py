@@ -95,8 +95,13 @@ class WeightSource:
         #: bytes read from the files (tests and benchmarks read it)
         self.bytes_read = 0
 
-    def load(self, name: str) -> torch.Tensor:
-        """One tensor, on the CPU in its stored dtype."""
+    def nbytes(self, name: str) -> int:
+        e = self.table[name]
+        return e.end - e.begin
+
+    def load(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, on the CPU in its stored dtype; read into ``out`` (a uint8 buffer of at
+        least its size, aligned to its dtype) when given, else into new memory."""
         e = self.table[name]
         if self._ready is not None and e.file not in self._seen:
             self._ready(e.file)
@@ -105,7 +110,7 @@ class WeightSource:
         dtype = TORCH_DTYPES.get(e.dtype)
         if dtype is None:
             raise MalformedWeights(f"tensor {name!r} of {e.file} has dtype {e.dtype}, which layertrack cannot read")
-        out = torch.empty(e.end - e.begin, dtype=torch.uint8)
+        out = torch.empty(e.end - e.begin, dtype=torch.uint8) if out is None else out[: e.end - e.begin]
         view = memoryview(out.numpy())
         fd = os.open(self.directory / e.file, os.O_RDONLY)
         try:
@@ -122,9 +127,6 @@ class WeightSource:
         return out.view(dtype).reshape(e.shape)
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
 @functools.cache
 def _libc() -> Any:
     try:
@@ -133,20 +135,14 @@ def _libc() -> Any:
         return None
 
 
-def keep_big_buffers_out_of_the_heap() -> None:
-    """glibc serves an allocation of more than M_MMAP_THRESHOLD bytes with its own mapping,
-    given back to the system on free; but it raises that threshold to the size of each such
-    block freed (up to 32 MiB), after which block-sized weights come from the heap, where
-    freed memory stays in the process. Streaming frees a block's weights after every block:
-    fixing the threshold at 1 MiB keeps the resident memory at what is in use. A no-op off
-    glibc."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-
-
 def give_back_free_memory() -> None:
-    """Return the heap's free pages to the system (glibc ``malloc_trim``)."""
+    """Return the heap's free pages to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc serves a large allocation with a mapping of its own, given back on free, but it
+    raises that threshold to the size of each such block freed (up to 32 MiB); after that,
+    block-sized tensors come from the heap, where freed memory stays in the process. Building
+    a model allocates (without touching) every weight once before moving it to ``meta``; the
+    heap then holds that much free space, which later allocations touch piece by piece."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
@@ -293,7 +289,6 @@ class StreamedModel(BlockRunner):
                  device: torch.device, dtype: torch.dtype, checkpoint_prefix: str, prefetch: bool = True,
                  block_devices: list[torch.device] | None = None):
         super().__init__(model, blocks, device, block_devices)
-        keep_big_buffers_out_of_the_heap()
         self.source, self.dtype, self.prefetch = source, dtype, prefetch
         self._root = model  # tensor names are relative to it (views run another model's forward)
         self._lock = threading.Lock()
@@ -335,6 +330,8 @@ class StreamedModel(BlockRunner):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="weights") if prefetch else None
         self._ahead: dict[int, Future] = {}
         self._order: deque[int] = deque()
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._slot = 1
 
     # ---------------------------------------------------------------- non-block tensors
     def _materialise_hook(self, mod_name: str):
@@ -392,17 +389,34 @@ class StreamedModel(BlockRunner):
         if self._order and self._pool is not None:
             self._read_ahead(self._order[0])
 
-    def _read(self, i: int) -> list[tuple[str, torch.Tensor]]:
-        return [(full, self.source.load(k)) for full, k in self.block_tensors[i]]
+    def _read(self, i: int, slot: int) -> list[tuple[str, torch.Tensor]]:
+        """Block ``i``'s tensors, read into staging buffer ``slot``: the same memory serves
+        every block (no allocation, no page faults, nothing left to the allocator)."""
+        spans, at = [], 0
+        for _full, k in self.block_tensors[i]:
+            spans.append(at)
+            at += -(-self.source.nbytes(k) // 64) * 64  # 64-byte aligned: any dtype can view it
+        buf = self._staging[slot]
+        if buf is None or buf.numel() < at:
+            buf = self._staging[slot] = torch.empty(at, dtype=torch.uint8)
+        return [(full, self.source.load(k, out=buf[start:])) for (full, k), start in zip(
+            self.block_tensors[i], spans, strict=True)]
+
+    def _next_slot(self) -> int:
+        """Staging buffers alternate when the next block is read while one runs."""
+        if not self.prefetch:
+            return 0
+        self._slot = 1 - self._slot
+        return self._slot
 
     def _read_ahead(self, i: int) -> None:
         if self._pool is not None and i not in self._ahead:
-            self._ahead[i] = self._pool.submit(self._read, i)
+            self._ahead[i] = self._pool.submit(self._read, i, self._next_slot())
 
     @contextlib.contextmanager
     def weights(self, i: int) -> Iterator[None]:
         fut = self._ahead.pop(i, None)
-        tensors = fut.result() if fut is not None else self._read(i)
+        tensors = fut.result() if fut is not None else self._read(i, self._next_slot())
         device = self.block_devices[i]
         for full, value in tensors:
             self._set(full, value, device)
@@ -469,6 +483,7 @@ def build_streamed(path: Path, source: WeightSource, *, with_lm_head: bool, devi
     with init_empty_weights(include_buffers=False):
         model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_config(config, dtype=dtype)
     model.eval()
+    give_back_free_memory()  # the weights allocated while the modules were built
     blocks = find_blocks(model)
     prefix = find_block_prefix(source.table, len(blocks))
     return StreamedModel(model, blocks, source, device=device, dtype=dtype, checkpoint_prefix=prefix,
