@@ -77,7 +77,8 @@ def test_a_slowed_fetch_overlaps_the_scoring(s3_env, sharded_model, tmp_path):
     together = time.perf_counter() - t
     cache.release(out.checkout)
     figures = f"fetch {fetch:.1f} s, scoring {compute:.1f} s, overlapped {together:.1f} s"
-    assert out.result.plan["mode"] == "streamed", out.result.plan
+    # the weights fit: each module read its tensors when it first ran, and kept them
+    assert out.result.plan["mode"] == "resident" and out.result.plan["loaded"] == "as the blocks first run"
     assert out.bytes_fetched == sum(f.size for f in files)
     print(figures)
     assert together < fetch + compute, figures

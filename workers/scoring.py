@@ -278,11 +278,13 @@ def score_model(
     config: ScoreConfig = ScoreConfig(),
     progress: Callable[[int, int], None] | bool = False,
     maps: dict[int, LinearMap] | None = None,
+    device: torch.device | None = None,
 ) -> tuple[Scores, int]:
     """Run the probe through a loaded base model and score every block; (scores, passes).
 
-    With ``maps`` (a dict), also fit every pair's affine map into it (pair index → map)."""
-    device = next(model.parameters()).device
+    With ``maps`` (a dict), also fit every pair's affine map into it (pair index → map).
+    ``device``: where the inputs and statistics go (default: the first parameter's)."""
+    device = device or next(model.parameters()).device
     d = model.config.hidden_size
     blocks = find_blocks(model)
     warnings = check_token_count(tokens.n_tokens, d, config.engine)
@@ -696,19 +698,24 @@ def score_checkpoint(
     prep = prepare(uri, probe=probe, config=config, roots=roots, tokenizer_path=tokenizer_path, headers=headers)
     plan, tokens, device, dtype, info = prep.plan, prep.tokens, prep.device, prep.dtype, prep.info
     streamed = plan.mode == "streamed" or (ready is not None and prep.shape is not None)
+    keep = False
     if ready is not None and not streamed:  # loaded whole: every file first
         for f in info.weight_files:
             ready(f)
     runner: BlockRunner | None = None
     lm = None
     if streamed:
+        # a resident plan for weights still arriving: each module reads its weights when it
+        # first runs and keeps them, and the job runs batch by batch as resident ones do
+        keep = plan.mode == "resident"
         source = WeightSource(prep.path, prep.headers or {}, ready=ready)
         streamed_model = build_streamed(prep.path, source, with_lm_head=config.replaceability, device=device,
-                                        dtype=dtype, prefetch=plan.prefetch or plan.mode == "resident",
-                                        find_blocks=find_blocks)
+                                        dtype=dtype, prefetch=plan.prefetch, find_blocks=find_blocks, keep=keep)
         runner = streamed_model
         base = streamed_model.model.base_model if config.replaceability else streamed_model.model
         base_runner = runner.view(base)
+        if keep:
+            model = base
     else:
         placement = _device_map(prep)
         lm = ckpt.load_model(info, device=device, dtype=dtype, with_lm_head=True,
@@ -719,12 +726,12 @@ def score_checkpoint(
     warnings = list(prep.warnings)
     maps: dict[int, LinearMap] | None = {} if config.replaceability else None
     try:
-        if streamed:
+        if streamed and not keep:
             scores, n_passes = score_blockwise(base_runner, tokens, config=config, progress=progress, maps=maps,
                                                sequences_per_pass=plan.sequences_per_pass,
                                                hidden_on_host=plan.hidden_states == "host")
         else:
-            scores, n_passes = score_model(model, tokens, config=config, progress=progress, maps=maps)
+            scores, n_passes = score_model(model, tokens, config=config, progress=progress, maps=maps, device=device)
         t_scored = time.perf_counter()
         holdout = None
         if config.replaceability:
@@ -758,7 +765,8 @@ def score_checkpoint(
         tokenizer_fingerprint=tokens.tokenizer_fingerprint,
         checkpoint_fingerprint=info.fingerprint,
         holdout=holdout,
-        plan={**plan.to_dict(), "mode": "streamed" if streamed else "resident"},
+        plan={**plan.to_dict(), "mode": "streamed" if streamed and not keep else "resident",
+              **({"loaded": "as the blocks first run"} if streamed and keep else {})},
         timings={
             "load_s": t_load - t0,
             "score_s": t_scored - t_load,

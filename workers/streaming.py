@@ -287,8 +287,11 @@ class StreamedModel(BlockRunner):
 
     def __init__(self, model: torch.nn.Module, blocks: torch.nn.ModuleList, source: WeightSource, *,
                  device: torch.device, dtype: torch.dtype, checkpoint_prefix: str, prefetch: bool = True,
-                 block_devices: list[torch.device] | None = None):
+                 block_devices: list[torch.device] | None = None, keep: bool = False):
         super().__init__(model, blocks, device, block_devices)
+        #: every weight is read when its module first runs and kept: a resident model loaded
+        #: as its blocks run (a remote job whose weights fit, scored while they arrive)
+        self.keep = keep
         self.source, self.dtype, self.prefetch = source, dtype, prefetch
         self._root = model  # tensor names are relative to it (views run another model's forward)
         self._lock = threading.Lock()
@@ -316,11 +319,10 @@ class StreamedModel(BlockRunner):
                     continue  # a buffer computed at construction
                 entries.append((full, k))
             self.block_tensors.append(entries)
-        # everything else: materialised the first time its module runs, then kept
-        self._lazy: dict[str, torch.nn.Module] = {}
+        # everything else (with ``keep``: everything): read the first time its module runs, then kept
         inside = f"{blocks_name}."
         for mod_name, module in model.named_modules():
-            if mod_name == blocks_name or mod_name.startswith(inside):
+            if not keep and (mod_name == blocks_name or mod_name.startswith(inside)):
                 continue
             own = [n for n, _ in module.named_parameters(recurse=False)] + [
                 n for n, _ in module.named_buffers(recurse=False)]
@@ -384,6 +386,8 @@ class StreamedModel(BlockRunner):
 
     # ---------------------------------------------------------------- blocks
     def prepare(self, order: list[int]) -> None:
+        if self.keep:
+            return
         self._order.clear()  # in place: views of this runner share it
         self._order.extend(order)
         if self._order and self._pool is not None:
@@ -415,6 +419,9 @@ class StreamedModel(BlockRunner):
 
     @contextlib.contextmanager
     def weights(self, i: int) -> Iterator[None]:
+        if self.keep:  # read by the modules' own hooks, and kept
+            yield
+            return
         fut = self._ahead.pop(i, None)
         tensors = fut.result() if fut is not None else self._read(i, self._next_slot())
         device = self.block_devices[i]
@@ -474,7 +481,7 @@ def _missing(name: str) -> MalformedWeights:
 
 def build_streamed(path: Path, source: WeightSource, *, with_lm_head: bool, device: torch.device,
                    dtype: torch.dtype, prefetch: bool, find_blocks: Callable[[torch.nn.Module], torch.nn.ModuleList],
-                   block_devices: list[torch.device] | None = None) -> StreamedModel:
+                   block_devices: list[torch.device] | None = None, keep: bool = False) -> StreamedModel:
     """The model of checkpoint ``path`` with no weight loaded, ready to stream from ``source``."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -487,7 +494,7 @@ def build_streamed(path: Path, source: WeightSource, *, with_lm_head: bool, devi
     blocks = find_blocks(model)
     prefix = find_block_prefix(source.table, len(blocks))
     return StreamedModel(model, blocks, source, device=device, dtype=dtype, checkpoint_prefix=prefix,
-                         prefetch=prefetch, block_devices=block_devices)
+                         prefetch=prefetch and not keep, block_devices=block_devices, keep=keep)
 
 
 __all__ = ["BlockCall", "BlockRunner", "StreamedModel", "WeightSource", "block_of", "build_streamed",
