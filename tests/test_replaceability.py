@@ -9,12 +9,14 @@ import torch
 from layertrack.workers.probe import default_probe, tokenize_probe
 from layertrack.workers.scoring import (
     ScoreConfig,
+    find_blocks,
     holdout_tokens,
     lm_loss,
     replaceability,
     score_checkpoint,
     score_model,
 )
+from layertrack.workers.streaming import BlockRunner
 from tiny_models import tiny_lm
 
 
@@ -39,7 +41,8 @@ def measure(lm, tokenizer, **kw):
     assert warnings == [] and held.n_tokens == 1024
     # the held-out sequences are not the scored ones
     assert not set(map(tuple, held.input_ids)) & set(map(tuple, tokens.input_ids))
-    base, deltas = replaceability(lm, maps, held, final_norm=scores.pairs[-1].final_norm, **kw)
+    runner = BlockRunner(lm, find_blocks(lm), torch.device("cpu"))
+    base, deltas = replaceability(runner, maps, held, final_norm=scores.pairs[-1].final_norm, **kw)
     return base, deltas, scores
 
 

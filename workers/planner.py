@@ -206,18 +206,28 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, n_sequences: int, seq_le
             f"activations ({fmt_bytes(act)} for {batch_sequences} sequences of {seq_len}) and its hidden states "
             f"({fmt_bytes(batch_sequences * per_sequence)}) need {fmt_bytes(smallest)}. Raise LAYERTRACK_MAX_MEMORY "
             "(--max-memory), lower --batch-size or --seq-len, or use a smaller --dtype")
-    prefetch = one_block + shape.max_block_bytes + act + batch_sequences * per_sequence <= budget
-    weights = one_block + (shape.max_block_bytes if prefetch else 0)
-    room = budget - weights - act
-    hidden = "device"
-    per_pass = (room // per_sequence) // batch_sequences * batch_sequences
-    if device_type == "cuda" and per_pass < n_sequences:
-        hidden, per_pass = "host", n_sequences  # host memory holds them; each batch visits the device
-    per_pass = max(batch_sequences, min(per_pass, n_sequences))
-    passes = math.ceil(n_sequences / per_pass)
-    per_pass = math.ceil(n_sequences / passes / batch_sequences) * batch_sequences  # even passes
-    per_pass = min(per_pass, n_sequences)
-    held = (min(per_pass, n_sequences) if hidden == "device" else batch_sequences) * per_sequence
+    def layout(prefetch: bool) -> tuple[int, int, str, int] | None:
+        """(passes, sequences per pass, where hidden states live, weight bytes), or None."""
+        weights = one_block + (shape.max_block_bytes if prefetch else 0)
+        room = budget - weights - act
+        if room < batch_sequences * per_sequence:
+            return None
+        hidden = "device"
+        per_pass = (room // per_sequence) // batch_sequences * batch_sequences
+        if device_type == "cuda" and per_pass < n_sequences:
+            hidden, per_pass = "host", n_sequences  # host memory holds them; each batch visits the device
+        per_pass = max(batch_sequences, min(per_pass, n_sequences))
+        passes = math.ceil(n_sequences / per_pass)
+        per_pass = min(math.ceil(n_sequences / passes / batch_sequences) * batch_sequences, n_sequences)
+        return passes, per_pass, hidden, weights
+
+    # reading the next block ahead hides the disk, but never at the cost of a pass (each pass
+    # reads every block again)
+    without = layout(False)
+    ahead = layout(True)
+    prefetch = ahead is not None and ahead[0] <= without[0]
+    passes, per_pass, hidden, weights = ahead if prefetch else without
+    held = (per_pass if hidden == "device" else batch_sequences) * per_sequence
     return Plan(mode="streamed", passes=passes, sequences_per_pass=per_pass, hidden_states=hidden,
                 prefetch=prefetch, peak_bytes=weights + act + held, **common)
 
