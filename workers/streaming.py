@@ -32,6 +32,7 @@ import ctypes.util
 import functools
 import json
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -298,11 +299,14 @@ class StreamedModel(BlockRunner):
         names = set(source.table)
         blocks_name = next(n for n, m in model.named_modules() if m is blocks)
         prefixes = ("", *tuple(dict.fromkeys(_prefix_candidates(model, checkpoint_prefix, blocks_name))))
+        renamed = _renamed_keys(model, names)  # transformers' own renamings (GPT-NeoX's embed_out → lm_head)
 
         def key(model_name: str) -> str | None:
             for p in prefixes:
                 if p + model_name in names:
                     return p + model_name
+                if p + model_name in renamed:
+                    return renamed[p + model_name]
             return None
 
         self._key = key
@@ -354,6 +358,8 @@ class StreamedModel(BlockRunner):
 
     def _tied_value(self, full: str) -> torch.nn.Parameter | None:
         """The input embeddings, for an LM head the checkpoint leaves out (tied weights)."""
+        if not getattr(self._root.config, "tie_word_embeddings", False):
+            return None
         getter = getattr(self._root, "get_output_embeddings", None)
         head = getter() if getter else None
         if head is None or full != _name_of(self._root, head) + ".weight":
@@ -470,6 +476,38 @@ def _prefix_candidates(model: torch.nn.Module, checkpoint_prefix: str, blocks_na
     if base:
         out.append(base + ".")
     return [p for p in out if p]
+
+
+def _renamed_keys(model: torch.nn.Module, names: set[str]) -> dict[str, str]:
+    """Checkpoint keys under the names transformers gives them on load (its checkpoint
+    conversion mapping's plain renamings for this model), new name → key."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return {}
+    rules = []
+    for owner in (type(model).__name__, getattr(model.config, "model_type", "")):
+        try:
+            rules += get_checkpoint_conversion_mapping(owner) or []
+        except Exception:
+            continue
+    out: dict[str, str] = {}
+    for rule in rules:
+        if type(rule).__name__ != "WeightRenaming":
+            continue
+        sources, targets = getattr(rule, "source_patterns", None), getattr(rule, "target_patterns", None)
+        if isinstance(sources, str):
+            sources = [sources]
+        if isinstance(targets, str):
+            targets = [targets]
+        if not sources or not targets or len(targets) != 1:
+            continue
+        for src in sources:
+            for name in names:
+                new = re.sub(src, targets[0], name)
+                if new != name:
+                    out.setdefault(new, name)
+    return out
 
 
 def _missing(name: str) -> MalformedWeights:
