@@ -26,7 +26,7 @@ def two_pass_budget(path) -> int:
     act = planner.activation_bytes(shape, batch_sequences=plan.batch_sequences, seq_len=prep.seq_len, dtype_bytes=4)
     per_seq = prep.seq_len * shape.d * 4
     half = -(-n_seq // 2 // plan.batch_sequences) * plan.batch_sequences
-    return shape.other_bytes + 2 * shape.max_block_bytes + act + half * per_seq + per_seq
+    return shape.other_bytes + shape.max_block_bytes + act + half * per_seq + per_seq
 
 
 @pytest.fixture(scope="module")
