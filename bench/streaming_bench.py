@@ -52,7 +52,9 @@ not fit.
 of N bytes or more (every weight and hidden-state tensor at 65536) are then mapped on their
 own and unmapped when freed, instead of coming from the heap, where freed memory stays
 resident (glibc raises its threshold to the size of each large block it frees, up to 32
-MiB). Without it a streamed job's RSS can end well above what it holds, from run to run
+MiB). Without it — measured before workers/streaming.py read blocks into reused staging
+buffers and trimmed the heap after each block — a streamed job's RSS could end well above what
+it held, from run to run
 (measured at ⅛: 776 to 797 MiB in 3 runs of 4, 479 MiB in the other, for 432 MiB
 predicted); at 65536 it was 412 MiB in 3 runs of 3, but every fresh tensor then costs page
 faults (6 to 8 million, some 20 s of system time, ~25 % of the job's wall time here).
