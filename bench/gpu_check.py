@@ -45,6 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny_models
 
+from score_vs_reference import rss_kib  # bench/ is on the path when run as a script
+
 CUDA_SHAPE = dict(hidden=2048, intermediate=5632, layers=16, heads=16, kv_heads=8, vocab=384)
 CPU_SHAPE = dict(hidden=256, intermediate=688, layers=8, heads=4, kv_heads=2, vocab=384)
 MIB = 1 << 20
@@ -78,14 +80,6 @@ def build(directory: Path, shape: dict, *, dtype: str, device: str) -> Path:
 
 
 # ---------------------------------------------------------------- memory
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 class PeakMemory:
     """Peak memory of a block of code above what was in use before it: device memory on
     CUDA (the caching allocator's allocated bytes), RSS on the CPU."""
@@ -104,7 +98,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._base = _status_kib("VmRSS") * 1024
+            self._base = rss_kib("VmRSS") * 1024
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # VmHWM := VmRSS
@@ -119,7 +113,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
-            self.peak = _status_kib("VmHWM") * 1024 - self._base
+            self.peak = rss_kib("VmHWM") * 1024 - self._base
 
 
 # ---------------------------------------------------------------- measurements

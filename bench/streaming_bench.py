@@ -78,6 +78,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny_models
 
+from score_vs_reference import rss_kib  # bench/ is on the path when run as a script
+
 FULL = dict(hidden=768, intermediate=2688, layers=32, heads=12, kv_heads=4, vocab=384)
 QUICK = dict(hidden=384, intermediate=1024, layers=32, heads=6, kv_heads=2, vocab=384)
 MIB = 1 << 20
@@ -158,14 +160,6 @@ def warm_page_cache(ckpt: Path) -> None:
 
 
 # ---------------------------------------------------------------- one run per process
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def reset_peak() -> bool:
     """VmHWM := VmRSS (False when the kernel does not allow it: the peak is then since start)."""
     try:
