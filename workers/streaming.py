@@ -30,7 +30,6 @@ import copy
 import ctypes
 import ctypes.util
 import functools
-import json
 import os
 import re
 import threading
@@ -43,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import check_safetensors
 from .errors import MalformedWeights
 from .planner import block_of, find_block_prefix
 
@@ -74,10 +74,9 @@ def tensor_table(headers: dict[str, tuple[dict, int]]) -> dict[str, TensorEntry]
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header and the offset of its data (framing checked elsewhere)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)), 8 + n
+    """A safetensors file's header and the offset of its data, framing checked
+    (``checkpoint.check_safetensors``)."""
+    return check_safetensors(path)
 
 
 class WeightSource:
