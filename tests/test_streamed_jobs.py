@@ -6,6 +6,7 @@ the numbers; ``layertrack score --plan`` prints the plan without scoring."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import uuid
 
@@ -51,15 +52,18 @@ def live(tmp_path_factory, pg_url, redis_server, models):
         yield svc
 
 
-def test_a_worker_streams_a_model_over_its_budget_and_stores_the_same_scores(live, models):
-    import shutil
-
-    deep, _wide, budget = models
-    run = f"streamed-{uuid.uuid4().hex[:6]}"
+def scored(live, client, model, name: str) -> tuple[str, dict]:
+    """A copy of ``model`` under the service's roots submitted as step 1 of a new run; (run, the finished job)."""
+    run = f"{name}-{uuid.uuid4().hex[:6]}"
     path = live.roots / run / "step-1"
-    shutil.copytree(deep, path)
+    shutil.copytree(model, path)
+    return run, client.wait(client.submit(run=run, step=1, uri=str(path), config=CFG)["id"], timeout=300, poll=0.5)
+
+
+def test_a_worker_streams_a_model_over_its_budget_and_stores_the_same_scores(live, models):
+    deep, _wide, budget = models
     with live.client() as c:
-        job = c.wait(c.submit(run=run, step=1, uri=str(path), config=CFG)["id"], timeout=300, poll=0.5)
+        run, job = scored(live, c, deep, "streamed")
         assert job["status"] == "succeeded", (job, live.logs())
         plan = job["result"]["plan"]
         assert (plan["mode"], plan["passes"], plan["budget"]) == ("streamed", 2, budget), plan
@@ -72,14 +76,9 @@ def test_a_worker_streams_a_model_over_its_budget_and_stores_the_same_scores(liv
 
 
 def test_a_model_that_cannot_fit_even_streamed_fails_before_loading(live, models):
-    import shutil
-
     _deep, wide, budget = models
-    run = f"toobig-{uuid.uuid4().hex[:6]}"
-    path = live.roots / run / "step-1"
-    shutil.copytree(wide, path)
     with live.client() as c:
-        job = c.wait(c.submit(run=run, step=1, uri=str(path), config=CFG)["id"], timeout=300, poll=0.5)
+        _run, job = scored(live, c, wide, "toobig")
     assert job["status"] == "failed" and job["error_code"] == "plan_does_not_fit", job
     assert f"does not fit a budget of {planner.fmt_bytes(budget)} even streamed" in job["error"]
     assert "its largest block (" in job["error"] and "LAYERTRACK_MAX_MEMORY" in job["error"]
