@@ -11,8 +11,8 @@ below describe the common ones, and tests/test_run_names.py checks them against 
 answers field for field). Run names may contain ``/`` (``org/llama-350m``). With no URL or token given, the client reads
 LAYERTRACK_URL / LAYERTRACK_TOKEN, else what ``layertrack up`` saved.
 
-Errors: ``ApiError`` (the server refused the request: ``.status`` and the server's
-``.detail``), ``ServiceUnavailable`` (503, or no connection, after ``retries`` tries with
+Errors: ``ApiError`` (the server refused the request: ``.status``, the server's ``.detail``
+and ``.code``), ``ServiceUnavailable`` (503, or no connection, after ``retries`` tries with
 exponential back-off that honours Retry-After). Pass ``transport=`` (an httpx transport,
 e.g. ``httpx.ASGITransport``-backed or a mock) to drive an app in-process.
 """
@@ -94,9 +94,15 @@ def _run(name: str) -> str:
 
 
 class ApiError(Exception):
+    """The API refused a request: ``.status``, its problem's ``.detail`` and ``.code``
+    (``run_not_found``, ``invalid_transition``, ... ; None when the answer was no problem
+    details), and the whole answer as ``.body``."""
+
     def __init__(self, status: int, detail: str, body: Any = None):
         super().__init__(f"{status}: {detail}")
         self.status, self.detail, self.body = status, detail, body
+        code = body.get("code") if isinstance(body, dict) else None
+        self.code: str | None = code if isinstance(code, str) else None
 
 
 class ServiceUnavailable(ApiError):

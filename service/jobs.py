@@ -72,7 +72,7 @@ _probe_ids: dict[tuple[str, str], int] = {}  # (database, sha256) -> probes.id; 
 
 def probe_row(session: Session, name: str) -> Probe:
     if name != DEFAULT_PROBE:
-        raise Invalid(f"unknown probe {name!r}; available: {DEFAULT_PROBE}")
+        raise Invalid(f"unknown probe {name!r}; available: {DEFAULT_PROBE}", code="unknown_probe")
     p = default_probe()
     key = (str(session.get_bind().url), p.sha256)
     if key in _probe_ids:
@@ -308,7 +308,7 @@ def mark_unsent(session: Session, job: Job) -> None:
 def get_job(session: Session, job_id: str) -> Job:
     job = session.get(Job, job_id) if len(job_id) <= 36 else None
     if job is None:
-        raise NotFound(f"no job with id {job_id!r}")
+        raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
     return job
 
 
@@ -328,7 +328,8 @@ class InvalidTransition(Conflict):
 def _require(job: Job, allowed: tuple[JobStatus, ...], action: str) -> None:
     if job.status not in allowed:
         names = " or ".join(s.value for s in allowed)
-        raise InvalidTransition(f"job {job.id} is {job.status.value}; only {names} jobs can be {action}")
+        raise InvalidTransition(f"job {job.id} is {job.status.value}; only {names} jobs can be {action}",
+                                code="invalid_transition")
 
 
 def cancel(session: Session, job: Job) -> Job:

@@ -20,7 +20,7 @@ from .models import Checkpoint, Job, Run, Score
 def get_run(session: Session, name: str) -> Run:
     run = session.scalar(select(Run).where(Run.name == name))
     if run is None:
-        raise NotFound(f"no run named {name!r}")
+        raise NotFound(f"no run named {name!r}", code="run_not_found")
     return run
 
 

@@ -88,14 +88,16 @@ def test_submit_sends_probe_replaceability_holdout_and_allow_pickle(api, ckpt, t
 def test_api_errors_are_the_problem_detail_on_one_line(api, ckpt):
     out = cli(api, "submit", "r", "5", str(ckpt), "--probe", "no-such-probe")
     line = one_line_error(out)
-    assert out.returncode == 3 and line.startswith("error: unknown probe 'no-such-probe'") and "(HTTP 422)" in line
+    assert out.returncode == 3 and line.startswith("error: unknown probe 'no-such-probe'")
+    assert line.endswith("(code unknown_probe)")
     out = cli(api, "status", "0" * 32)
     assert out.returncode == 3 and "no job with id" in one_line_error(out)
+    assert one_line_error(out).endswith("(code job_not_found)")
     out = cli(api, "trend", "no-such-run")
-    assert out.returncode == 3 and "no run named 'no-such-run'" in one_line_error(out)
+    assert one_line_error(out) == "error: no run named 'no-such-run' (code run_not_found)" and out.returncode == 3
     out = cli(api, "status", "x", token="lt_not-a-token")
     line = one_line_error(out)
-    assert out.returncode == 3 and "(HTTP 401)" in line and "LAYERTRACK_TOKEN" in line
+    assert out.returncode == 3 and "(code unauthorized);" in line and "LAYERTRACK_TOKEN" in line
 
 
 def test_wait_gives_up_after_its_timeout_in_one_line(api, ckpt):

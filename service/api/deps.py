@@ -91,19 +91,19 @@ CurrentCaller = Annotated[auth.Caller, Depends(current_caller)]
 
 
 # ------------------------------------------------------------------ what the caller may do
-def forbidden(detail: str) -> Problem:
-    return Problem(403, "Forbidden", detail)
+def forbidden(detail: str, code: str) -> Problem:
+    return Problem(403, "Forbidden", detail, code=code)
 
 
 def missing_scope(caller: auth.Caller, scope: str, what: str) -> Problem:
     return forbidden(f"{caller.describe()} lacks the '{scope}' scope, which {what} needs "
                      f"('{scope}': {auth.SCOPE_HELP[scope]}); use a token created with "
-                     f"'layertrack token create NAME --scope {scope}'")
+                     f"'layertrack token create NAME --scope {scope}'", "missing_scope")
 
 
 def outside_runs(caller: auth.Caller, what: str) -> Problem:
     return forbidden(f"{caller.describe()} is limited to the runs matching {', '.join(caller.run_patterns)}; "
-                     f"{what} is not one of them")
+                     f"{what} is not one of them", "outside_runs")
 
 
 def check_run(caller: auth.Caller, run: str) -> None:
@@ -143,7 +143,8 @@ def require(scope: str, *, every_run: bool = False):
             raise missing_scope(caller, scope, _what(request))
         if every_run and caller.limited:
             raise forbidden(f"{caller.describe()} is limited to the runs matching {', '.join(caller.run_patterns)}, "
-                            f"and {_what(request)} covers every run: use a token not limited to runs")
+                            f"and {_what(request)} covers every run: use a token not limited to runs",
+                            "limited_token")
         for name in await runs_named(request):
             check_run(caller, name)
         if scope == READ:

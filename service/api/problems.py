@@ -45,8 +45,10 @@ class ProblemDetails(BaseModel):
     status: int = Field(description="the HTTP status code")
     detail: str = Field(description="what was wrong with this request and what to do")
     #: (left out when there is none: not null)
-    code: str | SkipJsonSchema[None] = Field(default=None, description="machine-readable reason, where there is one "
-                                             "(e.g. 'checkpoint_outside_roots')")
+    code: str | SkipJsonSchema[None] = Field(default=None, description="machine-readable reason: a specific one "
+                                             "where there is one (e.g. 'checkpoint_outside_roots', "
+                                             "'run_has_active_jobs'), else the status's ('not_found', 'conflict', "
+                                             "'invalid_request', 'forbidden', ...)")
     errors: list[FieldError] | SkipJsonSchema[None] = Field(default=None,
                                                             description="422 from validation: every invalid part")
 
@@ -69,6 +71,11 @@ HEADERS = {
     503: {"Retry-After": {"description": "seconds", "schema": {"type": "string"}}},
 }
 PROBLEM_REF = {"$ref": "#/components/schemas/ProblemDetails"}
+#: the code of a problem that has no specific one: its status's
+STATUS_CODES = {
+    400: "unreadable_body", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    409: "conflict", 413: "body_too_large", 422: "invalid_request", 503: "database_unavailable",
+}
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -85,7 +92,9 @@ class Problem(Exception):
 
 
 def problem_response(status: int, title: str, detail: str, headers=None, **extra) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    """A problem-details answer; every one has a ``code`` (``extra``'s, else the status's)."""
+    code = extra.pop("code", None) or STATUS_CODES.get(status, "error")
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code, **extra}
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 

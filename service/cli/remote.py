@@ -3,8 +3,8 @@ sources, and the spool of submissions kept while the service was unreachable.
 
 Each command is a function ``(client, args) -> exit code`` wrapped in ``@api_command``,
 which opens the client (LAYERTRACK_URL / LAYERTRACK_TOKEN, else what ``layertrack up``
-saved) and turns every failure into one line: the API's problem-details ``detail``, or how
-to reach or start the service.
+saved) and turns every failure into one line: the API's problem-details ``detail`` and its
+``code`` (``... (code run_not_found)``), or how to reach or start the service.
 """
 
 from __future__ import annotations
@@ -47,11 +47,16 @@ def api_command(fn: ApiCommand) -> Callable[[argparse.Namespace], int]:
             if e.status == 401:
                 hint = ("; set LAYERTRACK_TOKEN to a valid token (create one with 'layertrack token create NAME') "
                         "or run 'layertrack up', which saves one")
-            raise CliError(f"{e.detail} (HTTP {e.status}){hint}", EXIT_INPUT) from None
+            raise CliError(f"{e.detail} ({error_code(e)}){hint}", EXIT_INPUT) from None
         except TimeoutError as e:
             raise CliError(str(e), EXIT_FAILED) from None
 
     return command
+
+
+def error_code(e: Any) -> str:
+    """``code X`` of an ApiError: the problem's code (every API problem has one), else the status."""
+    return f"code {e.code or f'http_{e.status}'}"
 
 
 def print_job(job: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import EXIT_USAGE, CliError, one_line
-from .remote import api_command
+from .remote import api_command, error_code
 
 #: a checkpoint directory's name: checkpoint-1000, checkpoint_1000, step1000, step_1000,
 #: step-1000, global_step1000, iter_0001000, ckpt-1000 (matched against the whole name)
@@ -317,7 +317,7 @@ def _backfill_submit(c, args: argparse.Namespace) -> int | None:
             if _fatal(e):
                 raise
             refused += 1
-            print(f"refused  step {cand.step}  {cand.uri}: {one_line(e.detail)} (HTTP {e.status})", file=sys.stderr,
+            print(f"refused  step {cand.step}  {cand.uri}: {one_line(e.detail)} ({error_code(e)})", file=sys.stderr,
                   flush=True)
             continue
         new += created
@@ -438,7 +438,7 @@ class Watcher:
                 raise
             self.refused.add(cand.uri)
             self.refusals += 1
-            print(f"refused  step {cand.step}  {cand.uri}: {one_line(e.detail)} (HTTP {e.status}); not submitted "
+            print(f"refused  step {cand.step}  {cand.uri}: {one_line(e.detail)} ({error_code(e)}); not submitted "
                   "again until watch restarts", file=sys.stderr, flush=True)
             return
         self.state.add(cand.uri, cand.step, job["id"])
