@@ -117,3 +117,80 @@ def test_an_unreachable_service_says_where_it_looked_and_how_to_start_it(api):
 def test_plot_refuses_a_wrong_file_name_before_any_request(api, tmp_path):
     out = cli(api, "plot", "r", "-o", str(tmp_path / "fig.txt"))
     assert out.returncode == 2 and "must end in .png or .svg" in one_line_error(out)
+
+
+# ------------------------------------------------------------------ jobs, runs, cancel, retry
+def fail_job(svc: Service, jid: str, code: str = "synthetic", message: str = "failed on purpose") -> None:
+    """Fail a queued job through the worker side's own transitions (claim, fail): no worker runs here."""
+    from layertrack.service import jobs
+
+    assert jobs.claim(svc.db_url, jid, "test-worker") is not None
+    assert jobs.fail(svc.db_url, jid, "test-worker", code, message)
+
+
+def table(out: subprocess.CompletedProcess) -> list[list[str]]:
+    assert out.returncode == 0, out.stderr
+    return [line.split() for line in out.stdout.splitlines()]
+
+
+def test_jobs_cancel_and_retry_change_the_jobs_the_api_shows(api, ckpt):
+    import json
+
+    run = f"jobs-{uuid.uuid4().hex[:6]}"
+    first, second = (job_id(cli(api, "submit", run, str(step), str(ckpt))) for step in (5, 6))
+    rows = table(cli(api, "jobs", "--run", run))
+    assert rows[0][:3] == ["id", "status", "step"]
+    assert [(r[0], r[1], r[2], r[-1]) for r in rows[1:]] == [(second, "queued", "6", run), (first, "queued", "5", run)]
+    listed = cli(api, "jobs", "--run", run, "--json")
+    with api.client() as c:
+        assert json.loads(listed.stdout) == c.jobs(run=run)
+
+    out = cli(api, "cancel", first)
+    assert out.returncode == 0 and out.stdout.startswith(f"job {first}  cancelled  run {run} step 5"), out.stdout
+    with api.client() as c:
+        assert c.job(first)["status"] == "cancelled" and c.job(second)["status"] == "queued"
+    again = cli(api, "cancel", first)
+    assert one_line_error(again) == (f"error: job {first} is cancelled; only queued or running jobs can be cancelled "
+                                     "(code invalid_transition)") and again.returncode == 3
+
+    refused = cli(api, "retry", second)
+    assert "only failed or cancelled jobs can be retried (code invalid_transition)" in one_line_error(refused)
+    fail_job(api, second, "checkpoint_unreadable", "it broke")
+    rows = table(cli(api, "jobs", "--run", run, "--status", "failed"))
+    assert [(r[0], r[1], r[-2], r[-1]) for r in rows[1:]] == [(second, "failed", run, "(checkpoint_unreadable)")]
+    out = cli(api, "retry", second)
+    assert out.returncode == 0 and out.stdout.startswith(f"job {second}  queued  run {run} step 6"), out.stdout
+    with api.client() as c:
+        job = c.job(second)
+    assert job["status"] == "queued" and job["error_code"] is None and job["error"] is None
+    assert [r[0] for r in table(cli(api, "jobs", "--run", run, "--status", "cancelled"))[1:]] == [first]
+    assert table(cli(api, "jobs", "--run", run, "--status", "succeeded")) == [["no", "jobs", "of", "run", run,
+                                                                               "succeeded"]]
+    assert len(table(cli(api, "jobs", "--limit", "1"))) == 3  # the header, one job, and the note that there is more
+
+    missing = cli(api, "cancel", "no-such-job")
+    assert one_line_error(missing) == "error: no job with id 'no-such-job' (code job_not_found)"
+    unknown_run = cli(api, "jobs", "--run", "no-such-run")
+    assert one_line_error(unknown_run) == "error: no run named 'no-such-run' (code run_not_found)"
+
+
+def test_runs_lists_each_run_with_its_job_counts(api, ckpt):
+    import json
+
+    tag = uuid.uuid4().hex[:6]
+    run = f"runs-{tag}"
+    jobs_ = [job_id(cli(api, "submit", run, str(step), str(ckpt))) for step in (5, 6, 7)]
+    assert cli(api, "cancel", jobs_[0]).returncode == 0
+    fail_job(api, jobs_[1])
+    child = f"runs-{tag}-ft"
+    assert job_id(cli(api, "submit", child, "1", str(ckpt), "--parent-run", run, "--parent-step", "7"))
+    rows = table(cli(api, "runs", "--name", tag))
+    assert rows[0] == ["phase", "last", "step", "ckpts", "queued", "running", "done", "failed", "cancelled", "last",
+                       "activity", "(UTC)", "run", "(parent)"]
+    (parent_row, child_row) = rows[1:]
+    assert parent_row[:8] == ["pretrain", "7", "3", "1", "0", "0", "1", "1"] and parent_row[-1] == run
+    assert child_row[:3] == ["finetune", "1", "1"] and child_row[-6:] == [child, "(from", run, "at", "step", "7)"]
+    with api.client() as c:
+        assert json.loads(cli(api, "runs", "--name", tag, "--json").stdout) == c.runs(name=tag)
+    assert table(cli(api, "runs", "--name", "nothing-is-called-this")) == [
+        ["no", "runs", "whose", "name", "contains", "'nothing-is-called-this'"]]

@@ -19,6 +19,7 @@ from layertrack.workers.vocabulary import (
     KNOWN_METRICS,
     WARN_TOKENS_PER_DIM,
     WEBHOOK_EVENTS,
+    JobStatus,
     Phase,
 )
 
@@ -43,6 +44,13 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def job_limit(text: str) -> int:
+    value = positive_int(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError(f"the service lists at most 1000 jobs at a time, not {value}")
     return value
 
 
@@ -284,6 +292,40 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                       help="give up after this many seconds (default: 3600)")
     wait.set_defaults(func=remote.cmd_wait)
+
+    jobs = sub.add_parser(
+        "jobs", help="list jobs, newest first (of one run, in one status)",
+        description="List jobs, newest first: id, status, step, when queued, duration, worker, run and the error "
+                    "code of a failed one. A token with only the submit scope sees the jobs it submitted.")
+    jobs.add_argument("--run", metavar="RUN", help="only this run's jobs (default: every run)")
+    jobs.add_argument("--status", choices=tuple(st.value for st in JobStatus),
+                      help="only jobs in this status (default: any)")
+    jobs.add_argument("--limit", type=job_limit, default=100, metavar="N",
+                      help="at most this many, 1 to 1000 (default: 100)")
+    jobs.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    jobs.set_defaults(func=remote.cmd_jobs)
+
+    cancel = sub.add_parser(
+        "cancel", help="cancel a queued or running job",
+        description="Cancel a queued or running job (a running job's worker discards its result). Needs the submit "
+                    "scope, and admin for a job another token submitted.")
+    cancel.add_argument("job_id", help="the job's id (from submit or 'layertrack jobs')")
+    cancel.set_defaults(func=remote.cmd_cancel)
+
+    retry = sub.add_parser(
+        "retry", help="queue a failed or cancelled job again",
+        description="Queue a failed or cancelled job again; it keeps its id. Needs the submit scope, and admin for a "
+                    "job another token submitted.")
+    retry.add_argument("job_id", help="the job's id (from submit or 'layertrack jobs')")
+    retry.set_defaults(func=remote.cmd_retry)
+
+    runs = sub.add_parser(
+        "runs", help="list runs (phase, last step, checkpoints, jobs by status, last activity)",
+        description="List runs, oldest first: phase, last step, checkpoints, job counts by status, last activity, "
+                    "and the parent of a fine-tune.")
+    runs.add_argument("--name", metavar="TEXT", help="only runs whose name contains TEXT (default: every run)")
+    runs.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    runs.set_defaults(func=remote.cmd_runs)
 
     trend = sub.add_parser("trend", help="print a run's layer-mean trend per step")
     trend.add_argument("run", help="run name")

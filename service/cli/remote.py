@@ -155,6 +155,65 @@ def cmd_wait(c, args: argparse.Namespace) -> int:
     return _finished(c.wait(args.job_id, timeout=args.timeout, on_poll=_progress_printer()))
 
 
+@api_command
+def cmd_cancel(c, args: argparse.Namespace) -> None:
+    print_job(c.cancel(args.job_id))
+
+
+@api_command
+def cmd_retry(c, args: argparse.Namespace) -> None:
+    print_job(c.retry(args.job_id))
+
+
+def _when(iso: str | None) -> str:
+    """'2025-06-01 12:34:56' of an ISO timestamp (UTC, as the API gives it); '-' for none."""
+    return iso[:19].replace("T", " ") if iso else "-"
+
+
+@api_command
+def cmd_jobs(c, args: argparse.Namespace) -> None:
+    found = c.jobs(run=args.run, status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return
+    if not found:
+        print("no jobs" + (f" of run {args.run}" if args.run else "") + (f" {args.status}" if args.status else ""))
+        return
+    print(f"{'id':<36}  {'status':<9}  {'step':>10}  {'queued (UTC)':<19}  {'duration':>9}  {'worker':<16}  run  "
+          "(error code)")
+    for j in found:
+        duration = f"{j['duration_s']:.1f} s" if j.get("duration_s") is not None else "-"
+        error = f"  ({j['error_code']})" if j.get("error_code") else ""
+        print(f"{j['id']:<36}  {j['status']:<9}  {j['step']:>10}  {_when(j['queued_at']):<19}  {duration:>9}  "
+              f"{(j.get('worker') or '-'):<16}  {j['run']}{error}")
+    if len(found) == args.limit:
+        print(f"(the newest {args.limit}; --limit N shows more)")
+
+
+#: the job statuses in the order the runs table shows their counts
+_STATUS_COLUMNS = (("queued", "queued"), ("running", "running"), ("succeeded", "done"), ("failed", "failed"),
+                   ("cancelled", "cancelled"))
+
+
+@api_command
+def cmd_runs(c, args: argparse.Namespace) -> None:
+    found = c.runs(name=args.name)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return
+    if not found:
+        print("no runs" + (f" whose name contains {args.name!r}" if args.name else ""))
+        return
+    counts = "".join(f"  {label:>9}" for _, label in _STATUS_COLUMNS)
+    print(f"{'phase':<8}  {'last step':>10}  {'ckpts':>5}{counts}  {'last activity (UTC)':<19}  run (parent)")
+    for r in found:
+        jobs_ = "".join(f"  {r['jobs'].get(status, 0):>9}" for status, _ in _STATUS_COLUMNS)
+        last = "-" if r["last_step"] is None else r["last_step"]
+        parent = f"  (from {r['parent_run']} at step {r['parent_step']})" if r.get("parent_run") else ""
+        print(f"{r['phase']:<8}  {last:>10}  {r['n_checkpoints']:>5}{jobs_}  {_when(r['last_activity']):<19}  "
+              f"{r['name']}{parent}")
+
+
 # ------------------------------------------------------------------ results
 @api_command
 def cmd_trend(c, args: argparse.Namespace) -> None:
