@@ -159,6 +159,19 @@ class AppTransport(httpx.BaseTransport):
             self._thread.join(timeout=5)
 
 
+def _raise_for(r: httpx.Response) -> None:
+    """ApiError (ServiceUnavailable for a 503) with the problem's detail and code, if ``r`` is an error."""
+    if r.status_code < 400:
+        return
+    try:
+        body = r.json()
+        detail = body.get("detail") or body.get("title") or r.text
+    except ValueError:
+        body, detail = None, r.text
+    cls = ServiceUnavailable if r.status_code == 503 else ApiError
+    raise cls(r.status_code, str(detail), body)
+
+
 class Client:
     def __init__(
         self,
@@ -206,14 +219,7 @@ class Client:
                 delay = float(r.headers.get("Retry-After", delay))
             time.sleep(min(delay, 30))
             delay *= 2
-        if r.status_code >= 400:
-            try:
-                body = r.json()
-                detail = body.get("detail") or body.get("title") or r.text
-            except ValueError:
-                body, detail = None, r.text
-            cls = ServiceUnavailable if r.status_code == 503 else ApiError
-            raise cls(r.status_code, str(detail), body)
+        _raise_for(r)
         return r
 
     # ---------------------------------------------------------------- jobs
@@ -280,8 +286,35 @@ class Client:
         """{"run", "metric", "steps", "layers", "values" (steps × layers)}; params: max_steps."""
         return self._request("GET", f"/v1/runs/{_run(run)}/heatmap", params={"metric": metric, **params}).json()
 
-    def export(self, run: str, *, format: str = "csv") -> bytes:
-        return self._request("GET", f"/v1/runs/{_run(run)}/export", params={"format": format}).content
+    def export(self, run: str, *, format: str = "csv", metric: str | None = None) -> bytes:
+        """Every stored score of the run (of one metric), as CSV or Parquet bytes."""
+        params = {"format": format, **({"metric": metric} if metric else {})}
+        return self._request("GET", f"/v1/runs/{_run(run)}/export", params=params).content
+
+    def export_to(self, run: str, path: str | os.PathLike, *, format: str = "csv", metric: str | None = None) -> int:
+        """As :meth:`export`, streamed into the file ``path`` (written whole or not at all: a
+        temporary file beside it is renamed once complete); the bytes written."""
+        params = {"format": format, **({"metric": metric} if metric else {})}
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.part")
+        n = 0
+        try:
+            with self._http.stream("GET", f"/v1/runs/{_run(run)}/export", params=params) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for(r)
+                try:
+                    with open(tmp, "wb") as f:
+                        for chunk in r.iter_bytes():
+                            f.write(chunk)
+                            n += len(chunk)
+                    tmp.replace(target)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+        except httpx.TransportError as e:
+            raise ServiceUnavailable(0, f"cannot reach layertrack at {self.url}: {e}") from None
+        return n
 
     def profile(self, run: str, *, metric: str = "linearity", steps: list[int] | None = None) -> dict:
         """Per-layer values at the given steps (default: the last); lists ``available_steps``."""

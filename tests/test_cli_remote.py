@@ -194,3 +194,60 @@ def test_runs_lists_each_run_with_its_job_counts(api, ckpt):
         assert json.loads(cli(api, "runs", "--name", tag, "--json").stdout) == c.runs(name=tag)
     assert table(cli(api, "runs", "--name", "nothing-is-called-this")) == [
         ["no", "runs", "whose", "name", "contains", "'nothing-is-called-this'"]]
+
+
+# ------------------------------------------------------------------ export
+def api_scores(svc: Service, run: str) -> dict[tuple[int, int, str], float | None]:
+    """Every score of the run as the API's per-layer series give it: {(step, layer, metric): value}."""
+    from layertrack.workers.vocabulary import BASE_METRICS
+
+    out = {}
+    with svc.client() as c:
+        for metric in BASE_METRICS:
+            for s in c.scores(run, metric=metric, max_points=100_000)["series"]:
+                out |= {(step, s["layer"], metric): v for step, v in zip(s["steps"], s["values"], strict=True)}
+    return out
+
+
+def test_export_writes_csv_and_parquet_whose_rows_are_the_apis_scores(api, tmp_path):
+    import csv
+
+    import pyarrow.parquet as pq
+    from services import synthetic_run
+
+    run = f"org/export-{uuid.uuid4().hex[:6]}"
+    job_ids = synthetic_run(api.db_url, run, (10, 20, 30), fingerprint=f"exp-{run}", anisotropy=0.25,
+                            pair=lambda step: {"linearity": 0.9 - step / 1000, "linearity_nores": 0.4 + step / 1000,
+                                               "cosine": 0.8, "norm_ratio": 1.0 + step / 100})
+    expected = api_scores(api, run)
+    assert len(expected) == 3 * (3 * 4 + 4)  # 3 steps × (3 pairs × 4 pair metrics + 4 hidden states' anisotropy)
+
+    out = cli(api, "export", run, "--format", "csv", "-o", str(tmp_path / "s.csv"))
+    assert out.returncode == 0 and out.stdout.startswith(f"wrote {tmp_path / 's.csv'} (csv, "), out.stderr
+    with open(tmp_path / "s.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(int(r["step"]), int(r["layer"]), r["metric"]): float(r["value"]) for r in rows} == expected
+    assert len(rows) == len(expected) and {r["run"] for r in rows} == {run}
+    assert {r["job_id"] for r in rows} == set(job_ids)
+
+    out = cli(api, "export", run, "-o", str(tmp_path / "s.parquet"))  # the format from the suffix
+    assert out.returncode == 0 and "(parquet, " in out.stdout, out.stderr
+    table = pq.read_table(tmp_path / "s.parquet").to_pylist()
+    assert {(r["step"], r["layer"], r["metric"]): r["value"] for r in table} == expected and len(table) == len(expected)
+    assert {r["final_norm"] for r in table if r["layer"] == 2 and r["metric"] != "anisotropy"} == {True}
+
+    out = cli(api, "export", run, "--metric", "cosine", "--format", "parquet", "-o", str(tmp_path / "c.bin"))
+    assert out.returncode == 0, out.stderr
+    table = pq.read_table(tmp_path / "c.bin").to_pylist()
+    assert {(r["step"], r["layer"], r["metric"]): r["value"] for r in table} == {
+        k: v for k, v in expected.items() if k[2] == "cosine"}
+
+    out = cli(api, "export", run, cwd=tmp_path)  # the default file name, here
+    assert out.returncode == 0 and (tmp_path / f"{run.replace('/', '_')}.csv").is_file(), out.stderr
+
+    missing = cli(api, "export", "no-such-run", "-o", str(tmp_path / "x.csv"))
+    assert one_line_error(missing) == "error: no run named 'no-such-run' (code run_not_found)"
+    assert not (tmp_path / "x.csv").exists() and not list(tmp_path.glob(".*.part"))
+    assert "is a directory" in one_line_error(cli(api, "export", run, "-o", str(tmp_path)))
+    unwritable = cli(api, "export", run, "-o", str(tmp_path / "no-dir" / "x.csv"))
+    assert "cannot write" in one_line_error(unwritable) and unwritable.returncode == 3

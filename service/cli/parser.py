@@ -334,6 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     trend.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     trend.set_defaults(func=remote.cmd_trend)
 
+    export = sub.add_parser(
+        "export", help="save every stored score of a run as CSV or Parquet",
+        description="Save every stored score of a run, one row per step, layer and metric (columns run, step, "
+                    "layer, metric, value, final_norm, job_id; an undefined score is empty in CSV, null in "
+                    "Parquet), as the API's GET /v1/runs/RUN/export gives it.")
+    export.add_argument("run", help="run name")
+    export.add_argument("--format", choices=("csv", "parquet"),
+                        help="file format (default: from the -o file's suffix, .csv or .parquet, else csv)")
+    export.add_argument("--metric", choices=KNOWN_METRICS, help="only this metric (default: every metric)")
+    export.add_argument("-o", "--output", metavar="FILE",
+                        help="file to write (default: RUN.csv or RUN.parquet here, '/' in RUN as '_')")
+    export.set_defaults(func=remote.cmd_export)
+
     plot = sub.add_parser("plot", help="save a run's trend, heatmap or layer profile as PNG or SVG")
     plot.add_argument("run", help="run name")
     plot.add_argument("--kind", choices=("trend", "heatmap", "profile"), default="trend",

@@ -227,6 +227,27 @@ def cmd_trend(c, args: argparse.Namespace) -> None:
         print(f"{step:>10} {fmt(value)}")
 
 
+EXPORT_FORMATS = {".csv": "csv", ".parquet": "parquet"}
+
+
+@api_command
+def cmd_export(c, args: argparse.Namespace) -> None:
+    format_ = args.format
+    if args.output and format_ is None:  # from the file name, else CSV
+        format_ = EXPORT_FORMATS.get(Path(args.output).suffix.lower(), "csv")
+    format_ = format_ or "csv"
+    out = Path(args.output or f"{args.run.replace('/', '_')}.{format_}")
+    if out.is_dir():
+        raise CliError(f"{out} is a directory: give a file name with -o, e.g. -o {out / ('scores.' + format_)}",
+                       EXIT_USAGE)
+    try:
+        n = c.export_to(args.run, out, format=format_, metric=args.metric)
+    except OSError as e:
+        raise CliError(f"cannot write {out}: {e.strerror}; pick another file with -o") from None
+    what = f"{args.metric} scores" if args.metric else "scores"
+    print(f"wrote {out} ({format_}, {n} bytes): every stored {what} of run {args.run}")
+
+
 @api_command
 def cmd_plot(c, args: argparse.Namespace) -> None:
     out = Path(args.output or f"{args.run.replace('/', '_')}-{args.metric}-{args.kind}.png")
