@@ -251,3 +251,76 @@ def test_export_writes_csv_and_parquet_whose_rows_are_the_apis_scores(api, tmp_p
     assert "is a directory" in one_line_error(cli(api, "export", run, "-o", str(tmp_path)))
     unwritable = cli(api, "export", run, "-o", str(tmp_path / "no-dir" / "x.csv"))
     assert "cannot write" in one_line_error(unwritable) and unwritable.returncode == 3
+
+
+# ------------------------------------------------------------------ alert rules
+def test_alert_create_list_and_the_firings_of_a_job_that_crosses_the_rule(api):
+    import json
+
+    from services import synthetic_run
+
+    run = f"alerts-{uuid.uuid4().hex[:6]}"
+
+    def score(run_, steps):
+        return synthetic_run(api.db_url, run_, steps, fingerprint=f"al-{run_}", anisotropy=0.2,
+                             pair=lambda step: {"linearity": 0.9, "linearity_nores": 0.3 if step < 25 else 0.7,
+                                                "cosine": 0.8, "norm_ratio": 1.0})
+
+    score(run, (10,))  # the run exists, below the threshold
+    out = cli(api, "alert", "create", run, "--metric", "linearity_nores", "--above", "0.5",
+              "--description", "nores jumps")
+    assert out.returncode == 0, out.stderr
+    rule_id = int(out.stdout.split()[2])
+    assert out.stdout.strip() == f"alert rule {rule_id} on run {run}: linearity_nores layer mean above 0.5 (threshold)"
+    out = cli(api, "alert", "create", run, "--metric", "cosine", "--layer", "1", "--k", "3")
+    assert out.returncode == 0 and out.stdout.strip().endswith(
+        "cosine layer 1 more than 3 sd from the mean of the previous 5 (sigma)"), out.stdout
+    sigma_id = int(out.stdout.split()[2])
+    with api.client() as c:
+        rules = c.alerts(run)
+    assert [(r["id"], r["kind"], r["metric"], r["layer"], r["above"], r["k"], r["window"]) for r in rules] == [
+        (rule_id, "threshold", "linearity_nores", None, 0.5, None, None), (sigma_id, "sigma", "cosine", 1, None, 3, 5)]
+    rows = table(cli(api, "alert", "list", run))
+    assert rows[1][:5] == [str(rule_id), "threshold", "linearity_nores", "layer", "mean"]
+    assert rows[1][-2:] == ["(nores", "jumps)"] and rows[2][:4] == [str(sigma_id), "sigma", "cosine", "layer"]
+    assert json.loads(cli(api, "alert", "list", run, "--json").stdout) == rules
+
+    assert table(cli(api, "alert", "firings", run)) == [["no", "alert", "of", "run", run, "has", "fired"]]
+    jobs_ = score(run, (20, 30))  # 30 crosses 0.5
+    rows = table(cli(api, "alert", "firings", run))
+    assert rows[0] == ["step", "rule", "value", "job", "message"]
+    assert [r[:4] for r in rows[1:]] == [["30", str(rule_id), "0.700000", jobs_[1]]]
+    assert " ".join(rows[1][4:]) == "linearity_nores layer mean is 0.7 at step 30, above 0.5 (was 0.3 at step 20)"
+    with api.client() as c:
+        assert json.loads(cli(api, "alert", "firings", run, "--json").stdout) == c.firings(run)
+
+    out = cli(api, "alert", "delete", run, str(sigma_id))
+    assert out.returncode == 0, out.stderr
+    with api.client() as c:
+        assert [r["id"] for r in c.alerts(run)] == [rule_id]
+
+    refused = cli(api, "alert", "create", run, "--metric", "cosine", "--kind", "sigma")
+    line = one_line_error(refused)
+    assert "a sigma rule needs 'k'" in line and line.endswith("(code invalid_request)") and refused.returncode == 3
+    refused = cli(api, "alert", "create", run, "--metric", "cosine")
+    assert "a threshold rule needs 'above', 'below' or both" in one_line_error(refused)
+    gone = cli(api, "alert", "delete", run, str(sigma_id))
+    assert one_line_error(gone).endswith("(code not_found)")
+    assert one_line_error(cli(api, "alert", "list", "no-such-run")).endswith("(code run_not_found)")
+    assert cli(api, "alert", "create", run, "--metric", "vibes", "--above", "1").returncode == 2
+
+
+def test_alert_create_needs_an_admin_token_and_says_so(api):
+    from layertrack.service.auth import create_token
+    from layertrack.service.db import session_scope
+    from services import synthetic_run
+
+    run = f"alerts-ro-{uuid.uuid4().hex[:6]}"
+    synthetic_run(api.db_url, run, (1,), fingerprint=f"ro-{run}", anisotropy=0.2,
+                  pair=lambda step: {"linearity": 0.9, "linearity_nores": 0.3, "cosine": 0.8, "norm_ratio": 1.0})
+    with session_scope(api.db_url) as s:
+        _row, read_token = create_token(s, "reader", scopes=["read"])
+    out = cli(api, "alert", "create", run, "--metric", "cosine", "--above", "0.9", token=read_token)
+    line = one_line_error(out)
+    assert "lacks the 'admin' scope" in line and line.endswith("(code missing_scope)") and out.returncode == 3
+    assert table(cli(api, "alert", "list", run, token=read_token))[0][:4] == ["run", run, "has", "no"]

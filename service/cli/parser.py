@@ -421,6 +421,43 @@ def build_parser() -> argparse.ArgumentParser:
     ht.add_argument("webhook_id", type=int, help="the subscription's id")
     ht.set_defaults(func=remote.cmd_webhook_test)
 
+    alert = _group(sub, "alert", "trend alert rules of a run: create, list, delete, and their firings")
+    ac = alert.add_parser(
+        "create", help="watch a metric of a run (a layer, or the layer mean) as its jobs succeed",
+        description="Create an alert rule (needs the admin scope), checked each time one of the run's jobs "
+                    "succeeds; each firing is stored ('alert firings') and sent as a trend.alert webhook. "
+                    "threshold: fires when the value crosses --above or --below (or the first value is beyond). "
+                    "sigma: fires when the value is more than --k standard deviations from the mean of the "
+                    "previous --window scored steps.",
+        epilog="examples: alert create my-run --metric linearity_nores --above 0.95; "
+               "alert create my-run --metric cosine --layer 3 --k 3 --window 10")
+    ac.add_argument("run", help="run name")
+    ac.add_argument("--metric", required=True, choices=KNOWN_METRICS, help="the metric to watch")
+    ac.add_argument("--layer", type=int, metavar="N", help="one layer (block pair N → N+1; for anisotropy the "
+                                                           "hidden state N) (default: the layer mean, final-norm "
+                                                           "pair left out)")
+    ac.add_argument("--kind", choices=("threshold", "sigma"),
+                    help="default: sigma when --k or --window is given, else threshold")
+    ac.add_argument("--above", type=float, metavar="X", help="threshold: fire when the value rises above X")
+    ac.add_argument("--below", type=float, metavar="X", help="threshold: fire when the value falls below X")
+    ac.add_argument("--k", type=float, metavar="K", help="sigma: how many standard deviations from the mean")
+    ac.add_argument("--window", type=int, metavar="N",
+                    help="sigma: how many previous scored steps make the mean (2 to 1000; default: 5)")
+    ac.add_argument("--description", default="", metavar="TEXT", help="what the rule is for (up to 200 characters)")
+    ac.set_defaults(func=remote.cmd_alert_create)
+    al = alert.add_parser("list", help="a run's alert rules")
+    al.add_argument("run", help="run name")
+    al.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    al.set_defaults(func=remote.cmd_alert_list)
+    af = alert.add_parser("firings", help="every firing of a run's alert rules, in step order")
+    af.add_argument("run", help="run name")
+    af.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    af.set_defaults(func=remote.cmd_alert_firings)
+    ad = alert.add_parser("delete", help="delete one of a run's alert rules, with its firings (admin scope)")
+    ad.add_argument("run", help="run name")
+    ad.add_argument("rule_id", type=positive_int, metavar="RULE_ID", help="the rule's id (from 'alert list')")
+    ad.set_defaults(func=remote.cmd_alert_delete)
+
     src = sub.add_parser(
         "hook-source", help="create a sender of signed POST /v1/hooks/checkpoint requests (with --prefix: of bucket "
         "notifications to POST /v1/hooks/object-store)",

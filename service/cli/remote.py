@@ -313,6 +313,63 @@ def cmd_hook_source(c, args: argparse.Namespace) -> None:
         print(f"  a checkpoint is submitted when one of {', '.join(src['markers'])} lands")
 
 
+# ------------------------------------------------------------------ trend alerts
+def _condition(rule: dict[str, Any]) -> str:
+    """'above 0.9', 'below 0.1 or above 0.9', '> 3 sigma of the previous 5'."""
+    if rule["kind"] == "sigma":
+        return f"more than {rule['k']:g} sd from the mean of the previous {rule['window']}"
+    sides = [f"below {rule['below']:g}"] if rule.get("below") is not None else []
+    sides += [f"above {rule['above']:g}"] if rule.get("above") is not None else []
+    return " or ".join(sides)
+
+
+def _watched(rule: dict[str, Any]) -> str:
+    return f"{rule['metric']} " + ("layer mean" if rule.get("layer") is None else f"layer {rule['layer']}")
+
+
+@api_command
+def cmd_alert_create(c, args: argparse.Namespace) -> None:
+    kind = args.kind or ("sigma" if args.k is not None or args.window is not None else "threshold")
+    rule = c.create_alert(args.run, metric=args.metric, kind=kind, layer=args.layer, above=args.above,
+                          below=args.below, k=args.k, window=args.window, description=args.description)
+    print(f"alert rule {rule['id']} on run {rule['run']}: {_watched(rule)} {_condition(rule)} ({rule['kind']})")
+
+
+@api_command
+def cmd_alert_list(c, args: argparse.Namespace) -> None:
+    rules = c.alerts(args.run)
+    if args.json:
+        print(json.dumps(rules, indent=2))
+        return
+    if not rules:
+        print(f"run {args.run} has no alert rules ('layertrack alert create {args.run} --metric ...' makes one)")
+        return
+    print(f"{'id':>5}  {'kind':<9}  {'watches':<28}  fires when")
+    for r in rules:
+        note = f"  ({r['description']})" if r.get("description") else ""
+        print(f"{r['id']:>5}  {r['kind']:<9}  {_watched(r):<28}  {_condition(r)}{note}")
+
+
+@api_command
+def cmd_alert_firings(c, args: argparse.Namespace) -> None:
+    fired = c.firings(args.run)
+    if args.json:
+        print(json.dumps(fired, indent=2))
+        return
+    if not fired:
+        print(f"no alert of run {args.run} has fired")
+        return
+    print(f"{'step':>10}  {'rule':>5}  {'value':>10}  {'job':<36}  message")
+    for f in fired:
+        print(f"{f['step']:>10}  {f['rule_id']:>5}  {fmt(f['value'])}  {f.get('job_id') or '-':<36}  {f['message']}")
+
+
+@api_command
+def cmd_alert_delete(c, args: argparse.Namespace) -> None:
+    c.delete_alert(args.run, args.rule_id)
+    print(f"alert rule {args.rule_id} of run {args.run} deleted, with its firings")
+
+
 # ------------------------------------------------------------------ the spool
 def cmd_spool_flush(args: argparse.Namespace) -> int:
     from layertrack.integrations import flush_spool
