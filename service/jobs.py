@@ -299,12 +299,6 @@ def _receipt_taken(session: Session, receipt: Any) -> bool:
         HookReceipt.source_id == receipt.source_id, HookReceipt.msg_id == receipt.msg_id)) is not None
 
 
-def mark_unsent(session: Session, job: Job) -> None:
-    """The broker could not take the job: clear ``enqueued_at`` so the sweeper sends it."""
-    job.enqueued_at = None
-    session.commit()
-
-
 def get_job(session: Session, job_id: str) -> Job:
     job = session.get(Job, job_id) if len(job_id) <= 36 else None
     if job is None:
@@ -347,7 +341,7 @@ def retry(session: Session, job: Job) -> Job:
     job.status = JobStatus.queued
     job.error = job.error_code = None
     job.worker = None
-    job.enqueued_at = None
+    job.enqueued_at = now()  # set before it is sent, as at submission (the sender clears it on failure)
     job.started_at = job.finished_at = job.heartbeat_at = None
     job.progress = None  # a new wait for an incomplete checkpoint starts from now
     job.queued_at = now()
@@ -437,7 +431,7 @@ def defer(db_url: str, job_id: str, worker: str, *, delay_s: float, progress: di
         return res.rowcount == 1
 
 
-def mark_job_unsent(db_url: str, job_id: str) -> None:
+def mark_unsent(db_url: str, job_id: str) -> None:
     """The broker did not take a queued job's message: the sweeper sends it."""
     with session_scope(db_url) as s:
         s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued).values(enqueued_at=None))

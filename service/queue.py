@@ -63,7 +63,6 @@ from celery.exceptions import SoftTimeLimitExceeded
 from layertrack.workers.errors import LayertrackError
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from . import jobs, webhooks
 from .db import session_scope
@@ -112,31 +111,17 @@ app = make_app()
 
 
 # ------------------------------------------------------------------ sending
-def send_job(job_id: str, countdown: float = 0.0) -> bool:
-    """Send the job to the broker (to run ``countdown`` seconds from now); False when the
-    broker cannot be reached (the job stays queued and the sweeper sends it later)."""
+def send_job(db_url: str, job_id: str, *, countdown: float = 0.0) -> bool:
+    """The one way a job is sent to the broker: "score job X" on the ``gpu`` queue, to run
+    ``countdown`` seconds from now. The caller has committed the job as queued with
+    ``enqueued_at`` set (to when it is due). When the broker cannot be reached, ``enqueued_at``
+    is cleared, so the sweeper sends the job once the broker is back, and False is returned."""
     try:
         app.send_task(SCORE_TASK, args=[job_id], queue=GPU_QUEUE, countdown=countdown or None, retry=False)
     except Exception as e:
         log.warning("could not enqueue job %s (%s: %s); the sweeper will retry", job_id, type(e).__name__, e)
+        jobs.mark_unsent(db_url, job_id)
         return False
-    return True
-
-
-def dispatch(session: Session, job: Job) -> None:
-    """Send a job just committed; when the broker is down, mark it unsent for the sweeper."""
-    if not send_job(job.id):
-        jobs.mark_unsent(session, job)
-
-
-def enqueue(db_url: str, job_id: str) -> bool:
-    """Send the job and record when; False (and the job stays unsent) on failure."""
-    if not send_job(job_id):
-        return False
-    with session_scope(db_url) as s:
-        s.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.queued).values(enqueued_at=jobs.now())
-        )
     return True
 
 
@@ -282,7 +267,7 @@ def _resend_jobs(db_url: str, t: datetime, base_s: float, limit: int) -> list[st
         ).all()
     sent = []
     for job_id in ids:
-        if not send_job(job_id):
+        if not send_job(db_url, job_id):
             break
         sent.append(job_id)
     if sent:
@@ -321,11 +306,15 @@ def _sweep(db_url: str, *, stale_after_s: float, requeue_after_s: float) -> dict
         ).all()
     if stale:
         log.warning("re-queued %d job(s) whose worker stopped sending heartbeats: %s", len(stale), stale)
-    sent = 0
+    sent = []
     for job_id in unsent_jobs:  # never sent: send now
-        if not enqueue(db_url, job_id):
+        if not send_job(db_url, job_id):
             break
-        sent += 1
+        sent.append(job_id)
+    if sent:
+        with session_scope(db_url) as s:
+            s.execute(update(Job).where(Job.id.in_(sent), Job.status == JobStatus.queued, Job.enqueued_at.is_(None))
+                      .values(enqueued_at=jobs.now()))
     first, _ = _send_deliveries(webhooks.unsent(db_url, SWEEP_BATCH))
     webhooks.mark_sent(db_url, first)
 
@@ -343,7 +332,7 @@ def _sweep(db_url: str, *, stale_after_s: float, requeue_after_s: float) -> dict
                     "(messages missing from the queues: %s)", len(resent_jobs), len(resent_deliveries), lost)
     with session_scope(db_url) as s:  # replays older than this fail the timestamp check anyway
         s.execute(delete(HookReceipt).where(HookReceipt.received_at < t - timedelta(hours=1)))
-    return {"stale_requeued": len(stale), "sent": sent, "deliveries_sent": len(first),
+    return {"stale_requeued": len(stale), "sent": len(sent), "deliveries_sent": len(first),
             "jobs_resent": len(resent_jobs), "deliveries_resent": len(resent_deliveries)}
 
 
@@ -526,8 +515,7 @@ def _wait_for_upload(settings: Settings, job: jobs.ClaimedJob, worker: str, prog
     }
     if not jobs.defer(settings.db_url, job.id, worker, delay_s=delay, progress=waiting):
         return "discarded: job cancelled or taken over"
-    if not send_job(job.id, countdown=delay):
-        jobs.mark_job_unsent(settings.db_url, job.id)  # the sweeper sends it (sooner than due: harmless)
+    send_job(settings.db_url, job.id, countdown=delay)  # if it fails, the sweeper sends it sooner: harmless
     log.info("job %s: checkpoint incomplete (%s); looking again in %.0f s", job.id, e.message, delay)
     return f"waiting: {e.code}"
 

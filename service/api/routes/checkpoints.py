@@ -25,4 +25,4 @@ def submit_checkpoint(
 ) -> JobOut:
     """Queue a checkpoint for scoring; the same checkpoint again returns the existing job (200)."""
     job, created = jobs.accept_checkpoint(session, body, roots=settings.roots, idempotency_key=idempotency_key)
-    return accepted(session, response, job, created)
+    return accepted(settings.db_url, response, job, created)

@@ -40,4 +40,4 @@ def hook_checkpoint(
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
     job, created = jobs.accept_checkpoint(session, body, roots=settings.roots, receipt=receipt)
-    return accepted(session, response, job, created)
+    return accepted(settings.db_url, response, job, created)

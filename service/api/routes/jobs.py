@@ -42,5 +42,5 @@ def retry_job(job_id: JobId, session: SessionDep, settings: SettingsDep) -> JobO
     """Queue a failed or cancelled job again. The answer is the state this request committed
     (queued), whatever a fast worker has done with it since."""
     out = JobOut.of(jobs.retry(session, jobs.get_job(session, job_id)))
-    queue.enqueue(settings.db_url, out.id)
+    queue.send_job(settings.db_url, out.id)
     return out

@@ -215,7 +215,7 @@ def _record(session: Session, settings, src: HookSource, index: int, rec: S3Reco
     except ServiceError as e:
         return RecordResult(**out, status="refused", code=e.code or "invalid_checkpoint", detail=e.message)
     if created:
-        queue.dispatch(session, job)
+        queue.send_job(settings.db_url, job.id)
         return _job_result(session, out, "accepted", job.id, "submitted: a new job (it waits while files named in "
                            "the shard index are still being uploaded)")
     return _job_result(session, out, "existing", job.id, "the checkpoint was submitted before (the same URI): its "
