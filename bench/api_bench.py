@@ -41,7 +41,7 @@ def log(msg: str) -> None:
 def load(db_url: str) -> None:
     import psycopg
     from layertrack.service.db import session_scope
-    from layertrack.service.jobs import probe_row
+    from layertrack.service.submissions import probe_row
     from sqlalchemy.engine import make_url
 
     with session_scope(db_url) as s:

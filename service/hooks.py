@@ -5,7 +5,7 @@ A hook source has a name and a ``whsec_`` secret (stored encrypted: service/cryp
 request is accepted when its ``webhook-signature`` matches the body signed with an active
 source's secret, its ``webhook-timestamp`` is within TOLERANCE_S of the server's clock, and
 its ``webhook-id`` was not accepted before. The receipt is stored with the job it created,
-in the same transaction (jobs.accept_checkpoint): a submission that fails leaves no
+in the same transaction (submissions.accept_checkpoint): a submission that fails leaves no
 receipt, so the sender's retry with the same webhook-id is accepted.
 
 Bucket notifications (``POST /v1/hooks/object-store?source=NAME``): a source may also map

@@ -134,21 +134,21 @@ def max_delta(a: dict, b: dict) -> float:
 
 def synthetic_run(db_url: str, run: str, steps: tuple[int, ...], *, fingerprint: str,
                   pair: Callable[[int], dict[str, float]], anisotropy: float) -> list[str]:
-    """Synthetic scores through the real completion path (jobs.submit, claim, complete), no
+    """Synthetic scores through the real completion path (submissions.submit, jobs.claim, jobs.complete), no
     worker: at each step a job (checkpoint fingerprint ``fingerprint`` + step) with
     BASE_METRICS, ``pair(step)`` for two blocks and the final-norm pair and ``anisotropy`` for
     four hidden states; the job ids."""
-    from layertrack.service import jobs
+    from layertrack.service import jobs, submissions
     from layertrack.service.db import session_scope
     from layertrack.workers.vocabulary import BASE_METRICS, Phase
 
     ids = []
     for step in steps:
-        sub = jobs.Submission(run=run, step=step, uri=f"/synthetic/{run}/{step}", fingerprint=f"{fingerprint}{step}",
-                              phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
-                              config={"metrics": list(BASE_METRICS)})
+        sub = submissions.Submission(run=run, step=step, uri=f"/synthetic/{run}/{step}",
+                                     fingerprint=f"{fingerprint}{step}", phase=Phase.pretrain, parent_run=None,
+                                     parent_step=None, probe="default", config={"metrics": list(BASE_METRICS)})
         with session_scope(db_url) as s:
-            job, _ = jobs.submit(s, sub)
+            job, _ = submissions.submit(s, sub)
             s.flush()
             ids.append(job.id)
         assert jobs.claim(db_url, ids[-1], "test") is not None

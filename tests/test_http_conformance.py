@@ -23,7 +23,7 @@ METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 def scored_run(db_url: str, run: str, steps: tuple[int, ...]) -> list[str]:
-    """Synthetic scores through the real completion path (jobs.submit, claim, complete), no
+    """Synthetic scores through the real completion path (submissions.submit, jobs.claim, jobs.complete), no
     worker: BASE_METRICS for two blocks and the final-norm pair at each step; the job ids."""
     from services import synthetic_run
 

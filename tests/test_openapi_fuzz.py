@@ -53,7 +53,7 @@ def fuzzed(request, tmp_path_factory, redis_server):
     """An API server (no worker) with something stored for every kind of path parameter; the
     names and ids of what is stored. Webhook targets on 127.0.0.1 are allowed (nothing is
     delivered: no worker runs)."""
-    from layertrack.service import jobs
+    from layertrack.service import jobs, submissions
     from layertrack.service.db import session_scope
     from layertrack.workers.vocabulary import Phase
 
@@ -69,11 +69,11 @@ def fuzzed(request, tmp_path_factory, redis_server):
         svc.start_api()
         stored = {"job_id": scored_run(svc.db_url, RUN, (10, 20, 30))}
         for step, fail in ((40, True), (50, False)):  # a failed job (retry) and a queued one (cancel)
-            sub = jobs.Submission(run=RUN, step=step, uri=f"/synthetic/{step}", fingerprint=f"syn{step}",
-                                  phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
-                                  config={})
+            sub = submissions.Submission(run=RUN, step=step, uri=f"/synthetic/{step}", fingerprint=f"syn{step}",
+                                         phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
+                                         config={})
             with session_scope(svc.db_url) as s:
-                job, _ = jobs.submit(s, sub)
+                job, _ = submissions.submit(s, sub)
                 s.flush()
                 stored["job_id"].append(job.id)
             if fail:

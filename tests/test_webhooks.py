@@ -264,7 +264,7 @@ def test_inbound_signed_hook_accepts_valid_and_refuses_bad_old_and_replayed(live
 def test_alert_rules_fire_exactly_at_the_crossings(live, receiver, monkeypatch):
     """Synthetic scores through the real completion path (jobs.complete on PostgreSQL): the
     firings, and the trend.alert webhooks the webhook worker sends for them."""
-    from layertrack.service import jobs, queue
+    from layertrack.service import jobs, queue, submissions
     from layertrack.service.db import session_scope
     from layertrack.service.settings import Settings
     from layertrack.workers.vocabulary import KNOWN_METRICS, Phase
@@ -279,11 +279,11 @@ def test_alert_rules_fire_exactly_at_the_crossings(live, receiver, monkeypatch):
 
     def finish(step: int) -> None:
         i = step - 1
-        sub = jobs.Submission(run=run, step=step, uri=f"/synthetic/{step}", fingerprint=f"fp{step}",
-                              phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
-                              config={"metrics": list(KNOWN_METRICS)})
+        sub = submissions.Submission(run=run, step=step, uri=f"/synthetic/{step}", fingerprint=f"fp{step}",
+                                     phase=Phase.pretrain, parent_run=None, parent_step=None, probe="default",
+                                     config={"metrics": list(KNOWN_METRICS)})
         with session_scope(live.db_url) as s:
-            job, _ = jobs.submit(s, sub)
+            job, _ = submissions.submit(s, sub)
             s.flush()
             job_id = job.id
         assert jobs.claim(live.db_url, job_id, "test") is not None

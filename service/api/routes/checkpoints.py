@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Response
 
-from ... import jobs
+from ... import submissions
 from ...schemas import CheckpointIn, JobOut
 from ..deps import SessionDep, SettingsDep, submit_scope
 from ..replies import accepted
@@ -24,5 +24,5 @@ def submit_checkpoint(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
     """Queue a checkpoint for scoring; the same checkpoint again returns the existing job (200)."""
-    job, created = jobs.accept_checkpoint(session, body, roots=settings.roots, idempotency_key=idempotency_key)
+    job, created = submissions.accept_checkpoint(session, body, roots=settings.roots, idempotency_key=idempotency_key)
     return accepted(settings.db_url, response, job, created)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from ... import hooks, jobs
+from ... import hooks, submissions
 from ...schemas import CheckpointIn, JobOut
 from ..deps import SessionDep, SettingsDep
 from ..params import HookSourceQ
@@ -39,5 +39,5 @@ def hook_checkpoint(
         body = CheckpointIn.model_validate_json(raw)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
-    job, created = jobs.accept_checkpoint(session, body, roots=settings.roots, receipt=receipt)
+    job, created = submissions.accept_checkpoint(session, body, roots=settings.roots, receipt=receipt)
     return accepted(settings.db_url, response, job, created)

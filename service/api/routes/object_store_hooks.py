@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 
-from ... import hooks, jobs, queue
+from ... import hooks, queue, submissions
 from ...errors import Conflict, ServiceError
 from ...models import HookSource, Job
 from ...schemas import CheckpointIn, bounded_int, text
@@ -208,7 +208,7 @@ def _record(session: Session, settings, src: HookSource, index: int, rec: S3Reco
     if seen:
         return _job_result(session, out, "duplicate", job_id, "this record was received before (a replay): no new job")
     try:
-        job, created = jobs.accept_checkpoint(session, body, roots=settings.roots, receipt=receipt)
+        job, created = submissions.accept_checkpoint(session, body, roots=settings.roots, receipt=receipt)
     except Conflict:  # a twin of this record, sent at the same moment, was taken first
         return _job_result(session, out, "duplicate", hooks.receipt_job(session, receipt)[1],
                            "this record was received before (a replay): no new job")

@@ -1,0 +1,268 @@
+"""The API side of a job: accepting a submitted checkpoint (its checks, the run, checkpoint
+and job rows, idempotency), and what a caller does with a job afterwards (read, list,
+cancel, retry). The worker side (claim, heartbeat, progress, complete, fail) is in
+:mod:`jobs`.
+
+Functions take the request's SQLAlchemy session and commit their own transaction. The
+caller sends a created or retried job to the queue (``queue.send_job``) after the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from layertrack.workers import checkpoint as ckpt_files  # stdlib only: no torch
+from layertrack.workers import locations  # stdlib only: no store client
+from layertrack.workers.errors import LayertrackError
+from layertrack.workers.probe import default_probe
+from layertrack.workers.vocabulary import DEFAULT_PROBE, REPLACEABILITY_METRICS, JobStatus, Phase
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .errors import Conflict, Invalid, NotFound
+from .jobs import check_remote, is_remote, job_metrics, now, require_roots
+from .models import Checkpoint, HookReceipt, Job, Probe, Run
+
+
+def canonical_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class Submission:
+    run: str
+    step: int
+    uri: str
+    fingerprint: str
+    phase: Phase | None
+    parent_run: str | None
+    parent_step: int | None
+    probe: str
+    config: dict[str, Any]
+
+
+class SubmitConflict(Conflict):
+    """The request contradicts what is stored (a run's parent, an Idempotency-Key's body)."""
+
+
+_probe_ids: dict[tuple[str, str], int] = {}  # (database, sha256) -> probes.id; rows never change
+
+
+def probe_row(session: Session, name: str) -> Probe:
+    if name != DEFAULT_PROBE:
+        raise Invalid(f"unknown probe {name!r}; available: {DEFAULT_PROBE}", code="unknown_probe")
+    p = default_probe()
+    key = (str(session.get_bind().url), p.sha256)
+    if key in _probe_ids:
+        row = session.get(Probe, _probe_ids[key])
+        if row is not None:
+            return row
+    row = session.scalar(select(Probe).where(Probe.sha256 == p.sha256))
+    if row is None:
+        row = Probe(name=p.name, sha256=p.sha256, n_chars=p.n_chars)
+        session.add(row)
+        try:
+            session.flush()
+        except IntegrityError:
+            session.rollback()
+            row = session.scalar(select(Probe).where(Probe.sha256 == p.sha256))
+    _probe_ids[key] = row.id
+    return row
+
+
+def _run_row(session: Session, sub: Submission) -> Run:
+    run = session.scalar(select(Run).where(Run.name == sub.run))
+    parent = None
+    if sub.parent_run is not None:
+        parent = session.scalar(select(Run).where(Run.name == sub.parent_run))
+        if parent is None:
+            raise Invalid(f"parent run {sub.parent_run!r} does not exist; submit its checkpoints first")
+    if run is None:
+        phase = sub.phase or (Phase.finetune if parent else Phase.pretrain)
+        run = Run(
+            name=sub.run,
+            phase=phase,
+            parent_run_id=parent.id if parent else None,
+            parent_step=sub.parent_step,
+            meta={},
+            created_at=now(),
+        )
+        session.add(run)  # inserted with the rest at commit: one round trip less
+    elif parent is not None and run.parent_run_id not in (None, parent.id):
+        raise SubmitConflict(f"run {sub.run!r} already has another parent run")
+    elif parent is not None and run.parent_run_id is None:
+        run.parent_run_id, run.parent_step = parent.id, sub.parent_step
+    return run
+
+
+def submit(
+    session: Session, sub: Submission, *, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Store a job for this checkpoint, or return the existing one; (job, created)."""
+    request_hash = canonical_hash(vars(sub))
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise SubmitConflict(
+                    "this Idempotency-Key was already used with a different request; "
+                    "use a new key for a new submission"
+                )
+            return existing, False
+    run = _run_row(session, sub)
+    probe = probe_row(session, sub.probe)
+    ckpt = None if run.id is None else session.scalar(
+        select(Checkpoint).where(
+            Checkpoint.run_id == run.id, Checkpoint.step == sub.step, Checkpoint.fingerprint == sub.fingerprint
+        )
+    )
+    new_checkpoint = ckpt is None
+    if ckpt is None:
+        ckpt = Checkpoint(
+            run=run, step=sub.step, phase=sub.phase or run.phase, uri=sub.uri, fingerprint=sub.fingerprint,
+            created_at=now(),
+        )
+        session.add(ckpt)
+    config_hash = canonical_hash(sub.config)
+    job = None if new_checkpoint else session.scalar(
+        select(Job).where(
+            Job.checkpoint_id == ckpt.id, Job.probe_id == probe.id, Job.config_hash == config_hash
+        )
+    )
+    if job is not None:
+        return job, False
+    job = Job(
+        checkpoint=ckpt,
+        probe=probe,
+        run=run,
+        config=sub.config,
+        config_hash=config_hash,
+        status=JobStatus.queued,
+        attempts=0,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        queued_at=now(),
+        # set before it is sent (after the commit): one transaction less per submission. If
+        # sending fails the API clears it; if the API dies first, the sweeper re-sends the
+        # job after requeue_after_s.
+        enqueued_at=now(),
+    )
+    session.add(job)  # flushed by the caller's commit (a race with a twin raises IntegrityError there)
+    return job, True
+
+
+def accept_checkpoint(
+    session: Session, body: Any, *, roots: list, idempotency_key: str | None = None, receipt: Any = None,
+    remote_roots: list[locations.Location] | None = None,
+) -> tuple[Job, bool]:
+    """Check a submitted checkpoint (``schemas.CheckpointIn``), store its job and commit;
+    (job, created). The same checkpoint again (run, step, content fingerprint, probe and
+    config) gives the stored job. ``receipt`` (a signed hook's HookReceipt) is committed in
+    the same transaction, so a failure leaves neither. The caller sends a created job to the
+    queue after this returns.
+
+    A local checkpoint (a path or file:// URI) must lie under one of ``roots`` and is
+    inspected here (config.json, the weight index: its fingerprint). A remote one (s3://,
+    gs://, az://, hf://, http(s)://) is not read: its URI is parsed (credentials refused)
+    and must lie within one of ``remote_roots`` (default: the session's settings'), and its
+    fingerprint is provisional (:func:`provisional_fingerprint`)."""
+    replaceable = [m for m in body.metrics or [] if m in REPLACEABILITY_METRICS]
+    if replaceable and not body.config.replaceability:
+        raise Invalid(f"metric(s) {', '.join(replaceable)} need config.replaceability = true")
+    config = body.config.model_dump()
+    config["metrics"] = body.metrics or job_metrics(config)
+    if remote_roots is None:
+        settings = session.info.get("settings")
+        remote_roots = settings.remote_roots if settings is not None else []
+    try:
+        if is_remote(body.uri):
+            uri, fingerprint = check_remote(body.uri, remote_roots)
+        else:
+            path = ckpt_files.resolve_checkpoint_path(body.uri, require_roots(roots))
+            info = ckpt_files.inspect_checkpoint(path, allow_pickle=body.config.allow_pickle, check_causal_lm=False)
+            uri, fingerprint = str(path), info.fingerprint
+    except LayertrackError as e:
+        raise Invalid(e.message, code=e.code, title="Invalid checkpoint") from None
+    sub = Submission(
+        run=body.run, step=body.step, uri=uri, fingerprint=fingerprint,
+        phase=Phase(body.phase) if body.phase else None, parent_run=body.parent_run,
+        parent_step=body.parent_step, probe=body.probe, config=config,
+    )
+    for attempt in (1, 2):
+        try:
+            job, created = submit(session, sub, idempotency_key=idempotency_key)
+            if receipt is not None:
+                receipt.job_id = job.id
+                session.add(receipt)
+            session.commit()
+            return job, created
+        except IntegrityError:  # a concurrent identical submission won the race: take its job
+            session.rollback()
+            if receipt is not None and _receipt_taken(session, receipt):
+                raise Conflict(f"webhook id {receipt.msg_id!r} was already accepted; send a new webhook-id for "
+                               "a new submission", title="Replayed webhook") from None
+            if attempt == 2:
+                raise
+        except Exception:
+            session.rollback()
+            raise
+    raise AssertionError("unreachable")
+
+
+def _receipt_taken(session: Session, receipt: Any) -> bool:
+    return session.scalar(select(HookReceipt.id).where(
+        HookReceipt.source_id == receipt.source_id, HookReceipt.msg_id == receipt.msg_id)) is not None
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id) if len(job_id) <= 36 else None
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
+    return job
+
+
+def list_jobs(session: Session, *, run_id: int | None, status: JobStatus | None, limit: int) -> list[Job]:
+    stmt = select(Job).order_by(Job.queued_at.desc()).limit(limit)
+    if run_id is not None:
+        stmt = stmt.where(Job.run_id == run_id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    return list(session.scalars(stmt))
+
+
+class InvalidTransition(Conflict):
+    """The job's state does not allow the change asked for."""
+
+
+def _require(job: Job, allowed: tuple[JobStatus, ...], action: str) -> None:
+    if job.status not in allowed:
+        names = " or ".join(s.value for s in allowed)
+        raise InvalidTransition(f"job {job.id} is {job.status.value}; only {names} jobs can be {action}",
+                                code="invalid_transition")
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """Cancel a queued or running job (a running one's worker discards its result); committed."""
+    _require(job, (JobStatus.queued, JobStatus.running), "cancelled")
+    job.status = JobStatus.cancelled
+    job.finished_at = now()
+    session.commit()
+    return job
+
+
+def retry(session: Session, job: Job) -> Job:
+    """Queue a failed or cancelled job again; committed. The caller sends it to the queue."""
+    _require(job, (JobStatus.failed, JobStatus.cancelled), "retried")
+    job.status = JobStatus.queued
+    job.error = job.error_code = None
+    job.worker = None
+    job.enqueued_at = now()  # set before it is sent, as at submission (the sender clears it on failure)
+    job.started_at = job.finished_at = job.heartbeat_at = None
+    job.progress = None  # a new wait for an incomplete checkpoint starts from now
+    job.queued_at = now()
+    session.commit()
+    return job
