@@ -6,7 +6,8 @@ Scopes (``api_tokens.scopes``, comma separated; tokens made before scopes existe
   exports, plots, compare, alert rules and firings, /metrics);
 - ``submit``: post checkpoints; read, cancel and retry the jobs this token submitted (its
   *own* jobs, ``jobs.token_id``);
-- ``admin``: webhooks, hook sources, alert rules; with ``submit``, cancel and retry any job.
+- ``admin``: webhooks, hook sources, alert rules, deleting runs; with ``submit``, cancel and
+  retry any job.
 
 Run patterns (``api_tokens.run_patterns``, fnmatch-style, comma separated; ``None``: every
 run) limit a token to the runs whose names match one of them (``team-a/*``; ``*`` also
@@ -41,7 +42,7 @@ SCOPES = (READ, SUBMIT, ADMIN)
 SCOPE_HELP = {
     READ: "dashboards and queries: runs, jobs, scores, plots, exports, compare, alert firings, /metrics",
     SUBMIT: "post checkpoints; read, cancel and retry the jobs this token submitted",
-    ADMIN: "webhooks, hook sources and alert rules; with submit, cancel and retry any job",
+    ADMIN: "webhooks, hook sources, alert rules and deleting runs; with submit, cancel and retry any job",
 }
 #: room in api_tokens.run_patterns
 MAX_PATTERNS_CHARS = 500

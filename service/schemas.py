@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 from . import alerts
 from .models import AlertFiring, AlertRule, Delivery, HookSource, Job, Webhook
 from .queries import RunSummary
+from .run_deletion import RunContents
 
 #: a metric's name (an enum in the OpenAPI document)
 MetricName = Literal[KNOWN_METRICS]  # type: ignore[valid-type]
@@ -263,6 +264,28 @@ class RunOut(BaseModel):
         return cls(name=run.name, phase=run.phase.value, parent_run=run.parent.name if run.parent else None,
                    parent_step=run.parent_step, created_at=run.created_at, last_step=summary.last_step,
                    n_checkpoints=summary.n_checkpoints, jobs=summary.jobs, last_activity=summary.last_activity)
+
+
+class RunDeletionOut(BaseModel):
+    """What deleting a run removed (``deleted``), or would remove (``dry_run``)."""
+
+    run: str
+    deleted: bool = Field(description="false: a dry run, nothing was deleted")
+    jobs: int
+    checkpoints: int
+    scores: int
+    alert_rules: int
+    alert_firings: int
+    webhooks: int = Field(description="webhook subscriptions limited to this run (every-run ones are kept)")
+    webhook_deliveries: int = Field(description="the deliveries of those subscriptions")
+    active_jobs: list[str] = Field(description="queued or running jobs: while there are any, the run is not deleted")
+    child_runs: list[str] = Field(description="fine-tunes of the run: kept, with their scores, without a parent")
+
+    @classmethod
+    def of(cls, c: RunContents, *, deleted: bool) -> RunDeletionOut:
+        return cls(run=c.run, deleted=deleted, jobs=c.jobs, checkpoints=c.checkpoints, scores=c.scores,
+                   alert_rules=c.alert_rules, alert_firings=c.alert_firings, webhooks=c.webhooks,
+                   webhook_deliveries=c.webhook_deliveries, active_jobs=c.active_jobs, child_runs=c.child_runs)
 
 
 # ------------------------------------------------------------------ webhooks

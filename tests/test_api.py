@@ -11,7 +11,7 @@ import httpx
 import pytest
 from layertrack.service.auth import create_token, revoke
 from layertrack.service.db import session_scope
-from layertrack.service.models import Checkpoint, Job, Run, Score
+from layertrack.service.models import AlertFiring, AlertRule, Checkpoint, Delivery, Job, Run, Score, Webhook
 from sqlalchemy import func, select
 
 
@@ -51,7 +51,7 @@ README_ROUTES = {
     ("GET", "/v1/runs/{}/scores"), ("GET", "/v1/runs/{}/export"), ("GET", "/v1/compare"), ("GET", "/v1/meta"),
     ("PATCH", "/v1/webhooks/{}"), ("POST", "/v1/webhooks/{}/deliveries/{}/redeliver"), ("POST", "/v1/hook-sources"),
     ("GET", "/v1/runs/{}/alerts/firings"), ("GET", "/v1/runs/{}/profile"), ("GET", "/v1/runs/{}/heatmap/plot.{}"),
-    ("GET", "/metrics"),
+    ("GET", "/metrics"), ("DELETE", "/v1/runs/{}"),
 }
 PARAM_VALUES = {"job_id": "x", "run": "x", "delivery_id": "x", "name": "x", "fmt": "png"}  # ids: "1"
 
@@ -251,3 +251,105 @@ def test_run_names_with_a_slash_work_in_the_run_routes(api_service, ckpt):
         assert h.get(f"/v1/runs/{run}/trend").json()["steps"] == []
         assert [j["id"] for j in h.get("/v1/jobs", params={"run": run}).json()] == [job["id"]]
         assert [x["name"] for x in h.get("/v1/runs", params={"name": run}).json()] == [run]
+
+
+# ------------------------------------------------------------------ deleting a run
+def scores_of(svc, run_name: str) -> dict:
+    """Every stored score of a run, straight from the database: {(step, metric, layer): value}."""
+    with session_scope(svc.db_url) as s:
+        rows = s.execute(select(Score.step, Score.metric, Score.layer, Score.value).join(Run, Run.id == Score.run_id)
+                         .where(Run.name == run_name)).all()
+    return {(step, m, layer): v for step, m, layer, v in rows}
+
+
+def rows_of_run(svc, run_id: int) -> dict[str, int]:
+    with session_scope(svc.db_url) as s:
+        return {t.__tablename__: s.scalar(select(func.count()).select_from(t).where(t.run_id == run_id))
+                for t in (Checkpoint, Job, Score, AlertRule, AlertFiring, Webhook)}
+
+
+def test_deleting_a_run_needs_admin_and_leaves_nothing_of_it_in_any_read_route(api_service, ckpt):
+    from services import synthetic_run
+
+    tag = uuid.uuid4().hex[:6]
+    run, neighbour = f"org-{tag}/doomed", f"org-{tag}/kept"
+
+    def score(name: str, steps: tuple[int, ...]) -> list[str]:
+        return synthetic_run(api_service.db_url, name, steps, fingerprint=f"del-{name}", anisotropy=0.3,
+                             pair=lambda step: {"linearity": 0.9, "linearity_nores": 0.2 if step < 15 else 0.8,
+                                                "cosine": 0.8, "norm_ratio": 1.1})
+
+    scored = score(run, (10,))
+    score(neighbour, (10, 20))
+    with api_service.http() as h:  # every token scope
+        assert h.post(f"/v1/runs/{run}/alerts", json={"metric": "linearity_nores", "kind": "threshold",
+                                                     "above": 0.5}).status_code == 201
+        own_hook = h.post("/v1/webhooks", json={"url": "http://8.8.8.8/doomed", "run": run}).json()["id"]
+        every_run_hook = h.post("/v1/webhooks", json={"url": "http://8.8.8.8/every-run"}).json()["id"]
+        scored += score(run, (20,))  # fires the rule: job.succeeded and trend.alert to each webhook
+        assert len(h.get(f"/v1/runs/{run}/alerts/firings").json()) == 1
+        kept_deliveries = {d["id"] for d in h.get(f"/v1/webhooks/{every_run_hook}/deliveries").json()}
+        assert any(d["payload"]["data"].get("run") == run for d in
+                   h.get(f"/v1/webhooks/{every_run_hook}/deliveries").json())
+        ft = shutil.copytree(ckpt, api_service.roots / f"ft-{tag}")
+        child = h.post("/v1/checkpoints", json=body(ft, run=f"org-{tag}/child", parent_run=run, parent_step=20))
+        assert child.status_code == 202, child.text
+    with session_scope(api_service.db_url) as s:
+        run_id = s.scalar(select(Run.id).where(Run.name == run))
+        tokens = {scope: create_token(s, f"{scope}-{tag}", scopes=[scope])[1] for scope in ("read", "submit", "admin")}
+    before = rows_of_run(api_service, run_id)
+    assert before == {"checkpoints": 2, "jobs": 2, "scores": 32, "alert_rules": 1, "alert_firings": 1, "webhooks": 1}
+    neighbour_scores = scores_of(api_service, neighbour)
+    assert len(neighbour_scores) == 32
+
+    def delete(token: str, name: str = run, **params) -> httpx.Response:
+        return httpx.delete(f"{api_service.url}/v1/runs/{name}", params=params, timeout=30,
+                            headers={"Authorization": f"Bearer {token}"})
+
+    for scope in ("read", "submit"):  # refused, and nothing is gone
+        r = delete(tokens[scope])
+        assert r.status_code == 403 and r.json()["code"] == "missing_scope", r.text
+        assert "lacks the 'admin' scope" in r.json()["detail"]
+    assert rows_of_run(api_service, run_id) == before
+
+    dry = delete(tokens["admin"], dry_run="true")
+    assert dry.status_code == 200, dry.text
+    assert dry.json() == {"run": run, "deleted": False, "jobs": 2, "checkpoints": 2, "scores": 32, "alert_rules": 1,
+                          "alert_firings": 1, "webhooks": 1, "webhook_deliveries": 2, "active_jobs": [],
+                          "child_runs": [f"org-{tag}/child"]}
+    assert rows_of_run(api_service, run_id) == before
+
+    with api_service.http() as h:  # a queued job of the run: refused until it is cancelled
+        queued = h.post("/v1/checkpoints", json=body(ckpt, run=run, step=30)).json()["id"]
+        r = delete(tokens["admin"])
+        assert r.status_code == 409 and r.json()["code"] == "run_has_active_jobs", r.text
+        assert f"1 queued or running job(s) ({queued}): cancel them first" in r.json()["detail"]
+        assert delete(tokens["admin"], dry_run="true").json()["active_jobs"] == [queued]
+        assert h.post(f"/v1/jobs/{queued}/cancel").json()["status"] == "cancelled"
+
+    r = delete(tokens["admin"])
+    assert r.status_code == 200, r.text
+    assert r.json() == {**dry.json(), "deleted": True, "jobs": 3, "checkpoints": 3}
+    assert rows_of_run(api_service, run_id) == dict.fromkeys(before, 0)
+    with api_service.http() as h:
+        for path in ("", "/scores", "/trend", "/heatmap", "/profile", "/export", "/alerts", "/alerts/firings",
+                     "/trend/plot.svg", "/heatmap/plot.svg", "/profile/plot.svg"):
+            r = h.get(f"/v1/runs/{run}{path}")
+            assert r.status_code == 404 and r.json()["code"] == "run_not_found", (path, r.text)
+        for path in (f"/v1/compare?runs={run}", f"/v1/jobs?run={run}"):
+            assert h.get(path).json()["code"] == "run_not_found", path
+        assert run not in {x["name"] for x in h.get("/v1/runs").json()}
+        listed = {j["id"] for j in h.get("/v1/jobs", params={"limit": 1000}).json()}
+        for job in (*scored, queued):
+            assert h.get(f"/v1/jobs/{job}").status_code == 404 and job not in listed
+        assert h.get(f"/v1/webhooks/{own_hook}").status_code == 404  # limited to the run: gone with it
+        assert {d["id"] for d in h.get(f"/v1/webhooks/{every_run_hook}/deliveries").json()} >= kept_deliveries
+        kid = h.get(f"/v1/runs/org-{tag}/child").json()  # the fine-tune stays, without a parent
+        assert (kid["parent_run"], kid["parent_step"], kid["jobs"]["queued"]) == (None, None, 1)
+        assert scores_of(api_service, neighbour) == neighbour_scores
+        r = h.delete(f"/v1/runs/{run}")
+        assert r.status_code == 404 and r.json()["code"] == "run_not_found"
+        assert h.delete("/v1/runs/no-such-run", params={"dry_run": "true"}).json()["code"] == "run_not_found"
+    with session_scope(api_service.db_url) as s:  # nothing left over that pointed at the run or its jobs
+        assert s.scalar(select(func.count()).select_from(Score).where(Score.job_id.in_(scored))) == 0
+        assert s.scalar(select(func.count()).select_from(Delivery).where(Delivery.webhook_id == own_hook)) == 0

@@ -6,6 +6,7 @@ a read token and says that Retry and Cancel need submit.
 
 token kind (scopes; runs) -> read routes / reading jobs / submit, cancel, retry / admin routes / /metrics:
 - every scope (tokens from before scopes, up's first): yes / every job / every job / yes / yes
+(admin routes: webhooks, hook sources, alert rules, deleting a run)
 - read: yes / every job / 403 submit / 403 admin / yes
 - submit: 403 read / its own jobs, others 403 read / its own jobs, others 403 admin / 403 admin / 403 read
 - admin: 403 read / 403 read / 403 submit / yes / 403 read
@@ -75,6 +76,7 @@ TABLE = {
     ("GET", "/v1/runs/{run}/export"): READ,
     ("GET", "/v1/compare"): READ,
     ("GET", "/v1/runs/{run}"): READ,
+    ("DELETE", "/v1/runs/{run}"): ADMIN,
 }
 
 KINDS = ("full", "read", "submit", "admin", "limited")
@@ -206,6 +208,10 @@ def cases(w: World, kind: str, method: str, path: str, rule: str):
             "/v1/hook-sources": {"name": f"walk-{uuid.uuid4().hex[:8]}"},
             "/v1/runs/{run}/alerts": {"metric": "linearity", "kind": "threshold", "above": 0.5},
         }.get(path)
+    if (method, path) == ("DELETE", "/v1/runs/{run}"):  # a dry run: the walk's runs and jobs must stay
+        for letter in "ab":
+            yield f"/v1/runs/{w.run(letter)}?dry_run=true", None, expect(outside_runs=letter == "b")
+        return
     url = (path.replace("{webhook_id}", str(w.webhook)).replace("{delivery_id}", w.delivery)
            .replace("{name}", w.source).replace("{rule_id}", str(w.rule)).replace("{fmt}", "svg"))
     if "{run}" in url:

@@ -1,5 +1,5 @@
 """Runs and their scores: list, read, per-layer series, layer-mean trends, heatmaps,
-per-layer profiles, exports, and several runs compared.
+per-layer profiles, exports, several runs compared; and deleting a run (admin).
 
 A run's name may contain ``/`` (``org/llama-350m``): every route takes it as ``{run:path}``.
 The routes with a suffix (``/trend`` ...) are declared before ``GET /runs/{run:path}``, which
@@ -10,19 +10,22 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import StreamingResponse
 
-from ... import queries
+from ... import queries, run_deletion
 from ...errors import Invalid
-from ...schemas import RunOut
-from ..deps import SessionDep, read_scope
+from ...schemas import RunDeletionOut, RunOut
+from ..deps import SessionDep, admin_scope, read_scope
 from ..params import LayerQ, MaxPoints, MaxSteps, MetricQ, NameContainsQ, RunPath, RunsQ, StepQ, Steps
+from ..problems import problem_responses
 
 router = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(read_scope)])
 
+#: DELETE /v1/runs/{run}?dry_run=true: count what would be deleted, delete nothing
+DryRunQ = Annotated[bool, Query(description="true: only count what would be deleted, and delete nothing")]
 EXPORT_COLUMNS = ["run", "step", "layer", "metric", "value", "final_norm", "job_id"]
 
 
@@ -146,8 +149,23 @@ def read_run(run: RunPath, session: SessionDep) -> RunOut:
     return RunOut.of(queries.run_summary(session, queries.get_run(session, run)))
 
 
+def delete_run(run: RunPath, session: SessionDep, dry_run: DryRunQ = False) -> RunDeletionOut:
+    """Delete the run with its checkpoints, jobs and scores, its alert rules and their firings,
+    and the webhook subscriptions limited to it (with their deliveries); its fine-tunes are
+    kept without a parent. The answer counts what was deleted; with ``dry_run=true``, what
+    would be, and nothing is. 409 (``run_has_active_jobs``) while it has queued or running
+    jobs: cancel them first."""
+    r = queries.get_run(session, run)
+    if dry_run:
+        return RunDeletionOut.of(run_deletion.contents(session, r), deleted=False)
+    return RunDeletionOut.of(run_deletion.delete_run(session, r), deleted=True)
+
+
 #: declared by create_app after every other /v1/runs/{run:path}/... route, which it would match
-last = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(read_scope)])
+last = APIRouter(prefix="/v1", tags=["runs"])
 #: {run:run} (problems.RunNameConvertor): no run name has a view's word as a part, so GET on a longer
 #: run path (/v1/runs/x/alerts/5, which only DELETE takes) is 405, not "no run named 'x/alerts/5'"
-last.add_api_route("/runs/{run:run}", read_run, methods=["GET"], response_model=RunOut)
+last.add_api_route("/runs/{run:run}", read_run, methods=["GET"], response_model=RunOut,
+                   dependencies=[Depends(read_scope)])
+last.add_api_route("/runs/{run:run}", delete_run, methods=["DELETE"], response_model=RunDeletionOut,
+                   dependencies=[Depends(admin_scope)], responses=problem_responses(409))
