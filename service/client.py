@@ -72,6 +72,24 @@ class RunInfo(TypedDict):
     last_activity: str
 
 
+class RunDeletion(TypedDict):
+    run: str
+    #: False: a dry run, nothing was deleted
+    deleted: bool
+    jobs: int
+    checkpoints: int
+    scores: int
+    alert_rules: int
+    alert_firings: int
+    #: webhook subscriptions limited to the run, and their deliveries
+    webhooks: int
+    webhook_deliveries: int
+    #: queued or running jobs: while there are any, the run is not deleted
+    active_jobs: list[str]
+    #: fine-tunes of the run: kept, without a parent
+    child_runs: list[str]
+
+
 class Series(TypedDict):
     layer: int
     final_norm: bool
@@ -273,6 +291,13 @@ class Client:
 
     def run(self, name: str) -> RunInfo:
         return self._request("GET", f"/v1/runs/{_run(name)}").json()
+
+    def delete_run(self, name: str, *, dry_run: bool = False) -> RunDeletion:
+        """Delete a run with its checkpoints, jobs, scores, alert rules and firings and the
+        webhooks limited to it (admin scope); ``dry_run``: only count what would go. ApiError
+        409 (code ``run_has_active_jobs``) while it has queued or running jobs."""
+        params = {"dry_run": "true"} if dry_run else None
+        return self._request("DELETE", f"/v1/runs/{_run(name)}", params=params).json()
 
     def scores(self, run: str, *, metric: str = "linearity", **params) -> dict:
         """{"run", "metric", "series": [Series per layer]}; params: layer, from_step, to_step, max_points."""

@@ -324,3 +324,47 @@ def test_alert_create_needs_an_admin_token_and_says_so(api):
     line = one_line_error(out)
     assert "lacks the 'admin' scope" in line and line.endswith("(code missing_scope)") and out.returncode == 3
     assert table(cli(api, "alert", "list", run, token=read_token))[0][:4] == ["run", run, "has", "no"]
+
+
+# ------------------------------------------------------------------ deleting a run
+def test_runs_delete_says_what_would_go_and_deletes_only_with_yes(api, ckpt):
+    from layertrack.service.auth import create_token
+    from layertrack.service.client import ApiError
+    from layertrack.service.db import session_scope
+    from services import synthetic_run
+
+    run = f"org/delete-{uuid.uuid4().hex[:6]}"
+    scored = synthetic_run(api.db_url, run, (1, 2), fingerprint=f"del-{run}", anisotropy=0.2,
+                           pair=lambda step: {"linearity": 0.9, "linearity_nores": 0.3, "cosine": 0.8,
+                                              "norm_ratio": 1.0})
+    queued = job_id(cli(api, "submit", run, "3", str(ckpt)))
+
+    out = cli(api, "runs", "delete", run)
+    assert one_line_error(out) == (f"error: run '{run}' was not deleted: add --yes to delete it and all of the above")
+    assert out.returncode == 2
+    assert out.stdout.splitlines() == [
+        f"run {run}: deleting it would delete 3 jobs, 3 checkpoints, 32 scores",
+        f"  1 job(s) are queued or running ({queued}): cancel them first ('layertrack cancel JOB')"]
+    refused = cli(api, "runs", "delete", run, "--yes")
+    line = one_line_error(refused)
+    assert line.startswith(f"error: run '{run}' has 1 queued or running job(s) ({queued}): cancel them first")
+    assert line.endswith("(code run_has_active_jobs)") and refused.returncode == 3
+    with session_scope(api.db_url) as s:
+        _row, read_token = create_token(s, "reader", scopes=["read"])
+    refused = cli(api, "runs", "delete", run, token=read_token)
+    assert "lacks the 'admin' scope" in one_line_error(refused) and refused.returncode == 3
+    with api.client() as c:
+        assert c.run(run)["jobs"]["queued"] == 1 and len(c.export(run).splitlines()) == 33  # untouched
+
+    assert cli(api, "cancel", queued).returncode == 0
+    out = cli(api, "runs", "delete", run, "--yes")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"deleted run {run}: 3 jobs, 3 checkpoints, 32 scores"]
+    with api.client() as c:
+        for read in (lambda: c.run(run), lambda: c.trend(run), lambda: c.job(scored[0]), lambda: c.job(queued)):
+            with pytest.raises(ApiError) as e:
+                read()
+            assert e.value.status == 404 and e.value.code in ("run_not_found", "job_not_found")
+    assert run not in cli(api, "runs").stdout
+    assert one_line_error(cli(api, "runs", "delete", run, "--yes")) == (
+        f"error: no run named '{run}' (code run_not_found)")

@@ -326,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--name", metavar="TEXT", help="only runs whose name contains TEXT (default: every run)")
     runs.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     runs.set_defaults(func=remote.cmd_runs)
+    runs_actions = runs.add_subparsers(dest="runs_action", metavar="ACTION", title="actions")
+    rd = runs_actions.add_parser(
+        "delete", help="delete a run and what belongs only to it (admin scope; asks for --yes)",
+        description="Delete a run with its checkpoints, jobs and scores, its alert rules and their firings, and the "
+                    "webhook subscriptions limited to it (with their deliveries). Webhooks of every run, their "
+                    "delivery logs and the run's fine-tunes (which lose their parent) stay. A run with queued or "
+                    "running jobs is not deleted: cancel them first. Without --yes, nothing is deleted: the command "
+                    "says what would be, and exits 2. Needs a token with the admin scope.")
+    rd.add_argument("run", help="run name")
+    rd.add_argument("--yes", action="store_true", help="really delete it (default: only say what would be deleted)")
+    rd.set_defaults(func=remote.cmd_runs_delete)
 
     trend = sub.add_parser("trend", help="print a run's layer-mean trend per step")
     trend.add_argument("run", help="run name")

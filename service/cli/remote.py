@@ -214,6 +214,38 @@ def cmd_runs(c, args: argparse.Namespace) -> None:
               f"{r['name']}{parent}")
 
 
+def _what_goes(d: dict[str, Any]) -> str:
+    """'3 jobs, 2 checkpoints, 96 scores, 1 alert rule with 1 firing, 1 webhook with 2 deliveries'."""
+    def n(k: int, one: str, many: str | None = None) -> str:
+        return f"{k} {one if k == 1 else (many or one + 's')}"
+
+    parts = [n(d["jobs"], "job"), n(d["checkpoints"], "checkpoint"), n(d["scores"], "score")]
+    if d["alert_rules"] or d["alert_firings"]:
+        parts.append(f"{n(d['alert_rules'], 'alert rule')} with {n(d['alert_firings'], 'firing')}")
+    if d["webhooks"]:
+        parts.append(f"{n(d['webhooks'], 'webhook subscription')} limited to it, with "
+                     f"{n(d['webhook_deliveries'], 'delivery', 'deliveries')}")
+    return ", ".join(parts)
+
+
+@api_command
+def cmd_runs_delete(c, args: argparse.Namespace) -> int | None:
+    if not args.yes:
+        d = c.delete_run(args.run, dry_run=True)
+        print(f"run {d['run']}: deleting it would delete {_what_goes(d)}")
+        if d["child_runs"]:
+            print(f"  its fine-tune(s) {', '.join(d['child_runs'])} would stay, without a parent")
+        if d["active_jobs"]:
+            print(f"  {len(d['active_jobs'])} job(s) are queued or running ({', '.join(d['active_jobs'][:5])}): "
+                  "cancel them first ('layertrack cancel JOB')")
+        raise CliError(f"run {args.run!r} was not deleted: add --yes to delete it and all of the above", EXIT_USAGE)
+    d = c.delete_run(args.run)
+    print(f"deleted run {d['run']}: {_what_goes(d)}")
+    if d["child_runs"]:
+        print(f"  its fine-tune(s) {', '.join(d['child_runs'])} stay, without a parent")
+    return None
+
+
 # ------------------------------------------------------------------ results
 @api_command
 def cmd_trend(c, args: argparse.Namespace) -> None:
