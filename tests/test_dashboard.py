@@ -430,3 +430,57 @@ def test_api_docs_work_offline(browser, live):
     shot(pg, "docs")
     ctx.close()
     assert outside == [] and errors == [], (outside, errors)
+
+
+def test_deleting_a_run_from_its_page_after_confirming(page, live, browser):
+    """The Delete button says what would go (the API's dry run), Keep leaves the run, Delete
+    removes it and goes back to the runs list; with a token without admin the button is
+    disabled and says why. No console error on the way (the page fixture checks)."""
+    from layertrack.service.auth import create_token
+    from layertrack.service.db import session_scope
+
+    run = f"org/doomed-{uuid.uuid4().hex[:4]}"
+    flat_run(live.db_url, run, (1, 2))
+    with live.client() as c:
+        c.create_alert(run, metric="cosine", kind="threshold", below=0.5)
+    page.goto(f"{live.url}/runs/{run}")
+    wait_chart(page, "heatmap", 1)
+    page.click("#delete-run")
+    page.wait_for_selector("#delete-dialog[open]")
+    page.wait_for_selector("#delete-confirm:enabled")
+    assert page.inner_text("#delete-what") == ("This deletes 2 jobs, 2 checkpoints, 32 scores, 1 alert rule with "
+                                               "0 firings.")
+    shot(page, "run-delete-dialog")
+    page.click("#delete-keep")
+    page.wait_for_selector("#delete-dialog[open]", state="detached")
+    with live.client() as c:
+        assert c.run(run)["jobs"]["succeeded"] == 2  # kept
+
+    page.click("#delete-run")
+    page.wait_for_selector("#delete-confirm:enabled")
+    page.click("#delete-confirm")
+    page.wait_for_function("() => location.pathname === '/' && document.getElementById('status').textContent"
+                           ".startsWith('deleted run ')")
+    assert page.inner_text("#status") == (f"deleted run {run}: 2 jobs, 2 checkpoints, 32 scores, 1 alert rule "
+                                          "with 0 firings")
+    page.wait_for_selector("#runs tbody tr")
+    assert run not in page.eval_on_selector_all("#runs tbody tr[data-run]", "rs => rs.map(r => r.dataset.run)")
+    assert live.runs["pre"] in page.eval_on_selector_all("#runs tbody tr[data-run]", "rs => rs.map(r => r.dataset.run)")
+    assert httpx.get(f"{live.url}/v1/runs/{run}", headers={"Authorization": f"Bearer {live.token}"}).status_code == 404
+
+    with session_scope(live.db_url) as s:
+        _row, read_token = create_token(s, "dash-reader", scopes=["read"])
+    ctx = browser.new_context(viewport={"width": 1366, "height": 900})
+    pg = ctx.new_page()
+    errors = watch_errors(pg)
+    pg.goto(live.url + "/")
+    pg.fill("#token-input", read_token)
+    pg.click("button[type=submit]")
+    pg.wait_for_selector("#runs tbody tr")
+    pg.goto(f"{live.url}/runs/{live.runs['pre']}")
+    wait_chart(pg, "heatmap", 1)
+    button = pg.locator("#delete-run")
+    assert button.is_disabled()
+    assert button.get_attribute("title") == "needs a token with the admin scope; this one has: read"
+    ctx.close()
+    assert errors == [], errors

@@ -377,3 +377,43 @@ def test_the_client_with_a_submit_token_reads_its_own_jobs(world):
         with pytest.raises(ApiError) as e:
             c.runs()
         assert e.value.status == 403
+
+
+def test_dashboard_delete_waits_for_queued_jobs_and_shows_the_refusal(world):
+    """An admin token on a run with queued jobs: the dialog says to cancel them first and
+    offers no Delete; the API's refusal is what a forced click shows."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("the browser tests need Debian's chromium (apt-get install chromium; .ci/run installs it)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_context(viewport={"width": 1366, "height": 900}).new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.goto(world.svc.url + "/")
+            page.fill("#token-input", world.tokens["full"])
+            page.click("button[type=submit]")
+            page.wait_for_selector("#runs tbody tr")
+            page.goto(f"{world.svc.url}/runs/{world.run_a}")
+            page.click("#delete-run")
+            page.wait_for_function("() => document.getElementById('delete-what').textContent.includes('queued')")
+            with world.svc.http() as h:
+                active = len(h.delete(f"/v1/runs/{world.run_a}", params={"dry_run": "true"}).json()["active_jobs"])
+            assert active >= 3
+            assert page.inner_text("#delete-what").endswith(
+                f"{active} jobs are still queued or running: cancel them on the Jobs page first.")
+            assert page.locator("#delete-confirm").is_disabled()
+            assert errors == [], errors
+            page.evaluate("document.getElementById('delete-confirm').disabled = false")  # as if a job finished
+            page.click("#delete-confirm")
+            page.wait_for_function("() => document.getElementById('run-error').textContent !== ''")
+            shown = page.inner_text("#run-error")
+            assert shown.startswith(f"delete refused: run '{world.run_a}' has {active} queued or running job(s)"), shown
+            assert all("409" in e for e in errors) and errors, errors  # the browser logs the refused request
+            with world.svc.http() as h:
+                assert h.get(f"/v1/runs/{world.run_a}").status_code == 200
+        finally:
+            browser.close()

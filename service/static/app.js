@@ -183,7 +183,15 @@ async function runPage(name) {
       <label for="metric">metric for the heatmap and the profile</label>
       <select id="metric">${meta.all().map((m) => `<option value="${esc(m)}" title="${esc(meta.label(m))}">${esc(m)}</option>`).join("")}</select>
       <button id="png" type="button">Download PNGs</button><button id="svg" type="button">Download SVGs</button>
+      ${deleteButton()}
     </div>
+    <p id="run-error" class="error" role="alert"></p>
+    <dialog id="delete-dialog" aria-labelledby="delete-title">
+      <form method="dialog"><h2 id="delete-title">Delete run ${esc(run.name)}?</h2>
+        <p id="delete-what" class="muted">counting what would be deleted…</p>
+        <p>This cannot be undone.</p>
+        <div class="controls"><button id="delete-confirm" class="danger" type="button" disabled>Delete</button>
+          <button id="delete-keep" type="submit" value="keep">Keep it</button></div></form></dialog>
     <h2>Layer mean per step</h2>
     <div class="grid" id="trends">${METRICS.map((m) => `<div class="chart" id="trend-${m}" data-metric="${m}"></div>`).join("")}</div>
     <h2>Step × layer</h2><div class="chart tall" id="heatmap"></div>
@@ -276,9 +284,59 @@ async function runPage(name) {
       }
     });
   }
+  wireDelete(name);
   const all = async () => { await drawTrends(); await drawHeatmap(); await drawProfile(); };
   await all();
   every(all);
+}
+
+// Deleting a run (DELETE /v1/runs/{run}) needs the admin scope: without it the button is
+// shown disabled, saying so. It opens a dialog that says what would go (the API's dry run)
+// and deletes only when confirmed; any refusal (409: jobs still queued or running) is shown.
+function deleteButton() {
+  const why = meta.can("admin") ? "" : ` disabled title="needs a token with the admin scope; this one has: ${esc(((META.token || {}).scopes || []).join(", ") || "none")}"`;
+  return `<button id="delete-run" class="danger" type="button"${why}>Delete run…</button>`;
+}
+
+function plural(n, one, many) { return `${n} ${n === 1 ? one : (many || one + "s")}`; }
+
+function whatGoes(d) {
+  const parts = [plural(d.jobs, "job"), plural(d.checkpoints, "checkpoint"), plural(d.scores, "score")];
+  if (d.alert_rules) parts.push(`${plural(d.alert_rules, "alert rule")} with ${plural(d.alert_firings, "firing")}`);
+  if (d.webhooks) parts.push(`${plural(d.webhooks, "webhook subscription")} limited to it`);
+  return parts.join(", ");
+}
+
+function wireDelete(name) {
+  const dialog = document.getElementById("delete-dialog"), what = document.getElementById("delete-what");
+  const confirmButton = document.getElementById("delete-confirm"), shown = document.getElementById("run-error");
+  document.getElementById("delete-run").addEventListener("click", async () => {
+    confirmButton.disabled = true;
+    what.textContent = "counting what would be deleted…";
+    dialog.showModal();
+    try {
+      const d = await api(runApi(name, "?dry_run=true"), { method: "DELETE" });
+      let text = `This deletes ${whatGoes(d)}.`;
+      if (d.child_runs.length) text += ` Its fine-tunes (${d.child_runs.join(", ")}) stay, without a parent.`;
+      if (d.active_jobs.length) text += ` ${plural(d.active_jobs.length, "job is", "jobs are")} still queued or running: cancel them on the Jobs page first.`;
+      what.textContent = text;
+      confirmButton.disabled = d.active_jobs.length > 0;
+    } catch (err) { what.textContent = `cannot delete it: ${err.message}`; }
+  });
+  confirmButton.addEventListener("click", async () => {
+    confirmButton.disabled = true;
+    try {
+      const d = await api(runApi(name), { method: "DELETE" });
+      dialog.close();
+      stop();
+      history.pushState(null, "", "/");
+      await route();
+      setStatus(`deleted run ${d.run}: ${whatGoes(d)}`);
+    } catch (err) {
+      dialog.close();
+      shown.textContent = `delete refused: ${err.message}`;
+    }
+  });
 }
 
 // ------------------------------------------------------------------ jobs
