@@ -7,6 +7,14 @@ first; the job runs streamed (``workers.streaming``) and each block waits only u
 file holding its tensors is complete in the cache, checked against the store's checksum.
 A job then takes about max(fetch, compute) instead of their sum.
 
+``fetch_and_score(on_event=...)`` reports that interleaving as it happens, one call per event
+(the tests assert its order; bench/overlap_bench.py measures the time it saves):
+
+    ("arrived", key)  file ``key`` is complete and verified in the checkout (fetch thread)
+    ("wanted", key)   the scoring needs weight file ``key`` for the first time: the module
+                      about to run (the embeddings, or a block) has tensors in it
+    ("ready", key)    that wait is over: the module reads its tensors from the file
+
 The safetensors headers are read from the store first (two ranged reads per file), so the
 memory plan is made, and a checkpoint that cannot fit refused, before any weight is fetched.
 """
@@ -128,10 +136,12 @@ class RemoteResult:
 def fetch_and_score(store: Store, files: list[ObjectInfo], cache: Cache, *, config: Any,
                     progress: Callable[[int, int], None] | None = None,
                     on_fetched: Callable[[float], None] | None = None,
-                    score_progress: Callable[[int, int], None] | bool = False) -> RemoteResult:
+                    score_progress: Callable[[int, int], None] | bool = False,
+                    on_event: Callable[[str, str], None] | None = None) -> RemoteResult:
     """Fetch ``files`` of ``store`` into ``cache`` and score them (``ScoreConfig`` ``config``),
     overlapped (module doc). ``progress(done, total)`` follows the fetch's bytes;
-    ``on_fetched(seconds)`` is called when the last file is in. The checkout directory in the
+    ``on_fetched(seconds)`` is called when the last file is in; ``on_event(kind, key)`` is
+    called for each file arriving and each wait of the scoring (module doc). The checkout directory in the
     result is the caller's to ``cache.release``. A failed fetch raises its own error (the
     scoring's error is then a consequence)."""
     from .scoring import score_checkpoint  # torch
@@ -153,6 +163,24 @@ def fetch_and_score(store: Store, files: list[ObjectInfo], cache: Cache, *, conf
     before = cache.bytes_fetched
     t0 = time.perf_counter()
     fetch_s: list[float] = []
+    arrived, ready = arrivals.arrived, arrivals.wait
+    if on_event is not None:
+        wanted: set[str] = set()
+        wanted_lock = threading.Lock()
+
+        def arrived(f: ObjectInfo) -> None:
+            on_event("arrived", f.key)  # before the waiting scoring is woken: events stay in order
+            arrivals.arrived(f)
+
+        def ready(key: str) -> None:
+            with wanted_lock:
+                first = key not in wanted
+                wanted.add(key)
+            if first:
+                on_event("wanted", key)
+            arrivals.wait(key)
+            if first:
+                on_event("ready", key)
 
     def offset(base: int) -> Callable[[int, int], None] | None:
         if progress is None:
@@ -163,9 +191,9 @@ def fetch_and_score(store: Store, files: list[ObjectInfo], cache: Cache, *, conf
         error = None
         try:  # the small files all at once, then the weights in block order
             if small:
-                cache.fetch(store, small, progress=offset(0), checkout=checkout, on_file=arrivals.arrived)
+                cache.fetch(store, small, progress=offset(0), checkout=checkout, on_file=arrived)
             if large:
-                cache.fetch(store, large, progress=offset(small_total), checkout=checkout, on_file=arrivals.arrived,
+                cache.fetch(store, large, progress=offset(small_total), checkout=checkout, on_file=arrived,
                             files_at_once=FILES_AT_ONCE)
             fetch_s.append(time.perf_counter() - t0)
             if on_fetched is not None:
@@ -180,7 +208,7 @@ def fetch_and_score(store: Store, files: list[ObjectInfo], cache: Cache, *, conf
         for f in small:
             arrivals.wait(f.key)
         result = score_checkpoint(str(checkout), config=config, roots=[cache.root], headers=headers or None,
-                                  ready=arrivals.wait if headers else None, progress=score_progress)
+                                  ready=ready if headers else None, progress=score_progress)
     except BaseException:
         fetcher.join()
         if arrivals.error is not None:
