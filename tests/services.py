@@ -31,9 +31,9 @@ from typing import TypeVar
 import pytest
 from layertrack.service.embedded import EmbeddedService, free_port
 
-__all__ = ["Receiver", "RedisServer", "Service", "api_only", "create_pg_database", "drop_pg_database", "free_port",
-           "interrupt_group", "layertrack_exe", "live_service", "max_delta", "ready", "store_service",
-           "stored_scores", "synthetic_run", "wait_until"]
+__all__ = ["AS_BACKGROUND_JOB", "Receiver", "RedisServer", "Service", "api_only", "create_pg_database",
+           "drop_pg_database", "free_port", "interrupt_group", "layertrack_exe", "live_service", "max_delta", "ready",
+           "stop_child", "store_service", "stored_scores", "synthetic_run", "wait_until"]
 
 PG_ADMIN = os.environ.get("LAYERTRACK_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -71,16 +71,41 @@ def ready(url: str) -> bool:
     return False
 
 
-def interrupt_group(proc: subprocess.Popen, timeout: float = 60) -> None:
-    """Ctrl-C (SIGINT) to the process group of ``proc`` (started with ``start_new_session``,
-    as ``layertrack up`` is), reading what it still writes to its pipes, if any, until it
-    exits; SIGKILL to the group when it has not exited within ``timeout`` seconds."""
-    os.killpg(proc.pid, signal.SIGINT)
+#: put before a command: it runs with SIGINT ignored, as a shell without job control (a script,
+#: CI) starts a background job (``cmd &``), whatever way the suite itself was started; exec
+#: keeps the disposition. A test that stops a child with Ctrl-C starts it so, and shows that it
+#: stops all the same (service/cli/common.py: stop_on_ctrl_c_and_sigterm). An exec wrapper
+#: rather than ``preexec_fn``, which is unsafe in a process with threads.
+AS_BACKGROUND_JOB = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                     "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def stop_child(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 60, *,
+               group: bool = False, read_pipes: bool = True) -> bool:
+    """``sig`` to ``proc`` (to its process group with ``group``: one started with
+    ``start_new_session``) and wait until it exits, reading what it still writes to its pipes
+    unless ``read_pipes`` is False (a thread of the test reads them); True when it exited
+    within ``timeout`` seconds. Otherwise SIGKILL (to the group) and False: a test's child
+    never outlives it."""
+    kill = (lambda s: os.killpg(proc.pid, s)) if group else proc.send_signal
+    wait = proc.communicate if read_pipes else proc.wait
+    if group or proc.poll() is None:  # a group may outlive its leader
+        with contextlib.suppress(ProcessLookupError):
+            kill(sig)
     try:
-        proc.communicate(timeout=timeout)
+        wait(timeout=timeout)
+        return True
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            kill(signal.SIGKILL)
+        wait()
+        return False
+
+
+def interrupt_group(proc: subprocess.Popen, timeout: float = 60) -> bool:
+    """Ctrl-C (SIGINT) to the process group of ``proc`` (started with ``start_new_session``,
+    as ``layertrack up`` is): ``stop_child(proc, SIGINT, timeout, group=True)``."""
+    return stop_child(proc, signal.SIGINT, timeout, group=True)
 
 
 # ------------------------------------------------------------------ PostgreSQL

@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 
-from services import free_port, interrupt_group, layertrack_exe, ready, wait_until
+from services import AS_BACKGROUND_JOB, free_port, interrupt_group, layertrack_exe, ready, wait_until
 
 EXE = layertrack_exe()
 
@@ -33,8 +33,9 @@ def test_up_roots_reach_the_api_and_the_workers(tmp_path, tokenizer):
     log_out, log_err = tmp_path / "up.out", tmp_path / "up.err"
     # started in a folder that holds neither checkpoint: the default root would refuse both
     with open(log_out, "wb") as out, open(log_err, "wb") as err:
-        up = subprocess.Popen([EXE, "up", "--port", str(port), "--roots", *map(str, roots)], env=env,
-                              cwd=outside.parent, stdout=out, stderr=err, start_new_session=True)
+        # as a script's background job: SIGINT ignored, which up restores (it stops on Ctrl-C below)
+        up = subprocess.Popen([*AS_BACKGROUND_JOB, EXE, "up", "--port", str(port), "--roots", *map(str, roots)],
+                              env=env, cwd=outside.parent, stdout=out, stderr=err, start_new_session=True)
     try:
         client_file = tmp_path / "data" / "client.json"
         printed = wait_until(lambda: "token" in log_out.read_text() and log_out.read_text(), 60,
@@ -55,7 +56,8 @@ def test_up_roots_reach_the_api_and_the_workers(tmp_path, tokenizer):
         assert refused.returncode == 3 and "outside the allowed checkpoint roots" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
     finally:
-        interrupt_group(up, timeout=60)
+        stopped = interrupt_group(up, timeout=60)
+    assert stopped and up.returncode == 0, (up.returncode, log_err.read_text()[-3000:])
 
 
 def test_up_refuses_a_missing_root_a_bad_port_and_a_busy_port_in_one_line(tmp_path):

@@ -220,7 +220,7 @@ def test_broker_down_while_submitting_loses_nothing(tmp_path, tokenizer):
 
 def test_layertrack_up_runs_everything_without_servers(tmp_path, tokenizer):
     """The README's main command: API + worker on SQLite and a filesystem broker."""
-    from services import free_port, interrupt_group, ready
+    from services import AS_BACKGROUND_JOB, free_port, interrupt_group, ready
     from tiny_models import build_checkpoint
 
     port = free_port()
@@ -231,7 +231,8 @@ def test_layertrack_up_runs_everything_without_servers(tmp_path, tokenizer):
     for k in ("LAYERTRACK_DATABASE_URL", "LAYERTRACK_BROKER_URL", "LAYERTRACK_URL", "LAYERTRACK_TOKEN"):
         env.pop(k, None)
     exe = layertrack_exe()
-    up = subprocess.Popen([exe, "up", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+    # as a script's background job: SIGINT ignored, which up restores (it stops on Ctrl-C below)
+    up = subprocess.Popen([*AS_BACKGROUND_JOB, exe, "up", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         first = up.stdout.readline()
@@ -248,7 +249,8 @@ def test_layertrack_up_runs_everything_without_servers(tmp_path, tokenizer):
         out = subprocess.run([exe, "trend", "demo"], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout.splitlines()[2].split()[0] == "5"
     finally:
-        interrupt_group(up, timeout=40)
+        stopped = interrupt_group(up, timeout=40)
+    assert stopped and up.returncode == 0, up.returncode
 
 
 def test_a_failing_job_records_why_and_can_be_retried(live, tokenizer):

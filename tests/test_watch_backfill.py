@@ -9,7 +9,8 @@ locations itself, with the standard AWS_* and HF_ENDPOINT variables of its own e
   half written, then another file still growing) give exactly three jobs, the partial one
   only once complete; running it again (a restart) gives none more, and without its state
   file the service answers with the jobs it has;
-- watch following a directory until Ctrl-C (exit 0, one line);
+- watch following a directory until Ctrl-C (exit 0, one line), and stopping on SIGTERM, both
+  started with SIGINT ignored as a script's background job is;
 - the same three-checkpoint sequence on an S3 prefix;
 - backfill --dry-run of a directory (every 2nd, log-spaced): the exact list, nothing sent;
 - backfill of three stepN revisions of a Hub repository: a three-step run in step order, each
@@ -27,7 +28,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from services import layertrack_exe, store_service, wait_until
+from services import AS_BACKGROUND_JOB, layertrack_exe, stop_child, store_service, wait_until
 from stores_fixtures import hub_env, hub_srv, s3_server  # noqa: F401  (fixtures)
 
 EXE = layertrack_exe()
@@ -202,22 +203,48 @@ def test_watch_once_on_a_local_directory_submits_each_complete_checkpoint_once(l
     assert [j["id"] for j in jobs_of(live, run)] == [j["id"] for j in jobs]
 
 
-def test_watch_follows_a_directory_until_ctrl_c(live, built, env):
+class _Watch:
+    """``layertrack watch`` as a background job of a script starts: SIGINT ignored
+    (services.AS_BACKGROUND_JOB), whatever way the suite was started. Its stdout lines are
+    collected by a thread; its stderr goes to a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], stderr: Path):
+        self.lines: list[str] = []
+        self.stderr_path = stderr
+        with open(stderr, "w") as err:
+            self.proc = subprocess.Popen([*AS_BACKGROUND_JOB, EXE, "watch", *args], stdout=subprocess.PIPE,
+                                         stderr=err, text=True, env=env)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def started(self) -> None:
+        wait_until(lambda: any(line.startswith("watching") for line in self.lines), 60, what="watch to start")
+
+    def stop(self, sig: int) -> bool:
+        """``sig`` to watch; whether it ended on it (else it was killed)."""
+        stopped = stop_child(self.proc, sig, 60, read_pipes=False)
+        self.reader.join(timeout=10)
+        self.proc.stdout.close()
+        return stopped
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def test_watch_follows_a_directory_until_ctrl_c(live, built, env, tmp_path):
     run = f"watch-follow-{uid()}"
     watched = live.roots / run
     watched.mkdir()
-    proc = subprocess.Popen([EXE, "watch", str(watched), "--run", run, "--interval", "0.2", "--settle", "0.2",
-                             *SCORING], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    watch = _Watch([str(watched), "--run", run, "--interval", "0.2", "--settle", "0.2", *SCORING], env,
+                   tmp_path / "watch.err")
+    lines = watch.lines
     try:
-        wait_until(lambda: any(line.startswith("watching") for line in lines), 60, what="watch to start")
+        watch.started()
         shutil.copytree(built[0], live.roots / f"staging-{run}")
         os.rename(live.roots / f"staging-{run}", watched / "step_100")
         wait_until(lambda: len(jobs_of(live, run)) == 1, 60, what="the first checkpoint's job")
@@ -232,18 +259,28 @@ def test_watch_follows_a_directory_until_ctrl_c(live, built, env):
             copy_files(src, second, [name])
         wait_until(lambda: len(jobs_of(live, run)) == 2, 60, what="the second checkpoint's job")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-        reader.join(timeout=10)
-    stderr = proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
-    assert proc.returncode == 0, (proc.returncode, lines, stderr)
-    assert stderr == "", stderr
+        stopped = watch.stop(signal.SIGINT)  # started with SIGINT ignored: watch restores it
+    assert stopped, ("watch did not stop on SIGINT", lines, watch.stderr)
+    assert watch.proc.returncode == 0, (watch.proc.returncode, lines, watch.stderr)
+    assert watch.stderr == "", watch.stderr
     assert lines[-1] == f"stopped watching {watched}: 2 checkpoint(s) submitted", lines
     assert [line.split()[4] for line in lines if line.startswith("submitted ")] == ["100", "200"], lines
     assert [j["step"] for j in jobs_of(live, run)] == [100, 200]
+
+
+def test_watch_stops_on_sigterm(live, env, tmp_path):
+    run = f"watch-term-{uid()}"
+    watched = live.roots / run
+    watched.mkdir()
+    watch = _Watch([str(watched), "--run", run, "--interval", "0.2"], env, tmp_path / "watch.err")
+    try:
+        watch.started()
+    finally:
+        stopped = watch.stop(signal.SIGTERM)
+    assert stopped, ("watch did not stop on SIGTERM", watch.lines, watch.stderr)
+    assert watch.proc.returncode == 0, (watch.proc.returncode, watch.lines, watch.stderr)
+    assert watch.stderr == "" and watch.lines[-1] == f"stopped watching {watched}: 0 checkpoint(s) submitted", (
+        watch.lines, watch.stderr)
 
 
 # ------------------------------------------------------------------ watch: an S3 prefix

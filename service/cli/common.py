@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 from typing import Any
 
 #: a job failed or did not finish in time; spooled submissions are left
@@ -23,6 +25,22 @@ class CliError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_ctrl_c_and_sigterm() -> None:
+    """For a command that runs until it is stopped or waits long (watch, up, wait, submit
+    --wait, demo): Ctrl-C (SIGINT) and SIGTERM both raise KeyboardInterrupt in the main
+    thread, however the command was started, and the command stops cleanly (its ``finally``
+    blocks stop what it started). A shell without job control (a script, CI) starts a
+    background command (``cmd &``) with SIGINT ignored, and exec keeps it ignored: without
+    this, such a command would never see Ctrl-C or ``kill -INT``."""
+    with contextlib.suppress(ValueError):  # not the main thread (a command run in a thread)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def one_line(text: object) -> str:

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from .common import EXIT_USAGE, CliError, finite, fmt
+from .common import EXIT_USAGE, CliError, finite, fmt, stop_on_ctrl_c_and_sigterm
 
 
 def _compute_side_missing(e: ImportError, extra: str) -> CliError:
@@ -141,6 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if missing:
         raise CliError(f"the demo needs the worker and integrations extras ({missing} is missing): "
                        "pip install 'layertrack[worker,integrations]'", EXIT_USAGE)
+    stop_on_ctrl_c_and_sigterm()  # an embedded service's processes are stopped on the way out
     try:
         return run_demo(args)
     except DemoError as e:

@@ -123,7 +123,8 @@ def _add_series(sub) -> None:
                     "local safetensors file still short, files changing within --settle seconds) is submitted "
                     "once it is complete. What was submitted is kept in a state file, so a restarted watch does "
                     "not submit again (and the service answers a resubmitted checkpoint with its existing job). "
-                    "Local directories are submitted as absolute paths. " + listed_here + " Ctrl-C stops.")
+                    "Local directories are submitted as absolute paths. " + listed_here + " Ctrl-C or SIGTERM stops it "
+                    "(exit 0), also when it was started as a background job with SIGINT ignored.")
     backfill = sub.add_parser(
         "backfill", help="submit an existing series of checkpoints (a directory, a prefix, Hub revisions) in "
                          "step order",
@@ -254,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     up_ = sub.add_parser(
         "up", help="start the API and its workers on this machine (SQLite and a file broker by default)",
         description="Migrate the database, create a first API token (saved where the CLI finds it), start a "
-                    "scoring worker and a webhook worker, and serve the API until Ctrl-C.",
+                    "scoring worker and a webhook worker, and serve the API until Ctrl-C or SIGTERM (exit 0; also when "
+                    "started as a background job with SIGINT ignored).",
     )
     up_.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     up_.add_argument("--port", type=port, default=DEFAULT_PORT,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .common import EXIT_FAILED, EXIT_INPUT, EXIT_USAGE, CliError, fmt
+from .common import EXIT_FAILED, EXIT_INPUT, EXIT_USAGE, CliError, fmt, stop_on_ctrl_c_and_sigterm
 
 ApiCommand = Callable[[Any, argparse.Namespace], int | None]
 
@@ -141,6 +141,7 @@ def cmd_submit(c, args: argparse.Namespace) -> int | None:
                    config=config or None)
     print_job(job)
     if args.wait:
+        stop_on_ctrl_c_and_sigterm()
         return _finished(c.wait(job["id"], timeout=args.timeout, on_poll=_progress_printer()))
     return None
 
@@ -152,6 +153,7 @@ def cmd_status(c, args: argparse.Namespace) -> None:
 
 @api_command
 def cmd_wait(c, args: argparse.Namespace) -> int:
+    stop_on_ctrl_c_and_sigterm()
     return _finished(c.wait(args.job_id, timeout=args.timeout, on_poll=_progress_printer()))
 
 

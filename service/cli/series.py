@@ -33,14 +33,13 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .common import EXIT_USAGE, CliError, one_line
+from .common import EXIT_USAGE, CliError, one_line, stop_on_ctrl_c_and_sigterm
 from .remote import api_command, error_code
 
 #: a checkpoint directory's name: checkpoint-1000, checkpoint_1000, step1000, step_1000,
@@ -454,14 +453,6 @@ class Watcher:
             print(f"{what}; looking again in {self.args.interval:g} s", file=sys.stderr, flush=True)
 
 
-def _raise_sigterm_as_interrupt() -> None:
-    def handler(_signum, _frame):
-        raise KeyboardInterrupt
-
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGTERM, handler)
-
-
 @api_command
 def _watch(c, args: argparse.Namespace) -> int | None:
     from layertrack.workers.errors import LayertrackError, StoreUnreachable
@@ -515,7 +506,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         raise CliError(f"{loc.path} is not a directory (yet): give the directory training writes its checkpoints "
                        "into (checkpoint-1000/, ...)")
     args.loc = loc
-    _raise_sigterm_as_interrupt()
+    stop_on_ctrl_c_and_sigterm()  # however it was started (common.py)
     try:
         return _watch(args)
     except KeyboardInterrupt:  # before the watch began (opening the client)

@@ -5,7 +5,8 @@ Migrates the database, creates a first API token when there is none (every scope
 is a key for the webhook and hook-source secrets (``LAYERTRACK_SECRET_KEYS``, else
 ``<data dir>/secret.key``, created with mode 600), starts two Celery
 workers as child processes (scoring on the ``gpu`` queue, webhook deliveries on
-``webhooks``), and serves the API in this process until Ctrl-C; then stops the workers.
+``webhooks``), and serves the API in this process until Ctrl-C or SIGTERM (however ``up`` was
+started: ``common.stop_on_ctrl_c_and_sigterm``); then stops the workers and exits 0.
 ``--roots`` sets the checkpoint roots of the API and of the workers it starts.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from layertrack.workers.checkpoint import ROOTS_ENV  # stdlib only: no torch
 
 from .admin import database_errors, safe_url
-from .common import CliError
+from .common import CliError, stop_on_ctrl_c_and_sigterm
 
 CELERY = ("-m", "celery", "-A", "layertrack.service.queue", "worker", "--loglevel", "INFO")
 #: (name, queue arguments) of the workers ``up`` starts
@@ -122,6 +123,7 @@ def _stop(workers: list[subprocess.Popen]) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    stop_on_ctrl_c_and_sigterm()  # however it was started (common.py); the workers get the default handlers
     if args.roots:
         # before anything reads the settings: the API reads them below, the workers inherit them
         roots = checkpoint_roots(args.roots)
@@ -153,7 +155,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"checkpoint roots: {', '.join(r.uri() if r.remote else r.path for r in settings.root_locations)}")
         print(key_line)
         print(token_line, flush=True)
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        # uvicorn shuts down on Ctrl-C or SIGTERM, then raises it again: a clean stop
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     finally:
         _stop(workers)
     return 0
