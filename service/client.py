@@ -131,12 +131,27 @@ def client_file() -> Path:
     return get_settings().data_dir / "client.json"
 
 
+class ClientFileError(ValueError):
+    """The file ``layertrack up`` saves the URL and token in cannot be read; the message
+    says which file and what to do."""
+
+
 def discover() -> tuple[str, str | None]:
-    """URL and token: LAYERTRACK_URL / LAYERTRACK_TOKEN, else what ``layertrack up`` saved."""
+    """URL and token: LAYERTRACK_URL / LAYERTRACK_TOKEN, else what ``layertrack up`` saved.
+    Raises ClientFileError when the saved file is needed and is not what ``up`` writes."""
     url, token = os.environ.get("LAYERTRACK_URL"), os.environ.get("LAYERTRACK_TOKEN")
     f = client_file()
     if (url is None or token is None) and f.is_file():
-        saved = json.loads(f.read_text())
+        try:
+            saved = json.loads(f.read_text())
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ClientFileError(f"cannot read the saved client file {f} ({type(e).__name__}: {e}); delete it and "
+                                  "start 'layertrack up' again (it saves a new one), or set LAYERTRACK_URL and "
+                                  "LAYERTRACK_TOKEN") from None
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k, ""), str) for k in ("url", "token")):
+            raise ClientFileError(f"the saved client file {f} is not what 'layertrack up' writes (a JSON object "
+                                  'with "url" and "token" strings); delete it and start '
+                                  "'layertrack up' again, or set LAYERTRACK_URL and LAYERTRACK_TOKEN")
         url = url or saved.get("url")
         token = token or saved.get("token")
     return url or DEFAULT_URL, token

@@ -196,3 +196,19 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def describe_settings_error(e: Exception) -> str | None:
+    """One line naming each LAYERTRACK_ variable whose value ``Settings`` refused, and why;
+    None when ``e`` is not a refusal of the settings."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError) or e.title != Settings.__name__:
+        return None
+    parts = []
+    for err in e.errors():
+        field = str(err["loc"][0]) if err.get("loc") else ""
+        name = f"LAYERTRACK_{field.upper()}" if field else "the LAYERTRACK_ settings"
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        parts.append(msg if msg.startswith(name) else f"{name}: {msg}")
+    return "; ".join(parts) + " (fix or unset the variable; docs/deploy.md lists them)"

@@ -148,3 +148,73 @@ def test_database_failures_are_one_line(tmp_path):
     line = one_line_error(out)
     assert out.returncode == 3 and "cannot use the database at postgresql+psycopg://postgres@127.0.0.1:1/x" in line
     assert "LAYERTRACK_DATABASE_URL" in line
+
+
+def test_a_device_this_machine_lacks_is_one_line_naming_the_devices_there_are(checkpoints):
+    import torch
+
+    ckpt = str(checkpoints("llama"))
+    if torch.cuda.is_available():  # a GPU host: ask for one more GPU than it has
+        n = torch.cuda.device_count()
+        line = one_line_error(run("score", ckpt, "--device", f"cuda:{n}"))
+        assert f"--device cuda:{n}: this machine has {n} CUDA device(s); devices here: cpu, cuda:0" in line
+    else:
+        out = run("score", ckpt, "--device", "cuda")
+        line = one_line_error(out)
+        assert out.returncode == 3
+        assert line.startswith("error: --device cuda: this machine has no CUDA device (torch.cuda.is_available() "
+                               "is false)"), line
+        assert "devices here: cpu (code device_unavailable)" in line and "please report" not in line
+    line = one_line_error(run("score", ckpt, "--device", "gpu0"))
+    assert "--device gpu0: not a device name (cpu, cuda, cuda:N, mps); devices here: cpu" in line
+    assert "please report" not in line
+
+
+def test_output_into_a_pipe_closed_after_one_line_ends_quietly(tmp_path):
+    # `layertrack spool list | head -1`: far more than a pipe buffer (64 KiB) of lines, so the
+    # command is still writing when the reader goes away
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for i in range(3000):
+        body = {"run": "r", "step": i, "uri": f"/ckpts/run/checkpoint-{i}"}
+        (spool / f"{i:05d}.json").write_text(json.dumps({"url": "http://127.0.0.1:8321", "body": body}))
+    proc = subprocess.Popen([EXE, "spool", "list", "--dir", str(spool)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert first.startswith(b"http://127.0.0.1:8321  run r step 0")
+    assert err == "" and code == 141, (code, err)  # 128 + SIGPIPE, as `yes | head` ends; nothing on stderr
+
+
+def test_a_bad_saved_client_file_or_service_url_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("LAYERTRACK_URL", "LAYERTRACK_TOKEN")}
+    env["LAYERTRACK_DATA_DIR"] = str(tmp_path)
+    saved = tmp_path / "client.json"
+    for text, says in (("{not json", "cannot read the saved client file"),
+                       ('["a list"]', "is not what 'layertrack up' writes")):
+        saved.write_text(text)
+        out = run("status", "abc", env=env)
+        line = one_line_error(out)
+        assert out.returncode == 3 and says in line and str(saved) in line and "layertrack up" in line, line
+    saved.unlink()
+    for url in ("http://[::1", "ftp://example.org", "localhost"):
+        out = run("status", "abc", env={**env, "LAYERTRACK_URL": url})
+        line = one_line_error(out)
+        assert out.returncode == 3 and f"the service URL {url!r} (LAYERTRACK_URL) is not usable" in line, line
+
+
+def test_a_setting_the_service_refuses_names_its_variable_in_one_line(tmp_path):
+    env = dict(os.environ, LAYERTRACK_DATA_DIR=str(tmp_path), LAYERTRACK_WEBHOOK_MAX_ATTEMPTS="eight")
+    out = run("token", "list", env=env)
+    line = one_line_error(out)
+    assert out.returncode == 3 and line.startswith("error: LAYERTRACK_WEBHOOK_MAX_ATTEMPTS: Input should be a valid "
+                                                   "integer"), line
+    assert "please report" not in line and "pydantic" not in line

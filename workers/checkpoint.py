@@ -38,6 +38,7 @@ from .errors import (
     CheckpointOutsideRoots,
     CheckpointPathTooLong,
     CheckpointUnreadable,
+    DeviceUnavailable,
     FileTooLarge,
     InvalidCheckpointURI,
     MalformedWeights,
@@ -437,12 +438,56 @@ def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool, pending: 
     )
 
 
-def pick_device(device: str | None = None):
+def available_devices() -> list[str]:
+    """The devices torch can use on this machine: cpu, then cuda:0 ... and mps when present."""
     import torch
 
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    here = ["cpu"]
+    if torch.cuda.is_available():
+        here += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        here.append("mps")
+    return here
+
+
+def pick_device(device: str | None = None):
+    """The torch device of a job: ``device`` (cpu, cuda, cuda:N, mps) when this machine has it,
+    else ``DeviceUnavailable`` naming the devices there are; None: cuda when present, else cpu."""
+    import torch
+
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    here = ", ".join(available_devices())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceUnavailable(device, f"not a device name (cpu, cuda, cuda:N, mps); devices here: {here}"
+                                       ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            reason = "this machine has no CUDA device (torch.cuda.is_available() is false)"
+            if torch.version.cuda is None:
+                reason += "; this torch is a CPU build (the README says how to install the CUDA one)"
+            raise DeviceUnavailable(device, f"{reason}; devices here: {here}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(
+                device, f"this machine has {torch.cuda.device_count()} CUDA device(s); devices here: {here}")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceUnavailable(device, f"this machine has no MPS device; devices here: {here}")
+        return dev
+    try:  # another backend (xpu, ...): usable only if a tensor can be made there
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, AttributeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DeviceUnavailable(device, f"this machine cannot use it ({first}); devices here: {here}"
+                                       ) from None
+    return dev
 
 
 def pick_dtype(dtype: str | None, device) -> Any:

@@ -28,6 +28,7 @@ This module imports nothing heavy, so the API side can use the codes too.
     │   └── TokenizerMissing          code "tokenizer_missing"
     ├── ProbeError                    code "invalid_probe"
     ├── TooFewTokens                  code "too_few_tokens"
+    ├── DeviceUnavailable             code "device_unavailable"         (a --device this machine does not have)
     └── OutOfMemory                   code "out_of_memory"
         └── PlanDoesNotFit            code "plan_does_not_fit"          (refused before loading: the
                                                                           model cannot fit the budget)
@@ -138,6 +139,17 @@ class ProbeError(LayertrackError):
 
 class TooFewTokens(LayertrackError):
     code = "too_few_tokens"
+
+
+class DeviceUnavailable(LayertrackError):
+    """The device asked for is not a device name, or this machine does not have it.
+    ``device`` is what was asked for, ``reason`` the message without it."""
+
+    code = "device_unavailable"
+
+    def __init__(self, device: str, reason: str):
+        super().__init__(f"device {device!r}: {reason}")
+        self.device, self.reason = device, reason
 
 
 class OutOfMemory(LayertrackError):

@@ -85,7 +85,8 @@ def size(text: str) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     try:
-        from layertrack.workers.errors import LayertrackError
+        from layertrack.workers.checkpoint import pick_device
+        from layertrack.workers.errors import DeviceUnavailable, LayertrackError
         from layertrack.workers.scoring import ScoreConfig, prepare, score_checkpoint
     except ImportError as e:
         raise _compute_side_missing(e, "worker") from None
@@ -106,6 +107,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         max_memory=max_memory,
     )
     try:
+        if args.device:  # before the checkpoint is read: a device this machine lacks is one line, at once
+            pick_device(args.device)
         if args.plan:
             prep = prepare(args.checkpoint, probe=args.probe, config=config, tokenizer_path=args.tokenizer)
             if args.json:
@@ -124,6 +127,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             tokenizer_path=args.tokenizer,
             progress=not args.quiet and sys.stderr.isatty(),
         )
+    except DeviceUnavailable as e:
+        raise CliError(f"--device {e.device}: {e.reason} (code {e.code})") from None
     except LayertrackError as e:  # one line with its code (the code a service job fails with), never a traceback
         raise CliError(f"{e.message} (code {e.code})") from None
     out = result.to_dict()

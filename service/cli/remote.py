@@ -30,9 +30,14 @@ def api_command(fn: ApiCommand) -> Callable[[argparse.Namespace], int]:
 
     @functools.wraps(fn)
     def command(args: argparse.Namespace) -> int:
-        from ..client import ApiError, Client, ServiceUnavailable
+        from ..client import ApiError, Client, ClientFileError, ServiceUnavailable, discover
 
-        client = Client()
+        try:
+            url, token = discover()
+        except ClientFileError as e:
+            raise CliError(str(e)) from None
+        check_service_url(url)
+        client = Client(url, token)
         try:
             with client:
                 code = fn(client, args)
@@ -57,6 +62,27 @@ def api_command(fn: ApiCommand) -> Callable[[argparse.Namespace], int]:
 def error_code(e: Any) -> str:
     """``code X`` of an ApiError: the problem's code (every API problem has one), else the status."""
     return f"code {e.code or f'http_{e.status}'}"
+
+
+def check_service_url(url: str) -> None:
+    """CliError unless ``url`` (LAYERTRACK_URL, else the saved one) is an http(s) URL with a host."""
+    import os
+
+    import httpx
+
+    from ..client import client_file
+
+    where = "LAYERTRACK_URL" if os.environ.get("LAYERTRACK_URL") else f"saved in {client_file()}"
+    problem = None
+    try:
+        parsed = httpx.URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            problem = "not an http(s) URL with a host"
+    except httpx.InvalidURL as e:
+        problem = str(e)
+    if problem:
+        raise CliError(f"the service URL {url!r} ({where}) is not usable ({problem}); set LAYERTRACK_URL to where "
+                       "the service runs, e.g. http://127.0.0.1:8321")
 
 
 def print_job(job: dict[str, Any]) -> None:
@@ -426,9 +452,10 @@ def cmd_spool_list(args: argparse.Namespace) -> int:
         try:
             e = json.loads(p.read_text())
             b = e["body"]
-            print(f"{e['url']}  run {b['run']} step {b['step']}  {b['uri']}")
+            line = f"{e['url']}  run {b['run']} step {b['step']}  {b['uri']}"
         except (OSError, ValueError, KeyError, TypeError):
             unreadable += 1
-            print(f"{p.name}: not a readable spooled submission")
+            line = f"{p.name}: not a readable spooled submission"
+        print(line)  # outside the try: a closed stdout (BrokenPipeError is an OSError) is not an unreadable file
     print(f"{len(entries)} spooled submission(s) in {folder}" + (f" ({unreadable} unreadable)" if unreadable else ""))
     return 0

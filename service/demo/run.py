@@ -112,10 +112,13 @@ def demo_service(url: str | None, token: str | None, out: Path) -> Iterator[tupl
     read ``out``, and it is stopped when the block ends. A named service that does not
     answer or cannot read ``out`` is an error; a saved one is passed over for an embedded one.
     """
-    from ..client import Client, discover
+    from ..client import Client, ClientFileError, discover
 
     explicit = url is not None or "LAYERTRACK_URL" in os.environ
-    found_url, found_token = discover()
+    try:
+        found_url, found_token = discover()
+    except ClientFileError as e:
+        raise DemoError(str(e)) from None
     url, token = url or found_url, token or found_token
     if explicit:
         if not token:
