@@ -7,7 +7,7 @@ signed per the Standard Webhooks spec (``webhook-id``, ``webhook-timestamp``,
 retried with exponential back-off on timeouts, connection errors, 429 and 5xx, up to
 ``webhook_max_attempts``. Every attempt is stored. ``sent_at`` records when the delivery's
 current message was handed to the queue (set with the row, by the transaction that makes it
-due, and cleared when sending fails); the sweeper (``layertrack.service.queue.sweep``) sends
+due, and cleared when sending fails); the sweeper (``layertrack.service.sweeper.sweep``) sends
 the ones never sent and re-sends those whose message it presumes lost, so nothing committed
 is dropped and nothing waiting is sent twice.
 """

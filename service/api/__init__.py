@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .. import auth, queue
+from .. import auth, sweeper
 from ..db import get_sessionmaker
 from ..settings import Settings, get_settings
 from .deps import secrets_at_rest
@@ -48,7 +48,7 @@ async def _sweeper(settings: Settings) -> None:
     while True:
         await asyncio.sleep(settings.sweep_interval_s)
         try:
-            await asyncio.to_thread(queue.sweep, settings.db_url, stale_after_s=settings.stale_after_s,
+            await asyncio.to_thread(sweeper.sweep, settings.db_url, stale_after_s=settings.stale_after_s,
                                     requeue_after_s=settings.requeue_after_s)
         except Exception as e:  # a dependency is down: try again next round
             log.warning("sweep failed: %s: %s", type(e).__name__, e)
