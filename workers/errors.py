@@ -1,8 +1,11 @@
-"""Errors raised by the compute side.
+"""Errors raised by the compute side, and every code a worker records for a failed job.
 
 Every error a user can cause has its own class and a stable ``code`` (stored with a
 failed job and shown by the API), and a message that says what was wrong and what to do.
-This module imports nothing heavy, so the API side can use the codes too.
+The last three are what the job runner (``service/job_runner.py``) records for a failure
+that is not one of the others: a job stopped at its time limit, a database or broker that
+stayed away through every retry, and a bug. This module imports nothing heavy, so the API
+side can use the codes too.
 
     LayertrackError
     ├── CheckpointError
@@ -29,9 +32,15 @@ This module imports nothing heavy, so the API side can use the codes too.
     ├── ProbeError                    code "invalid_probe"
     ├── TooFewTokens                  code "too_few_tokens"
     ├── DeviceUnavailable             code "device_unavailable"         (a --device this machine does not have)
-    └── OutOfMemory                   code "out_of_memory"
-        └── PlanDoesNotFit            code "plan_does_not_fit"          (refused before loading: the
-                                                                          model cannot fit the budget)
+    ├── OutOfMemory                   code "out_of_memory"
+    │   └── PlanDoesNotFit            code "plan_does_not_fit"          (refused before loading: the
+    │                                                                     model cannot fit the budget)
+    ├── TimeLimitExceeded             code "time_limit"                 (the job ran past the task's
+    │                                                                     soft time limit)
+    ├── ServiceUnreachable            code "transient_error"            (the database or the broker was
+    │                                                                     still away after every retry)
+    └── InternalError                 code "internal_error"             (a bug: the worker's log has
+                                                                          the traceback)
 """
 
 from __future__ import annotations
@@ -158,3 +167,18 @@ class OutOfMemory(LayertrackError):
 
 class PlanDoesNotFit(OutOfMemory):
     code = "plan_does_not_fit"
+
+
+class TimeLimitExceeded(LayertrackError):
+    code = "time_limit"
+
+
+class ServiceUnreachable(LayertrackError):
+    """Recorded once the retries of a database or broker that was away are spent (the
+    retries themselves are of the underlying exceptions)."""
+
+    code = "transient_error"
+
+
+class InternalError(LayertrackError):
+    code = "internal_error"

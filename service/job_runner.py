@@ -1,0 +1,261 @@
+"""The job runner: what a score task does with one job. Claim → score → complete.
+
+:func:`run` claims the job, scores its checkpoint (a remote one fetched into the cache as it
+is scored) with a heartbeat running, and stores the result. It never talks to the broker:
+it hands back an :class:`Outcome` (the webhook deliveries to send, and whether the job is to
+be sent again later), which the task (``queue.score``) sends.
+
+Every failure is recorded with the code of an error class of ``workers/errors.py``
+(:func:`job_error` maps the exceptions that are not one: the time limit, a database or
+broker that stays away, a bug). Two kinds of failure are retried rather than recorded, by
+re-raising the exception for the task's declared retry (``autoretry_for=RETRIED``, back-off
+:func:`retry_delay`), the job first given back to the queue:
+
+- the database or the broker briefly unreachable (:data:`TRANSIENT`): up to
+  ``task_max_retries`` times;
+- a remote store's transient errors (``store_unreachable``, ``checksum_mismatch``): up to
+  ``fetch_max_retries`` times, the job's progress saying when it tries again.
+
+A remote checkpoint still being uploaded (``checkpoint_incomplete``) is neither: the job
+goes back to ``queued`` (progress phase ``waiting``) and is sent again when it is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.time import get_exponential_backoff_interval
+from layertrack.workers.errors import (
+    CheckpointIncomplete,
+    ChecksumMismatch,
+    InternalError,
+    LayertrackError,
+    ServiceUnreachable,
+    StoreUnreachable,
+    TimeLimitExceeded,
+)
+from sqlalchemy.exc import OperationalError
+
+from . import jobs
+from .job_progress import Progress, iso, size
+from .settings import Settings, get_settings
+
+log = logging.getLogger("layertrack.job_runner")
+
+#: failures worth another try: the database or the broker was briefly unreachable
+TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
+#: a remote store's errors worth another try (a store that is down, a transfer cut short)
+STORE_TRANSIENT = (StoreUnreachable, ChecksumMismatch)
+#: what the score task retries (its ``autoretry_for``); the runner re-raises one of these
+#: only when the job is to be retried, and records it as failed once its cap is reached
+RETRIED = TRANSIENT + STORE_TRANSIENT
+#: the tasks' back-off: 2, 4, 8, ... seconds, at most 64 (``retry_backoff``, ``retry_backoff_max``)
+RETRY_BACKOFF_S = 2
+RETRY_BACKOFF_MAX_S = 64
+
+
+def retry_delay(retries: int) -> int:
+    """Seconds before retry number ``retries + 1``, as the tasks' declared back-off computes
+    them (Celery's exponential back-off without jitter): 2, 4, 8, ... 64."""
+    return get_exponential_backoff_interval(RETRY_BACKOFF_S, retries, RETRY_BACKOFF_MAX_S, full_jitter=False)
+
+
+def max_retries(settings: Settings) -> int:
+    """The score task's cap on retries: the larger of the two caps the runner applies."""
+    return max(settings.task_max_retries, settings.fetch_max_retries)
+
+
+@dataclass
+class Outcome:
+    """What running a job came to. ``summary``: the task's result ("succeeded", "failed:
+    CODE", "waiting: CODE", "skipped: ...", "discarded: ..."); ``deliveries``: the webhook
+    deliveries it stored, to send; ``send_in``: the job went back to the queue and is due in
+    this many seconds (its message is to be sent with that countdown)."""
+
+    summary: str
+    deliveries: list[str] = field(default_factory=list)
+    send_in: float | None = None
+
+
+def job_error(e: Exception, settings: Settings) -> LayertrackError:
+    """The error a failure of scoring is recorded as: a LayertrackError as it is; the time
+    limit, a database or broker still unreachable, and anything else as their classes."""
+    if isinstance(e, LayertrackError):
+        return e
+    if isinstance(e, SoftTimeLimitExceeded):
+        return TimeLimitExceeded(f"the job ran longer than {settings.task_soft_time_limit} s and was stopped")
+    if isinstance(e, TRANSIENT):
+        return ServiceUnreachable(f"{type(e).__name__}: {e}")
+    return InternalError(f"{type(e).__name__}: {e}")
+
+
+def retry_cap(e: Exception, *, remote: bool, settings: Settings) -> int | None:
+    """How many retries a failure gets (None: it is recorded at once)."""
+    if isinstance(e, TRANSIENT):
+        return settings.task_max_retries
+    if remote and isinstance(e, STORE_TRANSIENT):
+        return settings.fetch_max_retries
+    return None
+
+
+def run(job_id: str, *, worker: str, retries: int, settings: Settings | None = None) -> Outcome:
+    """Claim the job, score its checkpoint with a heartbeat running, store the result.
+    ``retries``: how many times the task was retried before this attempt. Raises one of
+    :data:`RETRIED` when the job is to be tried again (the job is back in the queue).
+
+    The job is claimed before the compute side (torch) is imported: a fresh worker takes
+    seconds to import it, and a message taken but not claimed that long would look lost to
+    the sweeper."""
+    settings = settings or get_settings()
+    db_url = settings.db_url
+    try:
+        job = jobs.claim(db_url, job_id, worker)
+    except TRANSIENT:
+        if retries < settings.task_max_retries:
+            raise
+        log.exception("job %s: the database stayed unreachable; the sweeper sends it again", job_id)
+        return Outcome("skipped: database unreachable")
+    if job is None:
+        return Outcome("skipped: not queued")
+    log.info("job %s: scoring %s (attempt %d)", job_id, job.uri, job.attempts)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(db_url, job_id, worker, settings.heartbeat_s, stop), daemon=True)
+    beat.start()
+    remote = jobs.is_remote(job.uri)
+    progress = Progress(db_url, job_id, worker, settings.progress_interval_s, job.progress).start() if remote else None
+    fetched: tuple[Any, Path] | None = None
+    try:
+        from layertrack.workers.scoring import ScoreConfig, score_checkpoint  # the compute side: torch
+
+        options = ScoreConfig(**jobs.score_options(job.config), max_memory=settings.max_memory)
+        if remote:
+            result, cache, path = _fetch_and_score(settings, job, worker, progress, options)
+            fetched = (cache, path)
+        else:
+            result = score_checkpoint(job.uri, config=options, roots=jobs.require_roots(settings.roots))
+    except Exception as e:
+        err = job_error(e, settings)
+        if remote and isinstance(err, CheckpointIncomplete):
+            return _wait_for_upload(settings, job, worker, progress, err)
+        cap = retry_cap(e, remote=remote, settings=settings)
+        if cap is not None and retries < cap:
+            _give_back(settings, job, worker, progress, err, retries, cap)
+            raise  # the task's declared retry sends it again after retry_delay(retries)
+        if isinstance(err, InternalError):
+            log.exception("job %s failed", job_id)
+        return _fail(db_url, job_id, worker, err,
+                     err.message if cap is None else f"{err.message} (gave up after {retries} retries)")
+    finally:
+        if progress is not None:
+            progress.close()
+        stop.set()
+        beat.join(timeout=5)
+        if fetched is not None:
+            with suppress(Exception):
+                fetched[0].release(fetched[1])
+    done = jobs.complete(db_url, job_id, worker, result.to_dict(), jobs.job_metrics(job.config))
+    return Outcome("succeeded" if done else "discarded: job cancelled or taken over", done.deliveries)
+
+
+def _heartbeat(db_url: str, job_id: str, worker: str, period: float, stop: threading.Event) -> None:
+    while not stop.wait(period):
+        try:
+            if not jobs.heartbeat(db_url, job_id, worker):
+                log.info("job %s is no longer ours (cancelled or re-queued)", job_id)
+        except Exception as e:  # keep beating: one missed beat is not a dead worker
+            log.warning("heartbeat for job %s failed: %s", job_id, e)
+
+
+def _fail(db_url: str, job_id: str, worker: str, err: LayertrackError, message: str) -> Outcome:
+    return Outcome(f"failed: {err.code}", jobs.fail(db_url, job_id, worker, err.code, message).deliveries)
+
+
+def _give_back(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress | None,
+               err: LayertrackError, retries: int, cap: int) -> None:
+    """Put the job back in the queue before its retry, due when the retry's message is (so
+    the sweeper does not count it as waiting for one before); a remote job shows why and
+    when it tries again."""
+    delay = retry_delay(retries)
+    shown = None
+    if progress is not None:
+        shown = {**progress.snapshot(), "message": f"{err.code}: {err.message}; trying again in {delay} s "
+                 f"(retry {retries + 1} of {cap})"}
+        progress.close()
+    jobs.release(settings.db_url, job.id, worker, delay_s=delay, progress=shown)
+
+
+def _fetch_and_score(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress,
+                     options: Any) -> tuple[Any, Any, Path]:
+    """Resolve and list a remote checkpoint, then fetch it into the cache while scoring it
+    (weights in block order, each block as soon as its file is in: workers.remote);
+    (result, cache, local directory). Records the content fingerprint and the resolved
+    revision on the job. Raises the store's errors (LayertrackError: checkpoint_not_found,
+    access_denied, store_unreachable, checkpoint_incomplete, ...)."""
+    from layertrack.workers import fetch, locations, remote, stores  # the store clients: worker side only
+
+    jobs.check_remote(job.uri, settings.remote_roots)  # the worker's own allowed locations too
+    loc = locations.parse(job.uri)
+    store = stores.open_store(loc, allow_hosts=settings.fetch_allow_hosts)
+    progress.phase("fetching", f"resolving {loc.uri()}")
+    resolved = store.resolve()
+    files = stores.checkpoint_files(store.list(), store, allow_pickle=bool(job.config.get("allow_pickle")))
+    total = sum(f.size for f in files)
+    jobs.record_source(settings.db_url, job.id, worker, content_fingerprint=stores.fingerprint(loc, files, resolved),
+                       resolved_revision=resolved)
+    progress.phase("fetching", f"fetching {len(files)} files, {size(total)}, scoring as they arrive",
+                   bytes_done=0, bytes_total=total, files=len(files))
+    cache = fetch.Cache(settings.cache_root, settings.cache_max_bytes)
+    before = cache.bytes_fetched
+
+    def fetched(seconds: float) -> None:
+        new = cache.bytes_fetched - before
+        source = ("all from the cache" if new == 0 else "" if new >= total else
+                  f"{size(new)} from the store, the rest from the cache")
+        progress.phase("scoring", f"fetched {size(total)} in {seconds:.1f} s"
+                       + (f" ({source})" if source else "") + "; scoring",
+                       bytes_done=total, fetch_s=round(seconds, 3), bytes_fetched=new)
+
+    out = remote.fetch_and_score(store, files, cache, config=options, progress=progress.fetched, on_fetched=fetched)
+    return out.result, cache, Path(out.checkout)
+
+
+def _wait_for_upload(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress,
+                     err: CheckpointIncomplete) -> Outcome:
+    """The checkpoint is still being uploaded: put the job back in the queue (status
+    ``queued``, progress phase ``waiting`` saying why and when it looks again), due after a
+    back-off that doubles with each look; past ``incomplete_deadline_s`` since the first
+    look that found it incomplete, fail it (``checkpoint_incomplete``)."""
+    t = jobs.now()
+    state = progress.snapshot()
+    since = datetime.fromisoformat(state["waiting_since"]) if state.get("waiting_since") else t
+    waited = (t - since).total_seconds()
+    deadline = settings.incomplete_deadline_s
+    looks = int(state.get("looks") or 0)
+    if waited >= deadline:
+        progress.phase("waiting", f"gave up waiting for the upload after {waited:.0f} s ({err.message})",
+                       seconds=round(waited, 3), bytes_done=None, bytes_total=None, looks=looks + 1)
+        return _fail(settings.db_url, job.id, worker, err,
+                     f"the checkpoint was still incomplete after waiting {waited:.0f} s "
+                     f"(LAYERTRACK_INCOMPLETE_DEADLINE_S is {deadline:g} s): {err.message}. "
+                     "Finish the upload, then retry the job")
+    delay = min(settings.incomplete_backoff_s * 2 ** min(looks, 30), settings.incomplete_backoff_max_s,
+                deadline - waited)
+    delay = max(delay, 0.5)
+    due = t + timedelta(seconds=delay)
+    waiting = {
+        "phase": "waiting", "bytes_done": None, "bytes_total": None, "seconds": round(waited, 3),
+        "message": f"waiting for the upload to finish ({err.message}); looking again in {delay:.0f} s, giving up at "
+                   f"{iso(since + timedelta(seconds=deadline))}",
+        "waiting_since": since.isoformat(), "looks": looks + 1, "next_look_at": iso(due),
+    }
+    if not jobs.defer(settings.db_url, job.id, worker, delay_s=delay, progress=waiting):
+        return Outcome("discarded: job cancelled or taken over")
+    log.info("job %s: checkpoint incomplete (%s); looking again in %.0f s", job.id, err.message, delay)
+    return Outcome(f"waiting: {err.code}", send_in=delay)
