@@ -159,9 +159,37 @@ def _run_name(v: str) -> str:
     return v
 
 
+def name_chars(what: str, allowed: str, pattern: str) -> WrapValidator:
+    """Say in words what ``pattern`` (a name's characters: a letter or digit, then ``allowed``)
+    refused, naming the characters that are not allowed, instead of the regular expression.
+    Put it after the ``pattern`` constraint, which documents it in the OpenAPI schema."""
+    one = re.compile(f"[{pattern.removeprefix('^[A-Za-z0-9][').removesuffix(']*$')}]")
+
+    def check(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as e:
+            if not any(err["type"] == "string_pattern_mismatch" for err in e.errors()) or not isinstance(value, str):
+                raise
+            bad = sorted({c for c in value if not one.fullmatch(c)})
+            if bad:
+                shown = ", ".join("a space" if c == " " else repr(c) for c in bad[:8])
+                why = f"{shown} {'is' if len(bad) == 1 else 'are'} not allowed"
+            else:
+                why = f"it starts with {value[0]!r}"
+            raise PydanticCustomError(
+                "name_characters", "{what} may contain only the letters A-Z and a-z, digits and {allowed}, "
+                "starting with a letter or digit: {why}", {"what": what, "allowed": allowed, "why": why}) from None
+
+    return WrapValidator(check)
+
+
+_RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$"
 RunName = Annotated[
-    text(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$",
+    text(min_length=1, max_length=200, pattern=_RUN_PATTERN,
          description="letters, digits and . _ : / @ + -; '/' separates parts, as in org/llama-350m"),
+    name_chars("a run name", ". _ : / @ + - ('/' between parts, as in org/llama-350m)",
+               _RUN_PATTERN),
     AfterValidator(_run_name),
 ]
 
@@ -365,10 +393,14 @@ class DeliveryOut(BaseModel):
         )
 
 
+_SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"
+
+
 class HookSourceIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: text(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")
+    name: Annotated[text(min_length=1, max_length=200, pattern=_SOURCE_PATTERN),
+                    name_chars("a hook source's name", ". _ : @ + -", _SOURCE_PATTERN)]
     secret: text(max_length=200) | None = Field(
         default=None, description="whsec_<base64> signing secret; generated when left out")
     #: bucket notifications (POST /v1/hooks/object-store): service/hooks.py check_mapping

@@ -4,6 +4,7 @@ refused at submission with a message that says why."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import typing
@@ -114,3 +115,25 @@ def test_a_name_that_would_be_ambiguous_is_refused_with_the_reason(api_service, 
     assert r.status_code == 422, r.text
     assert r.headers["content-type"] == "application/problem+json"
     assert needle in r.json()["detail"], r.json()["detail"]
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("my run", "a space is not allowed"),
+    ("-leading", "it starts with '-'"),
+    ("café/run#2", "'#', 'é' are not allowed"),
+])
+def test_a_name_with_characters_not_allowed_says_which_in_words(api_service, name, why):
+    allowed = ("a run name may contain only the letters A-Z and a-z, digits and . _ : / @ + - ('/' between parts, "
+               "as in org/llama-350m), starting with a letter or digit")
+    with api_service.http() as h:
+        r = h.post("/v1/checkpoints", json={"run": name, "step": 1, "uri": str(api_service.roots)})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail == f"body.run: {allowed}: {why}", detail
+    assert "[A-Za-z0-9]" not in r.text  # no regular expression in the answer
+    # the CLI prints the same words on its one line
+    env = dict(os.environ, LAYERTRACK_URL=api_service.url, LAYERTRACK_TOKEN=api_service.token)
+    out = subprocess.run([layertrack_exe(), "submit", "--", name, "1", str(api_service.roots)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3 and out.stderr.count("\n") == 1, out.stderr
+    assert f"{allowed}: {why}" in out.stderr and "[A-Za-z0-9]" not in out.stderr
