@@ -91,7 +91,9 @@ def check_target(url: str, allow_hosts: str) -> None:
     except netpolicy.Unresolvable as e:
         raise TargetRefused(f"webhook {e}") from None
     except netpolicy.AddressRefused as e:
-        raise TargetRefused(f"webhook {e}; add it (or its network) to LAYERTRACK_WEBHOOK_ALLOW_HOSTS to allow it") \
+        raise TargetRefused(f"webhook {e}; to allow it, add it (or its network) to LAYERTRACK_WEBHOOK_ALLOW_HOSTS "
+                            "in the environment of the service (its API server and webhook workers, which check "
+                            "every delivery again) and restart them; the client's environment does not count") \
             from None
 
 

@@ -78,6 +78,8 @@ def test_private_targets_are_refused_however_written(url, inner):
         check_target(url, "")
     message = str(e.value)
     assert "non-public address" in message and "LAYERTRACK_WEBHOOK_ALLOW_HOSTS" in message
+    # where the variable goes and what else it takes: the service's environment, a restart
+    assert "in the environment of the service" in message and "restart them" in message, message
     if inner and not url.startswith("http://[64:ff9b:1:"):  # local-use NAT64: refused as a whole
         assert inner in message, message  # the address it stands for is named
 
