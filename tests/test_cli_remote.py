@@ -3,6 +3,7 @@ stay queued, so what a submission stored can be read back as it was sent)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -368,3 +369,14 @@ def test_runs_delete_says_what_would_go_and_deletes_only_with_yes(api, ckpt):
     assert run not in cli(api, "runs").stdout
     assert one_line_error(cli(api, "runs", "delete", run, "--yes")) == (
         f"error: no run named '{run}' (code run_not_found)")
+
+
+def test_trend_of_a_run_without_scores_says_so_in_one_line(api, ckpt):
+    run = f"t-{uuid.uuid4().hex[:6]}"
+    job_id(cli(api, "submit", run, "5", str(ckpt)))  # no worker: it stays queued
+    out = cli(api, "trend", run)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.splitlines() == [f"run {run} has no linearity_nores scores yet (jobs: 1 queued); "
+                                       f"'layertrack jobs --run {run}' follows them"], out.stdout
+    out = cli(api, "trend", run, "--json")  # the API's answer, for scripts
+    assert out.returncode == 0 and json.loads(out.stdout)["steps"] == []

@@ -334,6 +334,9 @@ def test_backfill_dry_run_of_a_directory_lists_the_subset_and_sends_nothing(live
     out = ok(cli("backfill", str(root), "--run", run, "--every", "2", "--dry-run", env=offline))
     assert out.stdout.splitlines() == [f"step {s}  {root / names[s]}" for s in (0, 20, 1000)]
     assert "skipped step 7000" in out.stderr and "config.json but no weights" in out.stderr, out.stderr
+    # it says, last, that it sent nothing (on stderr: stdout stays the list)
+    assert out.stderr.splitlines()[-1] == (f"dry run: nothing was submitted; without --dry-run these 3 checkpoint(s) "
+                                           f"go to run {run}"), out.stderr
 
     out = ok(cli("backfill", str(root), "--run", run, "--log-spaced", "3", "--dry-run", env=offline))
     assert out.stdout.splitlines() == [f"step {s}  {root / names[s]}" for s in (0, 100, 5000)]

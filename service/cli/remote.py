@@ -275,11 +275,30 @@ def cmd_runs_delete(c, args: argparse.Namespace) -> int | None:
 
 
 # ------------------------------------------------------------------ results
+def no_scores_line(c, run: str, metric: str) -> str:
+    """Why a run has no trend of ``metric``: its jobs by status, and what to do."""
+    from layertrack.workers.vocabulary import REPLACEABILITY_METRICS
+
+    jobs = c.run(run).get("jobs") or {}
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(jobs.items()) if n)
+    line = f"run {run} has no {metric} scores yet (jobs: {counts or 'none'})"
+    if metric in REPLACEABILITY_METRICS and jobs.get("succeeded"):
+        return line + f"; {metric} is measured only by jobs submitted with --replaceability"
+    if jobs.get("queued") or jobs.get("running"):
+        return line + f"; 'layertrack jobs --run {run}' follows them"
+    if jobs.get("failed"):
+        return line + f"; 'layertrack jobs --run {run} --status failed' shows why they failed"
+    return line
+
+
 @api_command
 def cmd_trend(c, args: argparse.Namespace) -> None:
     t = c.trend(args.run, metric=args.metric)
     if args.json:
         print(json.dumps(t, indent=2))
+        return
+    if not t["steps"]:  # one line that says why, not an empty table
+        print(no_scores_line(c, args.run, args.metric))
         return
     print(f"run {args.run}  metric {args.metric} (layer mean, final-norm pair left out)")
     print(f"{'step':>10} {'value':>10}")

@@ -297,6 +297,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if args.dry_run:
         for cand in chosen:
             print(f"step {cand.step}  {cand.uri}")
+        sys.stdout.flush()
+        print(f"dry run: nothing was submitted; without --dry-run these {len(chosen)} checkpoint(s) go to run "
+              f"{args.run}", file=sys.stderr, flush=True)
         return 0
     return _backfill(args, chosen)
 
