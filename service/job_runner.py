@@ -139,7 +139,8 @@ def run(job_id: str, *, worker: str, retries: int, settings: Settings | None = N
             result, cache, path = _fetch_and_score(settings, job, worker, progress, options)
             fetched = (cache, path)
         else:
-            result = score_checkpoint(job.uri, config=options, roots=jobs.require_roots(settings.roots))
+            result = score_checkpoint(job.uri, config=options, roots=jobs.require_roots(settings.roots),
+                                      expect_fingerprint=job.fingerprint)
     except Exception as e:
         err = job_error(e, settings)
         if remote and isinstance(err, CheckpointIncomplete):

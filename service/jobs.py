@@ -116,6 +116,8 @@ class ClaimedJob:
     #: what the job showed when it was claimed (a remote checkpoint's last progress: when it
     #: started waiting for an incomplete upload); None for a local checkpoint
     progress: dict[str, Any] | None = None
+    #: the checkpoint's identity when it was submitted (a local one's must still be it)
+    fingerprint: str | None = None
 
 
 def claim(db_url: str, job_id: str, worker: str) -> ClaimedJob | None:
@@ -136,6 +138,7 @@ def claim(db_url: str, job_id: str, worker: str) -> ClaimedJob | None:
             id=job.id, uri=job.checkpoint.uri, run_id=job.run_id, step=job.checkpoint.step,
             config=dict(job.config), attempts=job.attempts,
             progress=dict(job.progress) if job.progress is not None else None,
+            fingerprint=job.checkpoint.fingerprint,
         )
 
 

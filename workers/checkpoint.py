@@ -87,7 +87,8 @@ class CheckpointInfo:
     model_type: str
     weights_format: str  # "safetensors" or "pickle"
     weight_files: tuple[str, ...]
-    fingerprint: str  # sha256 of config.json and the weight index (names and sizes)
+    #: the checkpoint's identity (``IDENTITY``): changes whenever its bytes do
+    fingerprint: str
 
 
 def _shown(path: str | Path, limit: int = 120) -> str:
@@ -259,6 +260,42 @@ def check_safetensors(file: Path) -> tuple[dict[str, Any], int]:
     JSON header (at most MAX_JSON_BYTES) and every tensor's offsets, which must lie within
     the file and match its dtype and shape; the tensors must reach the end of the file (a
     shorter file was truncated). MalformedWeights otherwise. Returns (header, data start)."""
+    return _check_safetensors(file, None)
+
+
+#: The identity of a local checkpoint (``CheckpointInfo.fingerprint``), what a submission is
+#: compared by: sha256 over config.json's bytes and, per weight file, its name, its size, its
+#: inode, its modification and status-change times (ns), its safetensors header (the whole
+#: JSON: every tensor's name, dtype, shape and offsets) and IDENTITY_SAMPLES ranges of
+#: IDENTITY_SAMPLE_BYTES spread evenly over its data; the other files a load reads (SMALL_FILES,
+#: TOKENIZER_FILES) by name, size, inode and times. Any write to a file changes its
+#: status-change time (which no tool sets back), so rewritten bytes, even of the same shapes,
+#: give a new identity; the same directory untouched gives the same one. Cost: the headers
+#: and 64 KiB per weight file are read, whatever the checkpoint's size (bench/identity_bench.py).
+IDENTITY = "layertrack checkpoint identity v2"
+IDENTITY_SAMPLES = 16
+IDENTITY_SAMPLE_BYTES = 4096
+
+
+def _stat_identity(st: os.stat_result) -> bytes:
+    return f"{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode()
+
+
+def _add_samples(identity: Any, fd: int, start: int, end: int) -> None:
+    """Hash IDENTITY_SAMPLES ranges spread evenly over bytes [start, end) of an open file."""
+    span = end - start
+    if span <= IDENTITY_SAMPLES * IDENTITY_SAMPLE_BYTES:
+        offsets = range(start, end, IDENTITY_SAMPLE_BYTES)
+    else:
+        step = (span - IDENTITY_SAMPLE_BYTES) / (IDENTITY_SAMPLES - 1)
+        offsets = (start + int(i * step) for i in range(IDENTITY_SAMPLES))
+    for offset in offsets:
+        identity.update(os.pread(fd, min(IDENTITY_SAMPLE_BYTES, end - offset), offset))
+
+
+def _check_safetensors(file: Path, identity: Any | None) -> tuple[dict[str, Any], int]:
+    """``check_safetensors``; with ``identity`` (a hash), also feed it the file's part of
+    the checkpoint's identity (``IDENTITY``)."""
     with os.fdopen(os.open(file, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
@@ -267,7 +304,11 @@ def check_safetensors(file: Path) -> tuple[dict[str, Any], int]:
         head = f.read(8)
         n = header_length(head, size, _shown(file))
         raw = f.read(n)
-    return parse_safetensors_header(raw, size, _shown(file)), 8 + n
+        header = parse_safetensors_header(raw, size, _shown(file))
+        if identity is not None:
+            identity.update(_stat_identity(st) + b"\0" + raw)
+            _add_samples(identity, f.fileno(), 8 + n, size)
+    return header, 8 + n
 
 
 def _malformed(shown: str, why: str) -> MalformedWeights:
@@ -417,17 +458,24 @@ def _inspect(path: Path, *, allow_pickle: bool, check_causal_lm: bool, pending: 
             f"checkpoint {str(path)!r} has config.json but no weights: expected model.safetensors "
             "or model.safetensors.index.json with its shards"
         )
-    if weights_format == "safetensors":
-        for name in files:
-            if name not in pending:
-                check_safetensors(path / name)
+    h = hashlib.sha256(f"{IDENTITY}\0".encode() + cfg_bytes)
+    for name in files:
+        h.update(f"\0{name}\0".encode())
+        if name in pending:  # being fetched: its header was checked at the store
+            h.update(f"pending {pending[name]}".encode())
+        elif weights_format == "safetensors":
+            _check_safetensors(path / name, h)
+        else:
+            with os.fdopen(os.open(path / name, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                st = os.fstat(f.fileno())
+                h.update(_stat_identity(st))
+                _add_samples(h, f.fileno(), 0, st.st_size)
     for name in SMALL_FILES:  # read whole by transformers when it loads the model or tokenizer
         if (path / name).is_file():
             check_file_size(path / name)
-    h = hashlib.sha256(cfg_bytes)
-    for name in files:
-        size = pending.get(name)
-        h.update(f"\0{name}\0{size if size is not None else (path / name).stat().st_size}".encode())
+    for name in (*SMALL_FILES, *TOKENIZER_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            h.update(f"\0{name}\0".encode() + _stat_identity((path / name).stat()))
     return CheckpointInfo(
         path=path,
         config=config,

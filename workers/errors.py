@@ -114,6 +114,12 @@ class CacheTooSmall(CheckpointError):
     code = "cache_too_small"
 
 
+class CheckpointChanged(CheckpointError):
+    """The checkpoint's bytes are not those it had when it was submitted (or when scoring
+    began): its scores would belong to neither version."""
+    code = "checkpoint_changed"
+
+
 class NotAModelDirectory(CheckpointError):
     code = "not_a_model_directory"
 

@@ -40,7 +40,7 @@ from .engine import (
     plan_layer_groups,
     stats_bytes,
 )
-from .errors import OutOfMemory
+from .errors import CheckpointChanged, OutOfMemory
 from .planner import DEFAULT_BUDGET_SHARE, ModelShape, Plan, model_shape, plan_memory
 from .probe import DEFAULT_SEED, Probe, ProbeTokens, load_probe, tokenize_probe
 from .streaming import BlockRunner, WeightSource, build_streamed, read_header
@@ -687,16 +687,22 @@ def score_checkpoint(
     progress: Callable[[int, int], None] | bool = False,
     headers: dict[str, tuple[dict, int]] | None = None,
     ready: Callable[[str], None] | None = None,
+    expect_fingerprint: str | None = None,
 ) -> ScoreResult:
     """Score every block of the checkpoint at ``uri`` on the probe (default: built-in).
 
     The memory plan decides resident or streamed execution (``prepare``). ``headers`` and
     ``ready`` let weights be scored while they are still being fetched: ``ready(file)``
     returns once ``file`` is complete (the job then runs streamed, in the order of its
-    blocks)."""
+    blocks). ``expect_fingerprint``: the identity the checkpoint had when it was submitted
+    (``CheckpointInfo.fingerprint``); CheckpointChanged when it is no longer that one, before
+    scoring or (for a checkpoint on disk) once scored."""
     t0 = time.perf_counter()
     prep = prepare(uri, probe=probe, config=config, roots=roots, tokenizer_path=tokenizer_path, headers=headers)
     plan, tokens, device, dtype, info = prep.plan, prep.tokens, prep.device, prep.dtype, prep.info
+    if expect_fingerprint is not None and info.fingerprint != expect_fingerprint:
+        raise CheckpointChanged(f"checkpoint {uri} changed after it was submitted (its files were written again): "
+                                "these are not the bytes the job was accepted for; submit it again")
     streamed = plan.mode == "streamed" or (ready is not None and prep.shape is not None)
     keep = False
     if ready is not None and not streamed:  # loaded whole: every file first
@@ -749,6 +755,11 @@ def score_checkpoint(
     finally:
         if streamed:
             streamed_model.close()
+    if expect_fingerprint is not None and headers is None:  # on disk all along: the same bytes to the end?
+        again = ckpt.inspect_checkpoint(prep.path, allow_pickle=config.allow_pickle, check_causal_lm=False)
+        if again.fingerprint != info.fingerprint:
+            raise CheckpointChanged(f"checkpoint {uri} changed while it was being scored (its files were written "
+                                    "again): its scores would mix two versions; submit it again once written")
     t_done = time.perf_counter()
     scores.warnings = warnings + scores.warnings
     return ScoreResult(
