@@ -50,8 +50,9 @@ def default_spool_dir() -> Path:
     return get_settings().data_dir / "spool"
 
 
-def checkpoint_snapshot(path: Path) -> dict[str, tuple[int, int]] | None:
-    """{file: (size, mtime_ns)} of a checkpoint directory that looks complete, else None.
+def checkpoint_snapshot(path: Path) -> dict[str, tuple[int, int, int, int]] | None:
+    """{file: (size, mtime_ns, ctime_ns, inode)} of a checkpoint directory that looks complete,
+    else None (the stat part of the service's checkpoint identity: any rewrite changes it).
 
     Complete: config.json and the weights (model.safetensors, or an index and every shard
     it names; pytorch_model.bin likewise) are present.
@@ -74,12 +75,13 @@ def checkpoint_snapshot(path: Path) -> dict[str, tuple[int, int]] | None:
     if weights is None or not weights <= files.keys():
         return None
     try:
-        return {name: (p.stat().st_size, p.stat().st_mtime_ns) for name, p in sorted(files.items())}
+        stats = {name: p.stat() for name, p in sorted(files.items())}
+        return {name: (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for name, st in stats.items()}
     except FileNotFoundError:
         return None
 
 
-def wait_complete(path: Path, *, timeout: float, settle: float = 0.5) -> dict[str, tuple[int, int]] | None:
+def wait_complete(path: Path, *, timeout: float, settle: float = 0.5) -> dict[str, tuple[int, int, int, int]] | None:
     """Wait until the directory is complete and unchanged over ``settle`` seconds."""
     deadline = time.monotonic() + timeout
     before = None

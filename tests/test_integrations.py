@@ -246,6 +246,11 @@ def test_reporter_waits_for_a_checkpoint_being_written(tmp_path):
     assert snap is not None and set(snap) == {"config.json", "model.safetensors.index.json",
                                               "model-00001-of-00002.safetensors",
                                               "model-00002-of-00002.safetensors"}
+    shard = ckpt / "model-00002-of-00002.safetensors"
+    times = (shard.stat().st_atime_ns, shard.stat().st_mtime_ns)
+    shard.write_bytes(b"z")  # rewritten: the same size, the old times put back
+    os.utime(shard, ns=times)
+    assert checkpoint_snapshot(ckpt) != snap  # a new Idempotency-Key: the service sees a new checkpoint
 
 
 def test_demo_short_mode_end_to_end(live, tmp_path):
