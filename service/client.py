@@ -53,6 +53,7 @@ class Job(TypedDict):
     started_at: str | None
     finished_at: str | None
     duration_s: float | None
+    run_s: float | None
     #: a remote checkpoint's progress ({"phase": "fetching" | "waiting" | "scoring",
     #: "bytes_done", "bytes_total", "seconds", "message", ...}); None for a local one
     progress: dict[str, Any] | None
@@ -290,7 +291,8 @@ class Client:
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:g} s")
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:g} s of waiting; it goes "
+                                   f"on without you (wait for it again, or cancel it)")
             time.sleep(poll)
 
     def cancel(self, job_id: str) -> Job:

@@ -223,11 +223,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def job_event(job: Job, **extra: Any) -> dict[str, Any]:
     """The ``data`` of a job.* webhook event."""
-    started, finished = job.started_at, job.finished_at
     return {
         "job_id": job.id, "run": job.run.name, "step": job.checkpoint.step, "phase": job.checkpoint.phase.value,
         "status": job.status.value, "attempts": job.attempts, "worker": job.worker,
-        "duration_s": (finished - started).total_seconds() if started and finished else None,
+        "duration_s": job.duration_s, "run_s": job.run_s,
         "status_url": f"/v1/jobs/{job.id}", **extra,
     }
 

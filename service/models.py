@@ -153,6 +153,21 @@ class Job(Base):
         kw.setdefault("id", str(uuid.uuid4()))
         super().__init__(**kw)
 
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from submission (``queued_at``) to the end: the time a user waited for it,
+        queueing, retries and fetching included. None while it has not finished."""
+        if self.finished_at is None or self.queued_at is None:
+            return None
+        return (self.finished_at - self.queued_at).total_seconds()
+
+    @property
+    def run_s(self) -> float | None:
+        """Seconds of the last attempt on a worker (``started_at`` to the end)."""
+        if self.finished_at is None or self.started_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
 
 class Score(Base):
     """One number: a metric of one layer (or block pair) of one run at one step.

@@ -250,7 +250,10 @@ class JobOut(BaseModel):
     queued_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    #: seconds from submission to the end (queueing, retries and fetching included)
     duration_s: float | None
+    #: seconds of the last attempt on a worker (started_at to finished_at)
+    run_s: float | None = None
     #: a remote checkpoint (s3://, gs://, az://, hf://, https://): what the worker is doing,
     #: {"phase": "fetching" | "waiting" | "scoring", "bytes_done", "bytes_total", "seconds",
     #: "message", ...}; null for a local checkpoint and before a worker takes the job
@@ -268,9 +271,8 @@ class JobOut(BaseModel):
             step=job.checkpoint.step, phase=job.checkpoint.phase.value, uri=job.checkpoint.uri, probe=job.probe.name,
             config=job.config, attempts=job.attempts, worker=job.worker, error_code=job.error_code, error=job.error,
             result=job.result, queued_at=job.queued_at, started_at=started, finished_at=finished,
-            duration_s=(finished - started).total_seconds() if started and finished else None,
-            progress=job.progress, content_fingerprint=job.content_fingerprint,
-            resolved_revision=job.resolved_revision,
+            duration_s=job.duration_s, run_s=job.run_s, progress=job.progress,
+            content_fingerprint=job.content_fingerprint, resolved_revision=job.resolved_revision,
         )
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import uuid
+from datetime import datetime
 
 import pytest
 from layertrack.workers.checkpoint import inspect_checkpoint
@@ -177,3 +178,9 @@ def test_a_checkpoint_rewritten_before_its_job_ran_fails_with_checkpoint_changed
         done = c.wait(job["id"], timeout=300, poll=0.2)
     assert done["status"] == "failed", done
     assert done["error_code"] == "checkpoint_changed" and "submit it again" in done["error"], done
+    # its duration counts from the submission (the wait for a worker included), not from its start
+    queued, started, finished = (datetime.fromisoformat(done[k]) for k in ("queued_at", "started_at", "finished_at"))
+    assert queued < started <= finished
+    assert done["duration_s"] == pytest.approx((finished - queued).total_seconds(), abs=1e-3)
+    assert done["run_s"] == pytest.approx((finished - started).total_seconds(), abs=1e-3)
+    assert done["duration_s"] > done["run_s"]

@@ -268,6 +268,8 @@ class ObjectStore:
         client: dict[str, Any] = {"connect_timeout": "10s", "timeout": "120s"}
         if loc.scheme == "s3":
             self.store = self._s3(S3Store, loc, retry, client)
+            self.endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                             or "https://s3.amazonaws.com").rstrip("/")
             self._md5_etags = os.environ.get("LAYERTRACK_S3_ETAG_MD5", "1") not in ("0", "false", "no")
         elif loc.scheme == "gs":
             cfg: dict[str, Any] = {}
@@ -277,12 +279,15 @@ class ObjectStore:
                 cfg.update(base_url=base.rstrip("/"), skip_signature=True)
                 client["allow_http"] = base.startswith("http://")
             self.store = GCSStore(loc.container, config=cfg, client_options=client, retry_config=retry)
+            self.endpoint = cfg.get("base_url", "https://storage.googleapis.com")
             self._md5_etags = False
         else:
             cfg = _azure_config()
             if str(cfg.get("endpoint", "")).startswith("http://") or cfg.get("use_emulator"):
                 client["allow_http"] = True
             self.store = AzureStore(loc.container, config=cfg, client_options=client, retry_config=retry)
+            self.endpoint = cfg.get("endpoint") or ("http://127.0.0.1:10000 (Azurite)" if cfg.get("use_emulator")
+                                                    else "https://<account>.blob.core.windows.net")
             self._md5_etags = False
 
     @staticmethod
@@ -326,7 +331,8 @@ class ObjectStore:
         if isinstance(e, ox.GenericError | ConnectionError | TimeoutError | OSError) and (
                 re.search(r"connect|timed? ?out|timeout|\b5\d\d\b|error sending request|retries|dns|reset|"
                           r"broken pipe|Service ?Unavailable|SlowDown|Internal ?Error", text, re.I)):
-            return StoreUnreachable(f"{where}: the store cannot be reached ({_first_line(text)}); retried")
+            return StoreUnreachable(f"{where}: {self.location.scheme} endpoint {self.endpoint} "
+                                    f"{unreachable_cause(text)}")
         return CheckpointUnreadable(f"{where} cannot be read: {_first_line(text)}")
 
     def _kind(self) -> str:
@@ -390,6 +396,29 @@ class ObjectStore:
         raise NotImplementedError("revisions are a Hub notion; object stores have none")
 
 
+#: what a storage library's error text says about an unreachable endpoint, in words
+_CAUSES = (
+    (r"ConnectionRefused|Connection refused", "refused the connection (nothing listens there: is the endpoint "
+                                              "right and the store up?)"),
+    (r"dns error|failed to lookup|Name or service not known|nodename nor servname|getaddrinfo",
+     "does not resolve (its host name is unknown: check the endpoint)"),
+    (r"ConnectionReset|Connection reset|broken pipe", "reset the connection"),
+    (r"TimedOut|timed? ?out|timeout", "did not answer in time"),
+    (r"certificate|tls|ssl", "failed the TLS handshake (certificate?)"),
+    (r"SlowDown|Service ?Unavailable|\b503\b", "is overloaded (503 / SlowDown)"),
+    (r"\b5\d\d\b|Internal ?Error", "answered with a server error (5xx)"),
+)
+
+
+def unreachable_cause(text: str) -> str:
+    """One phrase for why a store could not be reached, from a storage library's (long,
+    nested, debug-formatted) error text; its first line when no known cause is in it."""
+    for pattern, phrase in _CAUSES:
+        if re.search(pattern, text, re.I):
+            return phrase
+    return f"cannot be reached ({_first_line(text, 200)})"
+
+
 def _first_line(text: str, limit: int = 300) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[:limit] + "..."
@@ -431,7 +460,7 @@ class HubStore:
         if status is not None and (status >= 500 or status == 429):
             return StoreUnreachable(f"{where}: the Hub answered {status}; retried")
         if (status is None and isinstance(e, OSError | ConnectionError | TimeoutError)) or _is_transport_error(e):
-            return StoreUnreachable(f"{where}: the Hub at {self.endpoint} cannot be reached ({_first_line(str(e))})")
+            return StoreUnreachable(f"{where}: the Hub at {self.endpoint} {unreachable_cause(str(e))}")
         return CheckpointUnreadable(f"{where} cannot be read: {_first_line(str(e))}")
 
     def resolve(self) -> str | None:
@@ -583,9 +612,10 @@ class HTTPStore:
         try:
             r = self._http.request(method, self.url(key), headers=headers or {})
         except httpx.TimeoutException:
-            raise StoreUnreachable(f"{what}: no answer in time; retried") from None
+            raise StoreUnreachable(f"{what}: the server at {self._base} did not answer in time") from None
         except httpx.TransportError as e:
-            raise StoreUnreachable(f"{what}: the server cannot be reached ({type(e).__name__}: {e})") from None
+            cause = unreachable_cause(f"{e!r} {e}")
+            raise StoreUnreachable(f"{what}: the server at {self._base} {cause}") from None
         code = r.status_code
         if code in (404, 410):
             raise CheckpointNotFound(f"{what} does not exist (the server answered {code})")

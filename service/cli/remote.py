@@ -89,8 +89,10 @@ def print_job(job: dict[str, Any]) -> None:
     line = f"job {job['id']}  {job['status']}  run {job['run']} step {job['step']}"
     if job.get("worker"):
         line += f"  worker {job['worker']}"
-    if job.get("duration_s") is not None:
-        line += f"  {job['duration_s']:.1f} s"
+    if job.get("duration_s") is not None:  # from submission; the worker's own part beside it
+        line += f"  {job['duration_s']:.1f} s since submission"
+        if job.get("run_s") is not None:
+            line += f" ({job['run_s']:.1f} s on the worker)"
     print(line, flush=True)
     if job.get("error"):
         print(f"  error ({job.get('error_code')}): {job['error']}")
