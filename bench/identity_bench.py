@@ -3,7 +3,7 @@ multi-GB checkpoint, against a scoring job of the same checkpoint.
 
     python bench/identity_bench.py                        # ~2.5 GB checkpoint; 3 to 5 min on 2 cores
     python bench/identity_bench.py --dir /tmp/lt-identity-bench   # kept for the next run (default)
-    python bench/identity_bench.py --layers 4 --tokens 1024       # smaller and quicker
+    python bench/identity_bench.py --layers 4                     # smaller and quicker
 
 The checkpoint is a random-init Llama (d = 2048, MLP 5632, 16 heads, 4 KV heads, ``--layers``
 blocks, the tiny models' 384-token vocabulary) in float32, saved in shards of 1 GB, built once
@@ -99,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/lt-identity-bench"))
     ap.add_argument("--layers", type=int, default=14)
-    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=9)
     args = ap.parse_args()
 
@@ -128,14 +128,14 @@ def main() -> None:
         drop_cache(files)
         cold.append(once())
     cold_s = statistics.median(cold)
-    t = time.perf_counter()
-    score_checkpoint(str(ckpt), config=ScoreConfig(max_tokens=args.tokens, seq_len=256, execution="resident"))
-    job = time.perf_counter() - t
     read = header_bytes + len(files) * IDENTITY_SAMPLES * IDENTITY_SAMPLE_BYTES
     print(f"identity, warm   {warm * 1e3:8.2f} ms (median of {args.reps})")
     print(f"identity, cold   {cold_s * 1e3:8.2f} ms (median of {args.reps}; range {min(cold) * 1e3:.2f} to "
           f"{max(cold) * 1e3:.2f} ms)")
-    print(f"bytes read       {read / 1024:8.1f} KiB of {total / 2**30:.2f} GiB")
+    print(f"bytes read       {read / 1024:8.1f} KiB of {total / 2**30:.2f} GiB", flush=True)
+    t = time.perf_counter()
+    score_checkpoint(str(ckpt), config=ScoreConfig(max_tokens=args.tokens, seq_len=256, execution="resident"))
+    job = time.perf_counter() - t
     print(f"scoring job      {job:8.1f} s ({args.tokens} tokens, resident, 1 torch thread)")
     print(f"share            {2 * cold_s / job * 100:8.3f} % (identity twice, cold, ÷ the job)")
 

@@ -11,6 +11,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -218,7 +219,11 @@ def test_a_streamed_score_runs_from_the_worker_install_alone(tmp_path, tokenizer
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     pip("torch==2.13.0")  # as the README says, before the project (the pinned build of this machine)
-    pip(f"{REPO}[worker]")
+    # from a copy of the sources: a build writes build/ and *.egg-info beside them
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                ".pytest_cache", ".ruff_cache"))
+    pip(f"{source}[worker]")
     modules = sorted(f"layertrack.workers.{p.stem}" for p in (REPO / "workers").glob("*.py") if p.stem != "__init__")
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     r = subprocess.run([python, "-c", code, *modules, "layertrack.service.queue", "layertrack.workers.streaming"],
