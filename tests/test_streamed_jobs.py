@@ -27,7 +27,8 @@ def two_pass_budget(path) -> int:
     act = planner.activation_bytes(shape, batch_sequences=plan.batch_sequences, seq_len=prep.seq_len, dtype_bytes=4)
     per_seq = prep.seq_len * shape.d * 4
     half = -(-n_seq // 2 // plan.batch_sequences) * plan.batch_sequences
-    return shape.other_bytes + shape.max_block_bytes + act + half * per_seq + per_seq
+    peak = planner.streamed_stage_peak(shape, act=act, batch_bytes=plan.batch_sequences * per_seq, prefetch=False)
+    return peak + half * per_seq + per_seq
 
 
 @pytest.fixture(scope="module")

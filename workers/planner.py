@@ -7,8 +7,11 @@ dtype and probe size, and the worker's budget. ``plan_memory`` answers:
 * **resident** — every weight on the device for the whole job (the fastest), when the
   weights and one batch's activations fit the budget; otherwise
 * **streamed** — the module tree is built without weights and each block's tensors are read
-  from disk just before the block runs and freed after it. Weights then cost the non-block
-  tensors plus one block (two when the next block is read while this one runs).
+  from disk just before the block runs and freed after it. A tensor outside the blocks is held
+  only in the stage that uses it: the input embeddings while a pass embeds its sequences
+  (then freed; the next pass reads them again), the final norm (and the LM head, when loaded)
+  while the last block's output goes through them. Weights then cost one block (two when the
+  next block is read while this one runs) plus, at most, the tensors of one such stage.
 * **passes** — a streamed pass takes its sequences through block 0, then all of them through
   block 1, and so on, so each block's weights cross to the device once per pass. The
   hidden states of the pass's sequences wait between blocks: the number of passes is the
@@ -44,6 +47,9 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 DEFAULT_BUDGET_SHARE = 0.8
 
 _BLOCK_NAME = re.compile(r"^(.*?)\.(\d+)\.")
+#: the input embeddings' weight under each family's name: needed only to embed a pass's
+#: sequences (the tail stage runs without them)
+INPUT_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class ModelShape:
     other_bytes: int
     #: the name prefix of the block list in the checkpoint (``model.layers``, ``transformer.h``)
     block_prefix: str = ""
+    #: of ``other_bytes``: the input embeddings (``INPUT_EMBEDDING``), used only by the embed stage
+    input_embedding_bytes: int = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -67,6 +75,11 @@ class ModelShape:
     @property
     def max_block_bytes(self) -> int:
         return max(self.block_bytes)
+
+    @property
+    def tail_bytes(self) -> int:
+        """The non-block tensors the tail stage reads (all but the input embeddings)."""
+        return self.other_bytes - self.input_embedding_bytes
 
 
 def block_of(name: str, prefix: str) -> int | None:
@@ -116,17 +129,19 @@ def model_shape(tensors: Mapping[str, tuple[str, list[int]]], config: Mapping, *
     names = [n for n in tensors if not n.startswith(skip)] if skip else list(tensors)
     prefix = find_block_prefix(names, n_blocks)
     blocks = [0] * n_blocks
-    other = 0
+    other = embedding = 0
     for name in names:
         dtype, shape = tensors[name]
         size = math.prod(shape) * (dtype_bytes if dtype in FLOAT_DTYPES else DTYPE_BYTES.get(dtype, 4))
         i = block_of(name, prefix)
         if i is None:
             other += size
+            if INPUT_EMBEDDING.search(name):
+                embedding += size
         else:
             blocks[i] += size
     return ModelShape(n_blocks=n_blocks, d=d, ffn=ffn, n_heads=n_heads, block_bytes=tuple(blocks),
-                      other_bytes=other, block_prefix=prefix)
+                      other_bytes=other, block_prefix=prefix, input_embedding_bytes=embedding)
 
 
 def activation_bytes(shape: ModelShape, *, batch_sequences: int, seq_len: int, dtype_bytes: int) -> int:
@@ -177,6 +192,16 @@ class Plan:
         return "\n".join(lines)
 
 
+def streamed_stage_peak(shape: ModelShape, *, act: int, batch_bytes: int, prefetch: bool) -> int:
+    """Weights and activations of a streamed job at its worst stage, hidden states of the pass
+    aside: the embed stage holds every non-block tensor and a batch's embeddings (twice
+    ``batch_bytes``, a batch's hidden state), the block stage a block and its activations
+    (``act``), the tail stage the non-block tensors but the input embeddings, beside the
+    last block; the block staging buffers (two with ``prefetch``) persist from pass to pass."""
+    staging = shape.max_block_bytes * (2 if prefetch else 1)
+    return staging + max(shape.other_bytes + 2 * batch_bytes, shape.tail_bytes + act, act)
+
+
 def plan_memory(shape: ModelShape, *, dtype_bytes: int, n_sequences: int, seq_len: int, batch_sequences: int,
                 budget: int, stats_bytes: int = 0, device_type: str = "cpu", devices: tuple[str, ...] = ("cpu",),
                 force: str | None = None) -> Plan:
@@ -197,19 +222,25 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, n_sequences: int, seq_le
                     prefetch=False, peak_bytes=resident_peak, **common)
 
     per_sequence = seq_len * shape.d * dtype_bytes  # one sequence's hidden state between blocks
-    one_block = shape.other_bytes + shape.max_block_bytes
-    smallest = one_block + act + batch_sequences * per_sequence
+
+    def stage_peak(staging: int) -> int:
+        return streamed_stage_peak(shape, act=act, batch_bytes=batch_sequences * per_sequence,
+                                   prefetch=staging > shape.max_block_bytes)
+
+    smallest = stage_peak(shape.max_block_bytes) + batch_sequences * per_sequence
     if smallest > budget:
         raise PlanDoesNotFit(
-            f"the model does not fit a budget of {fmt_bytes(budget)} even streamed: its non-block tensors "
-            f"({fmt_bytes(shape.other_bytes)}), its largest block ({fmt_bytes(shape.max_block_bytes)}), one batch's "
-            f"activations ({fmt_bytes(act)} for {batch_sequences} sequences of {seq_len}) and its hidden states "
-            f"({fmt_bytes(batch_sequences * per_sequence)}) need {fmt_bytes(smallest)}. Raise LAYERTRACK_MAX_MEMORY "
-            "(--max-memory), lower --batch-size or --seq-len, or use a smaller --dtype")
+            f"the model does not fit a budget of {fmt_bytes(budget)} even streamed: its largest block "
+            f"({fmt_bytes(shape.max_block_bytes)}) with one batch's activations ({fmt_bytes(act)} for "
+            f"{batch_sequences} sequences of {seq_len}), or beside it the tensors outside the blocks "
+            f"({fmt_bytes(shape.other_bytes)}, the input embeddings {fmt_bytes(shape.input_embedding_bytes)} of it), "
+            f"and its hidden states ({fmt_bytes(batch_sequences * per_sequence)}) need {fmt_bytes(smallest)}. "
+            "Raise LAYERTRACK_MAX_MEMORY (--max-memory), lower --batch-size or --seq-len, or use a smaller --dtype")
+
     def layout(prefetch: bool) -> tuple[int, int, str, int] | None:
-        """(passes, sequences per pass, where hidden states live, weight bytes), or None."""
-        weights = one_block + (shape.max_block_bytes if prefetch else 0)
-        room = budget - weights - act
+        """(passes, sequences per pass, where hidden states live, weights and activations), or None."""
+        peak = stage_peak(shape.max_block_bytes * (2 if prefetch else 1))
+        room = budget - peak
         if room < batch_sequences * per_sequence:
             return None
         hidden = "device"
@@ -219,17 +250,17 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, n_sequences: int, seq_le
         per_pass = max(batch_sequences, min(per_pass, n_sequences))
         passes = math.ceil(n_sequences / per_pass)
         per_pass = min(math.ceil(n_sequences / passes / batch_sequences) * batch_sequences, n_sequences)
-        return passes, per_pass, hidden, weights
+        return passes, per_pass, hidden, peak
 
     # reading the next block ahead hides the disk, but never at the cost of a pass (each pass
     # reads every block again)
     without = layout(False)
     ahead = layout(True)
     prefetch = ahead is not None and ahead[0] <= without[0]
-    passes, per_pass, hidden, weights = ahead if prefetch else without
+    passes, per_pass, hidden, peak = ahead if prefetch else without
     held = (per_pass if hidden == "device" else batch_sequences) * per_sequence
     return Plan(mode="streamed", passes=passes, sequences_per_pass=per_pass, hidden_states=hidden,
-                prefetch=prefetch, peak_bytes=weights + act + held, **common)
+                prefetch=prefetch, peak_bytes=peak + held, **common)
 
 
 def fmt_bytes(n: int) -> str:

@@ -385,6 +385,7 @@ def score_blockwise(
                         stats.fold(0, h[kept[k]])
                     hs.append(h.to(store))
                     calls.append(call)
+                runner.release_outside()  # the embeddings: not needed again this pass
                 runner.prepare(list(range(run)))
                 for i in range(run):
                     with runner.weights(i), ckpt.translate_oom(
@@ -405,6 +406,7 @@ def score_blockwise(
                             done += int(kept[k].sum())
                             report(done)
                 del hs, calls
+                runner.release_outside()  # the final norm
             with ckpt.translate_oom("solving the statistics", "Set a smaller stats memory budget."):
                 group_pairs, group_layers = stats.scores(config.engine, fit_maps=maps is not None)
             group_pairs[-1].final_norm = bool(final_norm)

@@ -15,9 +15,12 @@ A streamed model (``StreamedModel``) is built on the ``meta`` device (accelerate
 are read from the checkpoint's safetensors files just before the block runs (the next
 block's while this one runs, on a thread) and given back after it (accelerate's
 ``set_module_tensor_to_device``); the tensors outside the blocks are read the first time
-their module runs and kept. Tensors are read with ``pread`` into memory of their own rather
-than through a memory map, so that the process's resident memory holds what is in use and
-nothing of the page cache.
+their module runs and given back when the stage that used them ends (``release_outside``:
+the input embeddings after a pass's sequences are embedded, the final norm after the pass).
+The tail stage runs without the input embeddings: their output there only feeds the
+pass-through blocks, so it is replaced by zeros and their weights are not read. Tensors are
+read with ``pread`` into memory of their own rather than through a memory map, so that the
+process's resident memory holds what is in use and nothing of the page cache.
 
 A resident model runs through the same ``BlockRunner`` (nothing to load), which is what the
 replaceability measurement uses for both.
@@ -231,6 +234,9 @@ class BlockRunner:
     def prepare(self, order: list[int]) -> None:
         """The blocks about to run, in order (a streamed model reads ahead)."""
 
+    def release_outside(self) -> None:
+        """A stage has ended: give back the tensors outside the blocks (resident: nothing)."""
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, BlockCall]:
         """h_0 of a batch, and how the model calls its blocks for it."""
         catcher = _Catcher()
@@ -309,6 +315,9 @@ class StreamedModel(BlockRunner):
             return None
 
         self._key = key
+        self._blocks_name = blocks_name
+        #: modules whose weights are not to be read when they run (the tail's input embeddings)
+        self._skip: set[int] = set()
         # parameters and persistent buffers of each block, by their name in the model
         self.block_tensors: list[list[tuple[str, str]]] = []
         for i, b in enumerate(blocks):
@@ -341,6 +350,8 @@ class StreamedModel(BlockRunner):
     # ---------------------------------------------------------------- non-block tensors
     def _materialise_hook(self, mod_name: str):
         def hook(module, _args):
+            if id(module) in self._skip:
+                return
             for n, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
                 if p.device.type != "meta":
                     continue
@@ -371,6 +382,52 @@ class StreamedModel(BlockRunner):
                 return None
             self._set(name, self.source.load(k), self.device)
         return emb.weight
+
+    def _is_tied_head(self, full: str) -> bool:
+        if not getattr(self._root.config, "tie_word_embeddings", False):
+            return False
+        getter = getattr(self._root, "get_output_embeddings", None)
+        head = getter() if getter else None
+        return head is not None and full == _name_of(self._root, head) + ".weight"
+
+    def release_outside(self) -> None:
+        """Give back every tensor outside the blocks that was read from the checkpoint (or tied
+        to one); each is read again when its module next runs. Buffers computed at
+        construction (rotary frequencies) stay."""
+        if self.keep:
+            return
+        inside = f"{self._blocks_name}."
+        freed = False
+        for mod_name, module in self._root.named_modules():
+            if mod_name == self._blocks_name or mod_name.startswith(inside):
+                continue
+            own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+            for n, t in own:
+                full = f"{mod_name}.{n}" if mod_name else n
+                if t.device.type == "meta" or (self._key(full) is None and not self._is_tied_head(full)):
+                    continue
+                self._free(full)
+                freed = True
+        if freed and self.device.type == "cpu":
+            give_back_free_memory()
+
+    def tail(self, last_output: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             call: BlockCall, **extra: Any) -> Any:
+        if self.keep:
+            return super().tail(last_output, input_ids, attention_mask, call, **extra)
+        emb = self._root.get_input_embeddings()
+        width = getattr(emb, "embedding_dim", None) or self._root.config.hidden_size
+
+        def zeros(ids: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+            return torch.zeros((*ids.shape, width), dtype=self.dtype, device=self.device)
+
+        emb.forward = zeros
+        self._skip.add(id(emb))
+        try:
+            return super().tail(last_output, input_ids, attention_mask, call, **extra)
+        finally:
+            self._skip.discard(id(emb))
+            del emb.forward
 
     def _buffers_to_device(self) -> None:
         """Buffers computed at construction (rotary frequencies, masks) go to the device."""
