@@ -44,6 +44,9 @@ def test_up_roots_reach_the_api_and_the_workers(tmp_path, tokenizer):
         assert lines[0].startswith(f"layertrack is up at {url}"), printed
         assert f"checkpoint roots: {roots[0]}, {roots[1]}" in lines, printed
         assert f"first API token saved to {client_file} (the CLI and the Python client read it from there)" in lines
+        logs = tmp_path / "data" / "logs"
+        assert f"logs in {logs}: api.log, worker-embedded.log, worker-embedded-hooks.log" in lines, printed
+        wait_until(lambda: log_out.read_text().endswith("Ctrl-C stops it\n"), 60, what="up's last line")
         wait_until(lambda: ready(url), 60, what="layertrack up to answer /readyz")
 
         # the CLI finds the service and its token where up saved them
@@ -55,9 +58,22 @@ def test_up_roots_reach_the_api_and_the_workers(tmp_path, tokenizer):
                                  text=True, timeout=60)
         assert refused.returncode == 3 and "outside the allowed checkpoint roots" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
+
+        # the workers' banners and logs went to their files, the API's access log to api.log
+        worker_log = (logs / "worker-embedded.log").read_text()
+        assert "[tasks]" in worker_log and "embedded@" in worker_log and "layertrack.score" in worker_log
+        assert "succeeded in" in worker_log, worker_log[-3000:]  # Celery's line for the job above
+        assert "[queues]" in (logs / "worker-embedded-hooks.log").read_text()
+        assert '"POST /v1/checkpoints HTTP/1.1" 202' in (logs / "api.log").read_text()
     finally:
         stopped = interrupt_group(up, timeout=60)
     assert stopped and up.returncode == 0, (up.returncode, log_err.read_text()[-3000:])
+    # up printed only its own lines: no Celery banner, warning or shutdown line, no access log
+    said = log_out.read_text() + log_err.read_text()
+    for banner in ("[tasks]", "[queues]", "-------------- ", "celery", "SecurityWarning", "Warm shutdown",
+                   "Uvicorn running", "HTTP/1.1"):
+        assert banner not in said, (banner, said)
+    assert log_err.read_text() == "" and len(log_out.read_text().splitlines()) == 7, said
 
 
 def test_up_refuses_a_missing_root_a_bad_port_and_a_busy_port_in_one_line(tmp_path):

@@ -7,7 +7,8 @@ is a key for the webhook and hook-source secrets (``LAYERTRACK_SECRET_KEYS``, el
 workers as child processes (scoring on the ``gpu`` queue, webhook deliveries on
 ``webhooks``), and serves the API in this process until Ctrl-C or SIGTERM (however ``up`` was
 started: ``common.stop_on_ctrl_c_and_sigterm``); then stops the workers and exits 0.
-``--roots`` sets the checkpoint roots of the API and of the workers it starts.
+``--roots`` sets the checkpoint roots of the API and of the workers it starts. The workers' output
+and the API server's log go to ``<data dir>/logs/`` (``LOG_DIR``); ``up`` prints only its own lines.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from layertrack.workers.checkpoint import ROOTS_ENV  # stdlib only: no torch
 from .admin import database_errors, safe_url
 from .common import CliError, stop_on_ctrl_c_and_sigterm
 
+#: under the data directory: api.log (the API server, its access log) and worker-NAME.log
+LOG_DIR = "logs"
 CELERY = ("-m", "celery", "-A", "layertrack.service.queue", "worker", "--loglevel", "INFO")
 #: (name, queue arguments) of the workers ``up`` starts
 WORKERS = (
@@ -122,6 +125,56 @@ def _stop(workers: list[subprocess.Popen]) -> None:
             worker.wait()
 
 
+def log_config(path: Path) -> dict:
+    """uvicorn's logging, into ``path``: its start and stop lines, the access log and the API's
+    own loggers (layertrack.*, the sweeper) at INFO; errors also on stderr."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": fmt},
+            "access": {"()": "uvicorn.logging.AccessFormatter", "use_colors": False,
+                       "fmt": '%(asctime)s %(levelname)s access: %(client_addr)s "%(request_line)s" %(status_code)s'},
+        },
+        "handlers": {
+            "file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "plain"},
+            "access": {"class": "logging.FileHandler", "filename": str(path), "formatter": "access"},
+            "errors": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "level": "ERROR",
+                       "formatter": "plain"},
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["file", "errors"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+            "layertrack": {"handlers": ["file", "errors"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+def _watch_workers(workers: list[tuple[str, subprocess.Popen, Path]]):
+    """Say on stderr, once, when a worker fails (exits with a code other than 0) while the API
+    still runs: its output is in its log, not on the terminal. Returns the Event that ends the
+    watch (set it before stopping the workers)."""
+    import threading
+
+    done = threading.Event()
+
+    def watch() -> None:
+        alive = list(workers)
+        while alive and not done.wait(1):
+            for item in list(alive):
+                what, proc, path = item
+                if proc.poll() is not None:
+                    alive.remove(item)
+                    if proc.returncode != 0 and not done.is_set():
+                        print(f"error: the {what} worker exited with code {proc.returncode}; its log: {path}",
+                              file=sys.stderr, flush=True)
+
+    threading.Thread(target=watch, name="layertrack-up-workers", daemon=True).start()
+    return done
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     stop_on_ctrl_c_and_sigterm()  # however it was started (common.py); the workers get the default handlers
     if args.roots:
@@ -145,19 +198,35 @@ def cmd_up(args: argparse.Namespace) -> int:
         upgrade(settings.db_url)
         key_line = _secret_key(settings)
         token_line = _save_token(settings, url)
+    logs = settings.data_dir / LOG_DIR
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot create the log directory {logs}: {e.strerror}; check LAYERTRACK_DATA_DIR") from None
     workers: list[subprocess.Popen] = []
+    started: list[tuple[str, subprocess.Popen, Path]] = []
     try:
         if not args.no_worker:
-            for name, queue in WORKERS:
-                workers.append(subprocess.Popen([sys.executable, *CELERY, *queue, "-n", f"{name}@%h"]))
+            for (name, queue), what in zip(WORKERS, ("scoring", "webhook"), strict=True):
+                path = logs / f"worker-{name}.log"
+                with open(path, "ab") as log:  # the worker keeps its own descriptor: its banner and log go there
+                    proc = subprocess.Popen([sys.executable, *CELERY, *queue, "-n", f"{name}@%h"],
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                workers.append(proc)
+                started.append((what, proc, path))
         print(f"layertrack is up at {url}  (API docs: {url}/docs)")
         print(f"database {safe_url(settings.db_url)}; broker {settings.broker}")
         print(f"checkpoint roots: {', '.join(r.uri() if r.remote else r.path for r in settings.root_locations)}")
         print(key_line)
-        print(token_line, flush=True)
+        print(token_line)
+        print(f"logs in {logs}: {', '.join(['api.log', *(p.name for _w, _p, p in started)])}")
+        print("Ctrl-C stops it", flush=True)
+        watching = _watch_workers(started)
         # uvicorn shuts down on Ctrl-C or SIGTERM, then raises it again: a clean stop
         with contextlib.suppress(KeyboardInterrupt):
-            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=log_config(logs / "api.log"))
     finally:
+        if started:
+            watching.set()
         _stop(workers)
     return 0
