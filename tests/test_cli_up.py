@@ -91,3 +91,42 @@ def test_up_refuses_a_missing_root_a_bad_port_and_a_busy_port_in_one_line(tmp_pa
         out = subprocess.run([EXE, "up", "--port", str(port)], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 3 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "--port" in out.stderr
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the direct children of ``pid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found.append((int(entry), f.read().replace(b"\0", b" ").decode()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_up_says_on_stderr_when_a_worker_dies(tmp_path):
+    import signal
+
+    env = clean_env(tmp_path)
+    port = free_port()
+    log_out, log_err = tmp_path / "up.out", tmp_path / "up.err"
+    with open(log_out, "wb") as out, open(log_err, "wb") as err:
+        up = subprocess.Popen([EXE, "up", "--port", str(port), "--roots", str(tmp_path)], env=env, stdout=out,
+                              stderr=err, start_new_session=True)
+    try:
+        wait_until(lambda: log_out.read_text().endswith("Ctrl-C stops it\n"), 60, what="up's last line")
+        scoring = wait_until(lambda: [pid for pid, cmd in _children(up.pid) if "embedded@" in cmd], 60,
+                             what="the scoring worker")
+        os.kill(scoring[0], signal.SIGKILL)  # a worker that dies (the OOM killer, a crash)
+        log = tmp_path / "data" / "logs" / "worker-embedded.log"
+        line = wait_until(lambda: log_err.read_text(), 30, what="up to say the worker died")
+        assert line == f"error: the scoring worker exited with code -9; its log: {log}\n", line
+    finally:
+        interrupt_group(up, timeout=60)
+    assert log_err.read_text().count("\n") == 1  # said once, and not again when up stopped the other
