@@ -50,6 +50,12 @@ def log_step_axis(ax) -> None:
 def trend_figure(run: str, metric: str, trend: dict[str, Any], *, log_x: bool = False,
                  parent: dict[str, Any] | None = None, firings: list[dict[str, Any]] = (), fmt: str = "png") -> bytes:
     """Layer mean vs step; a fine-tune run continues from its parent (drawn in grey)."""
+    return _bytes(trend_axes(run, metric, trend, log_x=log_x, parent=parent, firings=firings).figure, fmt)
+
+
+def trend_axes(run: str, metric: str, trend: dict[str, Any], *, log_x: bool = False,
+               parent: dict[str, Any] | None = None, firings: list[dict[str, Any]] = ()):
+    """The axes of :func:`trend_figure`'s figure."""
     fig = _figure()
     ax = fig.add_subplot()
     offset = 0
@@ -67,12 +73,14 @@ def trend_figure(run: str, metric: str, trend: dict[str, Any], *, log_x: bool = 
         ax.scatter(fx, _nan(fy), marker="v", s=70, color=PALETTE[3], zorder=3, label="alert fired")
     if log_x:
         log_step_axis(ax)
+    else:
+        integer_ticks(ax.xaxis)  # a run of a few steps: 1, 2, 3, not 1.25, 1.5
     ax.set_xlabel("training step" + (f" (fine-tuning from step {offset} of the parent)" if parent else ""))
     ax.set_ylabel(f"layer mean of {METRIC_LABELS.get(metric, metric)}")
     ax.set_title(f"{run}: {metric}, layer mean per step")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    return _bytes(fig, fmt)
+    return ax
 
 
 def heatmap_figure(run: str, metric: str, heat: dict[str, Any], *, fmt: str = "png") -> bytes:
@@ -96,8 +104,21 @@ def heatmap_figure(run: str, metric: str, heat: dict[str, Any], *, fmt: str = "p
     return _bytes(fig, fmt)
 
 
+def integer_ticks(axis) -> None:
+    """Ticks on whole numbers only (blocks, steps): never 0.25 or 2.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def profile_figure(run: str, metric: str, prof: dict[str, Any], *, fmt: str = "png") -> bytes:
     """Per-layer values at one step (or several, to compare)."""
+    return _bytes(profile_axes(run, metric, prof).figure, fmt)
+
+
+def profile_axes(run: str, metric: str, prof: dict[str, Any]):
+    """The axes of :func:`profile_figure`'s figure: a line per step over the blocks, the x-axis
+    ticked at whole blocks."""
     fig = _figure()
     ax = fig.add_subplot()
     final = set(prof.get("final_norm_layers", []))
@@ -105,9 +126,10 @@ def profile_figure(run: str, metric: str, prof: dict[str, Any], *, fmt: str = "p
         pts = [(layer, v) for layer, v in zip(prof["layers"], prof["values"][k], strict=True) if layer not in final]
         ax.plot([p[0] for p in pts], _nan([p[1] for p in pts]), marker="o", color=PALETTE[k % len(PALETTE)],
                 label=f"step {step}")
+    integer_ticks(ax.xaxis)
     ax.set_xlabel("block i (hidden state i → i+1)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(f"{run}: {metric} per block")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    return _bytes(fig, fmt)
+    return ax

@@ -220,7 +220,8 @@ def test_meta_is_the_vocabulary_clients_use(api_service):
 
 
 def test_pages_static_files_favicon_and_docs_are_open_and_local(api_service):
-    for path in ("/", "/jobs", "/compare", "/runs/org/llama-350m", "/static/app.js", "/static/app.css",
+    for path in ("/", "/jobs", "/jobs/some-job-id", "/compare", "/runs/org/llama-350m", "/static/app.js",
+                 "/static/app.css",
                  "/static/vendor/echarts.min.js", "/static/vendor/swagger-ui/swagger-ui-bundle.js",
                  "/static/vendor/swagger-ui/swagger-ui.css"):
         r = httpx.get(api_service.url + path)

@@ -257,6 +257,53 @@ def test_jobs_page_shows_errors_and_retry_and_cancel_work(page, live, tokenizer)
         live.start_worker("w1")
 
 
+def test_job_ids_on_the_jobs_page_link_to_the_job(page, live):
+    page.goto(live.url + "/jobs")
+    page.wait_for_selector("#jobs tbody tr[data-status='failed']")
+    rows = page.locator("#jobs tbody tr[data-job]")
+    assert rows.count() >= 8
+    for i in range(rows.count()):  # every job id cell is an anchor to that job's page
+        row = rows.nth(i)
+        job_id = row.get_attribute("data-job")
+        link = row.locator("td:first-child a")
+        assert link.count() == 1 and link.get_attribute("href") == f"/jobs/{job_id}"
+        assert link.inner_text() == job_id[:8]
+    failed = page.locator("#jobs tbody tr[data-status='failed']").first
+    job_id = failed.get_attribute("data-job")
+    failed.locator("td:first-child a").click()
+    page.wait_for_url(f"{live.url}/jobs/{job_id}")
+    page.wait_for_selector(f"#job[data-job='{job_id}']")
+    assert page.locator("#job-id").inner_text() == job_id
+    with live.client() as c:
+        job = c.job(job_id)
+    text = page.locator("#job").inner_text()
+    assert job["run"] in text and job["uri"] in text and "not_a_causal_lm" in text
+    assert page.locator("#job").get_attribute("data-status") == job["status"]
+    assert page.locator("nav a.active").inner_text().strip().lower() == "jobs"
+    shot(page, "job")
+    # a succeeded job shows its result
+    page.goto(live.url + "/jobs")
+    done = page.locator("#jobs tbody tr[data-status='succeeded']").first
+    page.wait_for_selector("#jobs tbody tr[data-status='succeeded']")
+    done_id = done.get_attribute("data-job")
+    done.locator("td:first-child a").click()
+    page.wait_for_selector(f"#job[data-job='{done_id}'][data-status='succeeded']")
+    assert '"n_tokens"' in page.locator("#job-result").inner_text()
+
+
+def test_the_profile_x_axis_ticks_whole_blocks_only(page, live):
+    page.goto(f"{live.url}/runs/{live.runs['pre']}")
+    wait_chart(page, "profile", 1)
+    ticks = page.evaluate("""() => {
+        const axis = echarts.getInstanceByDom(document.getElementById('profile')).getModel()
+                            .getComponent('xAxis', 0).axis;
+        return {values: axis.scale.getTicks().map(t => t.value),
+                labels: axis.getViewLabels().map(l => l.formattedLabel)};
+    }""")
+    assert len(ticks["values"]) >= 2 and all(v == int(v) for v in ticks["values"]), ticks
+    assert all(label.lstrip("-").isdigit() for label in ticks["labels"]), ticks
+
+
 def test_compare_page_overlays_runs(page, live):
     page.goto(f"{live.url}/compare?runs={live.runs['pre']},{live.runs['ft']}&metric=linearity")
     info = wait_chart(page, "compare", 2)
@@ -399,7 +446,8 @@ def test_a_run_named_with_a_slash_walks_the_run_page(page, live):
     page.press("#job-run", "Enter")
     page.wait_for_function("""() => { const rows = [...document.querySelectorAll('#jobs tbody tr[data-job]')];
         return rows.length === 2
-            && rows.every(r => r.querySelector('a').getAttribute('href') === '/runs/org/llama-350m'); }""")
+            && rows.every(r => r.querySelector('td:nth-child(2) a').getAttribute('href')
+                            === '/runs/org/llama-350m'); }""")
     page.goto(f"{live.url}/compare?runs={live.runs['pre']},{run}&metric=linearity")
     assert [s["name"] for s in wait_chart(page, "compare", 2)["series"]] == [live.runs["pre"], run]
 

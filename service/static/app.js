@@ -33,6 +33,7 @@ function token() { return localStorage.getItem("layertrack_token"); }
 function runPath(name) { return String(name).split("/").map(encodeURIComponent).join("/"); }
 function runApi(name, rest = "") { return `/v1/runs/${runPath(name)}${rest}`; }
 function runLink(name) { return `/runs/${runPath(name)}`; }
+function jobLink(id) { return `/jobs/${encodeURIComponent(id)}`; }
 function fileName(s) { return String(s).replace(/[^A-Za-z0-9._-]+/g, "_"); }
 
 async function api(path, options = {}) {
@@ -96,11 +97,13 @@ async function route() {
   if (!token()) return showLogin();
   const path = location.pathname;
   document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active",
-    (a.dataset.nav === "runs" && (path === "/" || path.startsWith("/runs/"))) || path === "/" + a.dataset.nav));
+    (a.dataset.nav === "runs" && (path === "/" || path.startsWith("/runs/"))) || path === "/" + a.dataset.nav
+    || (a.dataset.nav === "jobs" && path.startsWith("/jobs/"))));
   try {
     if (!META) META = await api("/v1/meta");
     if (path.startsWith("/runs/")) await runPage(path.slice(6).split("/").map(decodeURIComponent).join("/"));
     else if (path === "/jobs") await jobsPage();
+    else if (path.startsWith("/jobs/")) await jobPage(decodeURIComponent(path.slice(6)));
     else if (path === "/compare") await comparePage();
     else await runsPage();
     setStatus("updated " + new Date().toLocaleTimeString());
@@ -372,7 +375,7 @@ async function jobsPage() {
     // Retry and Cancel need the submit scope: without it they are shown disabled, saying so
     const may = meta.can("submit") ? "" : ` disabled title="needs a token with the submit scope; this one has: ${esc(((META.token || {}).scopes || []).join(", ") || "none")}"`;
     document.querySelector("#jobs tbody").innerHTML = jobs.length ? jobs.map((j) => `<tr data-job="${j.id}" data-status="${j.status}">
-      <td title="${j.id}"><code>${j.id.slice(0, 8)}</code></td><td><a href="${runLink(j.run)}">${esc(j.run)}</a></td>
+      <td title="${j.id}"><a class="job-link" href="${jobLink(j.id)}"><code>${esc(j.id.slice(0, 8))}</code></a></td><td><a href="${runLink(j.run)}">${esc(j.run)}</a></td>
       <td class="num">${j.step}</td><td><span class="pill ${j.status}">${j.status}</span>${progressText(j) ? `<div class="muted job-progress">${esc(progressText(j))}</div>` : ""}</td><td class="num">${j.attempts}</td>
       <td>${esc(j.worker || "–")}</td><td class="num">${j.duration_s === null ? "–" : j.duration_s.toFixed(1) + " s"}</td>
       <td>${when(j.queued_at)}</td>
@@ -395,6 +398,33 @@ async function jobsPage() {
   });
   await load();
   every(load);
+}
+
+// one job: everything GET /v1/jobs/{id} says, followed while it is queued or running
+async function jobPage(id) {
+  const show = async () => {
+    const j = await api(`/v1/jobs/${encodeURIComponent(id)}`);
+    const rows = [
+      ["run", `<a href="${runLink(j.run)}">${esc(j.run)}</a>`], ["step", esc(j.step)], ["phase", esc(j.phase)],
+      ["status", `<span class="pill ${esc(j.status)}">${esc(j.status)}</span>${progressText(j) ? ` <span class="muted">${esc(progressText(j))}</span>` : ""}`],
+      ["checkpoint", `<code>${esc(j.uri)}</code>`], ["probe", esc(j.probe)],
+      ["config", Object.keys(j.config || {}).length ? `<code>${esc(JSON.stringify(j.config))}</code>` : "defaults"],
+      ["attempts", esc(j.attempts)], ["worker", esc(j.worker || "–")],
+      ["queued", when(j.queued_at)], ["started", when(j.started_at)], ["finished", when(j.finished_at)],
+      ["duration", j.duration_s === null ? "–" : `${j.duration_s.toFixed(1)} s` + (j.run_s != null ? ` (${j.run_s.toFixed(1)} s on the worker)` : "")],
+      ...(j.error ? [["error", `<span class="error job-error">${esc(`${j.error_code}: ${j.error}`)}</span>`]] : []),
+      ...(j.resolved_revision ? [["revision", `<code>${esc(j.resolved_revision)}</code>`]] : []),
+      ...(j.content_fingerprint ? [["fingerprint", `<code>${esc(j.content_fingerprint)}</code>`]] : []),
+    ];
+    app.innerHTML = `<h1>Job <code id="job-id">${esc(j.id)}</code></h1>
+      <p class="muted"><a href="/jobs">all jobs</a> · in the API: <code>GET ${esc(j.status_url)}</code>, <code>layertrack status ${esc(j.id)}</code></p>
+      <table id="job" data-job="${esc(j.id)}" data-status="${esc(j.status)}"><tbody>
+        ${rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join("")}</tbody></table>
+      ${j.result ? `<h2>Result</h2><pre id="job-result">${esc(JSON.stringify(j.result, null, 2))}</pre>` : ""}`;
+    return ["queued", "running"].includes(j.status);
+  };
+  // followed while it may still change; a finished job does not
+  if (await show()) every(async () => { if (!(await show())) stop(); });
 }
 
 // ------------------------------------------------------------------ compare

@@ -40,6 +40,11 @@ def jobs_page() -> FileResponse:
     return _page()
 
 
+@router.get("/jobs/{job_id}")
+def job_page(job_id: str) -> FileResponse:
+    return _page()
+
+
 @router.get("/compare")
 def compare_page() -> FileResponse:
     return _page()
