@@ -96,6 +96,18 @@ class EmbeddedService:
             _row, self.token = create_token(s, name)
         return self.token
 
+    def save_client_file(self) -> Path:
+        """Write ``<data dir>/client.json`` (this service's URL and token, mode 600), as
+        ``layertrack up`` does: ``layertrack up`` on this data directory later finds the token
+        there (and puts its own URL in), and so do the CLI and the client."""
+        import json
+
+        path = self.data_dir / "client.json"
+        path.touch(mode=0o600, exist_ok=True)
+        os.chmod(path, 0o600)
+        path.write_text(json.dumps({"url": self.url, "token": self.token}))
+        return path
+
     # ------------------------------------------------------------------ processes
     def start_api(self, port: int | None = None, processes: int = 1, timeout: float = 60) -> str:
         """Start ``uvicorn layertrack.service.main:app`` and wait until it answers

@@ -9,7 +9,9 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
+from pathlib import Path
 
 import httpx
 import matplotlib
@@ -214,11 +216,19 @@ def test_a_saved_service_is_used_only_when_it_can_read_out(api, tmp_path, monkey
         get_settings.cache_clear()
 
 
-@pytest.mark.slow
-def test_demo_short_through_the_embedded_service(tmp_path):
-    out = tmp_path / "out"
-    done = demo("--short", "--out", str(out), "--name", "emb", tmp_path=tmp_path)
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``layertrack demo --short`` through its embedded service, run once: (--out, its run)."""
+    tmp = tmp_path_factory.mktemp("short-demo")
+    out = tmp / "out"
+    done = demo("--short", "--out", str(out), "--name", "emb", tmp_path=tmp)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done
+
+
+@pytest.mark.slow
+def test_demo_short_through_the_embedded_service(short_demo):
+    out, done = short_demo
     assert "starting an embedded layertrack" in done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["posted_steps"] == {"pretrain": [1, 2, 4, 8], "finetune": [1, 2, 4]}
@@ -232,3 +242,49 @@ def test_demo_short_through_the_embedded_service(tmp_path):
         assert all(v is not None for v in summary["replaceability"][phase]["spearman"].values())
     for name in ("trend.png", "trend_finetune.png", "heatmap_pretrain.png", "heatmap_finetune.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+@pytest.mark.slow
+def test_the_command_the_demo_prints_opens_its_results_in_the_dashboard(short_demo, tmp_path):
+    """The demo's embedded service is gone when it ends; its last lines say how to serve what it
+    stored (OUT/service) again. That command, run as printed (on a free port), serves the demo's
+    runs to the token the demo saved, and the dashboard's pages with them."""
+    from layertrack.service.client import Client
+    from services import interrupt_group, ready, wait_until
+
+    out, done = short_demo
+    lines = done.stdout.splitlines()
+    prefix = "to open the results in the dashboard, run: "
+    assert lines[-2].startswith(prefix), done.stdout[-2000:]
+    command = shlex.split(lines[-2].removeprefix(prefix))
+    assert command[:2] == ["layertrack", "up"] and str(out / "service") in command, command
+    assert lines[-1] == (f"  then open http://127.0.0.1:8321/runs/emb-pretrain with the token saved in "
+                         f"{out / 'service' / 'client.json'}")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERTRACK_")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["LAYERTRACK_DATA_DIR"] = str(tmp_path / "elsewhere")  # the command names its data directory itself
+    log_out, log_err = tmp_path / "up.out", tmp_path / "up.err"
+    with open(log_out, "wb") as o, open(log_err, "wb") as e:
+        up = subprocess.Popen([EXE, *command[1:], "--port", str(port)], env=env, stdout=o, stderr=e,
+                              start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: ready(url) or up.poll() is not None, 90, what="the printed command to serve")
+        assert up.poll() is None, log_out.read_text() + log_err.read_text()
+        client_file = out / "service" / "client.json"
+        assert f"API token for the CLI and client: {client_file}" in log_out.read_text(), log_out.read_text()
+        saved = json.loads(client_file.read_text())
+        assert saved["url"] == url  # up put its own URL in
+        with Client(url, saved["token"]) as c:
+            assert {r["name"] for r in c.runs()} >= {"emb-pretrain", "emb-finetune"}
+            assert c.trend("emb-pretrain", metric="linearity_nores")["steps"] == [1, 2, 4, 8]
+        page = httpx.get(f"{url}/runs/emb-pretrain", timeout=10)
+        assert page.status_code == 200 and "app.js" in page.text
+        # and the CLI, pointed at that data directory, finds the service and the token there
+        cli_env = {**env, "LAYERTRACK_DATA_DIR": str(out / "service")}
+        trend = subprocess.run([EXE, "trend", "emb-finetune"], env=cli_env, capture_output=True, text=True,
+                               timeout=60)
+        assert trend.returncode == 0 and trend.stdout.splitlines()[0].startswith("run emb-finetune"), trend.stderr
+    finally:
+        interrupt_group(up, timeout=60)

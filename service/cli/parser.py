@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint roots: the directories and remote prefixes (s3://bucket/runs/, gs://..., "
                           "az://..., hf://org/, https://host/ckpts/) checkpoints may be read from, for the API and "
                           "the workers (default: LAYERTRACK_CHECKPOINT_ROOTS, else the working directory)")
+    up_.add_argument("--data-dir", metavar="DIR",
+                     help="the data directory: SQLite database, file broker, client.json with the token, logs "
+                          "(default: LAYERTRACK_DATA_DIR, else ~/.local/share/layertrack); 'layertrack demo' "
+                          "keeps its service's in OUT/service")
     up_.add_argument("--no-worker", action="store_true", help="start only the API (default: API and workers)")
     up_.set_defaults(func=up.cmd_up)
 

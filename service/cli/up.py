@@ -177,6 +177,11 @@ def _watch_workers(workers: list[tuple[str, subprocess.Popen, Path]]):
 
 def cmd_up(args: argparse.Namespace) -> int:
     stop_on_ctrl_c_and_sigterm()  # however it was started (common.py); the workers get the default handlers
+    if args.data_dir:  # before anything reads the settings: the API reads them below, the workers inherit them
+        data_dir = Path(args.data_dir).expanduser().resolve()
+        if data_dir.exists() and not data_dir.is_dir():
+            raise CliError(f"--data-dir {args.data_dir!r} is not a directory ({data_dir}); give a directory")
+        os.environ["LAYERTRACK_DATA_DIR"] = str(data_dir)
     if args.roots:
         # before anything reads the settings: the API reads them below, the workers inherit them
         roots = checkpoint_roots(args.roots)

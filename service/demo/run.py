@@ -157,6 +157,7 @@ def embedded_service(out: Path) -> Iterator[tuple[str, str]]:
         try:
             svc.migrate_and_token("demo")
             svc.start_api()
+            svc.save_client_file()  # what 'layertrack up --data-dir OUT/service' reads afterwards
         except Exception as e:
             raise DemoError(f"the embedded service did not start ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); see {data / 'api.log'}") from None
@@ -215,6 +216,29 @@ def collect(client, runs: dict[str, str], last_steps: dict[str, int]) -> tuple[d
     replace = {phase: report.replaceability(last_steps[phase], per_block(client, run, last_steps[phase]))
                for phase, run in runs.items()}
     return trends, heatmaps, replace
+
+
+def open_command(out: Path) -> str:
+    """The command that serves the embedded service's data under ``out`` again, with the
+    dashboard: its database, broker and saved token are in ``out/service``."""
+    import shlex
+
+    cmd = f"layertrack up --data-dir {shlex.quote(str(out / 'service'))} --roots {shlex.quote(str(out))}"
+    # the embedded service stored everything in SQLite and its file broker under out/service,
+    # whatever these say: the command must not follow them elsewhere
+    unset = [k for k in ("LAYERTRACK_DATABASE_URL", "LAYERTRACK_BROKER_URL") if os.environ.get(k)]
+    return (f"env {' '.join(f'-u {k}' for k in unset)} " if unset else "") + cmd
+
+
+def how_to_open(out: Path, url: str, embedded: bool, run: str) -> str:
+    """The demo's last lines: how to look at its results in the dashboard."""
+    from ..client import _run as run_path
+
+    if not embedded:
+        return f"results: {url}/runs/{run_path(run)} (the dashboard of the service the demo used)"
+    return (f"to open the results in the dashboard, run: {open_command(out)}\n"
+            f"  then open http://127.0.0.1:8321/runs/{run_path(run)} with the token saved in "
+            f"{out / 'service' / 'client.json'}")
 
 
 # ------------------------------------------------------------------ the demo
@@ -318,4 +342,5 @@ def _run(args, plan, out: Path, name: str, url: str, token: str, embedded: bool)
     print()
     print("wrote " + ", ".join(str(f) for f in files))
     print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min")
+    print(how_to_open(out, url, embedded, runs["pretrain"]))
     return 0 if not failed and len(jobs) >= expected else 1
