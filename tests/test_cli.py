@@ -102,9 +102,12 @@ def test_every_option_has_help_and_vocabulary_choices():
         if a.option_strings and a.default not in (None, False) and a.dest != "help_parser":
             assert "default" in a.help, f"{path} {a.option_strings[0]}: {a.help}"
     metric = {p: a for p, a in actions if a.dest == "metric"}
-    assert set(metric) == {"layertrack trend", "layertrack plot"}
+    assert set(metric) == {"layertrack trend", "layertrack plot", "layertrack export", "layertrack alert create"}
     for a in metric.values():
-        assert tuple(a.choices) == KNOWN_METRICS and a.default == DEFAULT_METRIC
+        assert tuple(a.choices) == KNOWN_METRICS
+    # where a metric has a default, it is the vocabulary's (export: every metric; an alert: required)
+    assert {p for p, a in metric.items() if a.default == DEFAULT_METRIC} == {"layertrack trend", "layertrack plot"}
+    assert metric["layertrack export"].default is None and metric["layertrack alert create"].required
     [event] = [a for p, a in actions if p == "layertrack webhook create" and a.dest == "event"]
     assert tuple(event.choices) == WEBHOOK_EVENTS
     out = run("trend", "--help").stdout

@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--k", type=float, metavar="K", help="sigma: how many standard deviations from the mean")
     ac.add_argument("--window", type=int, metavar="N",
                     help="sigma: how many previous scored steps make the mean (2 to 1000; default: 5)")
-    ac.add_argument("--description", default="", metavar="TEXT", help="what the rule is for (up to 200 characters)")
+    ac.add_argument("--description", default="", metavar="TEXT",
+                    help="what the rule is for (up to 200 characters; default: none)")
     ac.set_defaults(func=remote.cmd_alert_create)
     al = alert.add_parser("list", help="a run's alert rules")
     al.add_argument("run", help="run name")
