@@ -223,11 +223,10 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, n_sequences: int, seq_le
 
     per_sequence = seq_len * shape.d * dtype_bytes  # one sequence's hidden state between blocks
 
-    def stage_peak(staging: int) -> int:
-        return streamed_stage_peak(shape, act=act, batch_bytes=batch_sequences * per_sequence,
-                                   prefetch=staging > shape.max_block_bytes)
+    def stage_peak(prefetch: bool) -> int:
+        return streamed_stage_peak(shape, act=act, batch_bytes=batch_sequences * per_sequence, prefetch=prefetch)
 
-    smallest = stage_peak(shape.max_block_bytes) + batch_sequences * per_sequence
+    smallest = stage_peak(False) + batch_sequences * per_sequence
     if smallest > budget:
         raise PlanDoesNotFit(
             f"the model does not fit a budget of {fmt_bytes(budget)} even streamed: its largest block "
@@ -239,7 +238,7 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, n_sequences: int, seq_le
 
     def layout(prefetch: bool) -> tuple[int, int, str, int] | None:
         """(passes, sequences per pass, where hidden states live, weights and activations), or None."""
-        peak = stage_peak(shape.max_block_bytes * (2 if prefetch else 1))
+        peak = stage_peak(prefetch)
         room = budget - peak
         if room < batch_sequences * per_sequence:
             return None

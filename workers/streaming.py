@@ -368,11 +368,7 @@ class StreamedModel(BlockRunner):
 
     def _tied_value(self, full: str) -> torch.nn.Parameter | None:
         """The input embeddings, for an LM head the checkpoint leaves out (tied weights)."""
-        if not getattr(self._root.config, "tie_word_embeddings", False):
-            return None
-        getter = getattr(self._root, "get_output_embeddings", None)
-        head = getter() if getter else None
-        if head is None or full != _name_of(self._root, head) + ".weight":
+        if not self._is_tied_head(full):
             return None
         emb = self._root.get_input_embeddings()
         if emb.weight.device.type == "meta":
@@ -384,6 +380,7 @@ class StreamedModel(BlockRunner):
         return emb.weight
 
     def _is_tied_head(self, full: str) -> bool:
+        """``full`` is the LM head's weight of a model whose head is tied to its input embeddings."""
         if not getattr(self._root.config, "tie_word_embeddings", False):
             return False
         getter = getattr(self._root, "get_output_embeddings", None)
