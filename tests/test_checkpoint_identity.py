@@ -28,6 +28,14 @@ def two_versions(tmp_path_factory, tokenizer):
             build_checkpoint(root / "v2", "llama", tokenizer, seed=2))
 
 
+@pytest.fixture()
+def ckpt(two_versions, tmp_path):
+    """A fresh copy of the first version, to change."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(two_versions[0], path)
+    return path
+
+
 def _overwrite(target, source) -> None:
     """Write ``source``'s weight files over ``target``'s, in place (same names, sizes, inodes)."""
     for f in sorted(source.glob("*.safetensors")):
@@ -39,37 +47,28 @@ def _fp(path) -> str:
     return inspect_checkpoint(path, check_causal_lm=False).fingerprint
 
 
-def test_the_identity_follows_the_bytes_not_the_shapes(two_versions, tmp_path):
-    v1, v2 = two_versions
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(v1, ckpt)
+def test_the_identity_follows_the_bytes_not_the_shapes(two_versions, ckpt):
     first = _fp(ckpt)
     assert _fp(ckpt) == first  # untouched: the same
     sizes = {f.name: f.stat().st_size for f in ckpt.iterdir()}
     inodes = {f.name: f.stat().st_ino for f in ckpt.iterdir()}
-    _overwrite(ckpt, v2)
+    _overwrite(ckpt, two_versions[1])
     assert {f.name: f.stat().st_size for f in ckpt.iterdir()} == sizes  # what the old fingerprint compared
     assert {f.name: f.stat().st_ino for f in ckpt.iterdir()} == inodes
     assert _fp(ckpt) != first
 
 
-def test_a_rewrite_with_the_old_times_restored_still_changes_it(two_versions, tmp_path):
+def test_a_rewrite_with_the_old_times_restored_still_changes_it(two_versions, ckpt):
     """mtime can be set back (cp -p, rsync -t, os.utime); the status-change time cannot."""
-    v1, v2 = two_versions
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(v1, ckpt)
     first = _fp(ckpt)
     times = {f.name: (f.stat().st_atime_ns, f.stat().st_mtime_ns) for f in ckpt.glob("*.safetensors")}
-    _overwrite(ckpt, v2)
+    _overwrite(ckpt, two_versions[1])
     for name, ns in times.items():
         os.utime(ckpt / name, ns=ns)
     assert _fp(ckpt) != first
 
 
-def test_one_changed_tensor_value_changes_it(two_versions, tmp_path):
-    v1, _ = two_versions
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(v1, ckpt)
+def test_one_changed_tensor_value_changes_it(ckpt):
     first = _fp(ckpt)
     weights = next(ckpt.glob("*.safetensors"))
     with open(weights, "r+b") as f:  # the last bytes of the data: a sampled range ends there
@@ -91,10 +90,7 @@ def test_a_copy_elsewhere_is_another_checkpoint_and_config_changes_count(two_ver
     assert _fp(a) != before
 
 
-def test_pending_files_count_by_name_and_size(two_versions, tmp_path):
-    v1, _ = two_versions
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(v1, ckpt)
+def test_pending_files_count_by_name_and_size(ckpt):
     weights = next(ckpt.glob("*.safetensors"))
     size = weights.stat().st_size
     weights.unlink()
@@ -104,12 +100,9 @@ def test_pending_files_count_by_name_and_size(two_versions, tmp_path):
     assert a == b != c
 
 
-def test_scoring_refuses_a_checkpoint_that_is_no_longer_the_one_submitted(two_versions, tmp_path):
-    v1, v2 = two_versions
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(v1, ckpt)
+def test_scoring_refuses_a_checkpoint_that_is_no_longer_the_one_submitted(two_versions, ckpt):
     submitted = _fp(ckpt)
-    _overwrite(ckpt, v2)
+    _overwrite(ckpt, two_versions[1])
     with pytest.raises(CheckpointChanged) as e:
         score_checkpoint(str(ckpt), config=ScoreConfig(**CFG), expect_fingerprint=submitted)
     assert e.value.code == "checkpoint_changed" and "submit it again" in e.value.message
