@@ -26,7 +26,11 @@ side can use the codes too.
     │   ├── FileTooLarge              code "file_too_large"             (config.json & co. over the cap)
     │   ├── NoSafetensorsWeights      code "no_safetensors_weights"
     │   ├── MalformedWeights          code "malformed_weights"          (truncated or corrupt weights)
-    │   ├── PickleRefused             code "pickle_refused"             (objects weights_only refuses)
+    │   ├── PickleRefused             code "pickle_refused"             (objects weights_only refuses, or
+    │   │                                                                 a metadata pickle naming a class
+    │   │                                                                 its format is not made of)
+    │   ├── FormatUnsupported         code "format_unsupported"         (a known layout saved with an
+    │   │                                                                 option layertrack does not read)
     │   ├── NotACausalLM              code "not_a_causal_lm"
     │   └── TokenizerMissing          code "tokenizer_missing"
     ├── ProbeError                    code "invalid_probe"
@@ -138,6 +142,10 @@ class MalformedWeights(CheckpointError):
 
 class PickleRefused(CheckpointError):
     code = "pickle_refused"
+
+
+class FormatUnsupported(CheckpointError):
+    code = "format_unsupported"
 
 
 class NotACausalLM(CheckpointError):

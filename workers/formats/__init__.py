@@ -1,0 +1,11 @@
+"""Checkpoint formats as training frameworks write them.
+
+Each module here reads one on-disk layout from metadata first (which tensors there are, their
+dtypes and shapes, and where each one's bytes lie) and then the tensors a caller asks for, by
+byte range, so that a checkpoint holding the whole training state is read for its model
+tensors only:
+
+    pickles   the restricted unpickler every pickled metadata file goes through
+    dcp       torch.distributed.checkpoint directories (``.metadata`` + ``__R_I.distcp``), as
+              torchtitan, OLMo-core, Megatron-Core, Lightning and accelerate (FSDP) write them
+"""
