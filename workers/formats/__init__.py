@@ -8,4 +8,6 @@ tensors only:
     pickles   the restricted unpickler every pickled metadata file goes through
     dcp       torch.distributed.checkpoint directories (``.metadata`` + ``__R_I.distcp``), as
               torchtitan, OLMo-core, Megatron-Core, Lightning and accelerate (FSDP) write them
+    torchsave files written by ``torch.save`` (nanoGPT's ``ckpt.pt``, litgpt's ``lit_model.pth``,
+              DeepSpeed's model states, Megatron's ``common.pt``)
 """

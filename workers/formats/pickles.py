@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from ..errors import MalformedWeights, PickleRefused
@@ -32,12 +32,17 @@ def _lookup(module: str, name: str) -> Any:
 
 
 class _Restricted(pickle.Unpickler):
-    def __init__(self, raw: bytes, allowed: Collection[tuple[str, str]], shown: str):
+    def __init__(self, raw: bytes, allowed: Collection[tuple[str, str]], shown: str,
+                 substitutes: Mapping[tuple[str, str], Any], persistent: Callable[[Any], Any] | None):
         super().__init__(io.BytesIO(raw))
         self._allowed = allowed
+        self._substitutes = substitutes
+        self._persistent = persistent
         self._shown = shown
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._substitutes:
+            return self._substitutes[(module, name)]
         if (module, name) in self._allowed or (module == "torch" and name in _TORCH_DTYPES):
             return _lookup(module, name)
         raise PickleRefused(
@@ -48,15 +53,22 @@ class _Restricted(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> Any:
+        if self._persistent is not None:
+            return self._persistent(pid)
         raise PickleRefused(f"{self._shown} is a pickle with persistent ids (tensor storage), which metadata never "
                             "holds; layertrack does not unpickle it")
 
 
-def restricted_loads(raw: bytes, allowed: Collection[tuple[str, str]], shown: str) -> Any:
+def restricted_loads(raw: bytes, allowed: Collection[tuple[str, str]], shown: str, *,
+                     substitutes: Mapping[tuple[str, str], Any] | None = None,
+                     persistent: Callable[[Any], Any] | None = None) -> Any:
     """``pickle.loads(raw)`` admitting only the ``(module, name)`` globals in ``allowed`` (and
-    torch's dtypes). ``shown``: the file, for messages."""
+    torch's dtypes). ``substitutes`` maps globals to what stands for them instead (e.g. a
+    tensor-rebuilding function to one that records where the tensor's bytes are);
+    ``persistent`` answers persistent ids (refused without it). ``shown``: the file, for
+    messages."""
     try:
-        return _Restricted(raw, allowed, shown).load()
+        return _Restricted(raw, allowed, shown, substitutes or {}, persistent).load()
     except PickleRefused:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
