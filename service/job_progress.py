@@ -14,6 +14,10 @@ from . import jobs
 log = logging.getLogger("layertrack.job_progress")
 
 
+#: what a job's progress keeps from one attempt to the next about its store failures
+CARRIED_STORE_FIELDS = ("store_failing_since", "store_failures", "retry_until")
+
+
 def size(n: int | None) -> str:
     """A byte count for people: 1.5 GiB, 12.0 MiB, 3 B; ? when unknown."""
     if n is None:
@@ -30,9 +34,11 @@ def iso(t: datetime) -> str:
 
 class Progress:
     """What a job of a remote checkpoint shows as ``progress``: ``phase`` (fetching, waiting,
-    scoring), ``bytes_done``, ``bytes_total``, ``seconds`` (of the phase), ``message``, and
-    ``waiting_since`` once it has waited for an incomplete upload (kept until the job ends,
-    so the deadline counts from the first wait). The fetch reports to it from any thread; a
+    scoring), ``bytes_done``, ``bytes_total``, ``seconds`` (of the phase), ``message``;
+    ``waiting_since`` once it has waited for an incomplete upload, and ``store_failing_since``,
+    ``store_failures``, ``retry_until`` once its store could not be reached (kept until the
+    job ends, so each deadline counts from the first wait or failure, whichever worker runs
+    the next attempt). The fetch reports to it from any thread; a
     thread of its own writes it to the job at most every ``interval_s`` (which counts as a
     heartbeat), and phase changes are written at once. A failed write is logged and tried
     again at the next change: progress never stops a fetch."""
@@ -44,6 +50,9 @@ class Progress:
         if previous and previous.get("waiting_since"):
             self.state["waiting_since"] = previous["waiting_since"]
             self.state["looks"] = previous.get("looks", 0)
+        if previous and previous.get("store_failing_since"):
+            for key in CARRIED_STORE_FIELDS:
+                self.state[key] = previous.get(key)
         self._lock = threading.Lock()
         self._dirty = False
         self._t0 = time.monotonic()
@@ -75,6 +84,13 @@ class Progress:
         with self._lock:
             self._t0 = time.monotonic()
             self.state.update({"phase": phase, "message": message, "seconds": 0.0, **fields})
+            self._dirty = True
+        self.flush()
+
+    def note(self, message: str, **fields: Any) -> None:
+        """Say something (and set ``fields``) without leaving the phase; written now."""
+        with self._lock:
+            self.state.update({"message": message, **fields})
             self._dirty = True
         self.flush()
 

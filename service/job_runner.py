@@ -13,8 +13,11 @@ re-raising the exception for the task's declared retry (``autoretry_for=RETRIED`
 
 - the database or the broker briefly unreachable (:data:`TRANSIENT`): up to
   ``task_max_retries`` times;
-- a remote store's transient errors (``store_unreachable``, ``checksum_mismatch``): up to
-  ``fetch_max_retries`` times, the job's progress saying when it tries again.
+- a remote store's transient errors (``store_unreachable``, ``checksum_mismatch``): while
+  the next attempt would start within ``fetch_retry_budget_s`` of the job's first such
+  failure (and at most ``fetch_max_retries`` times), the job's progress saying why and until
+  when it retries (:func:`store_retry`). The first failure's time and the count are kept in
+  the job's progress, so a worker restart does not start the budget again.
 
 A remote checkpoint still being uploaded (``checkpoint_incomplete``) is neither: the job
 goes back to ``queued`` (progress phase ``waiting``) and is sent again when it is due.
@@ -26,7 +29,7 @@ import logging
 import threading
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,46 @@ def retry_cap(e: Exception, *, remote: bool, settings: Settings) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class StoreRetry:
+    """What to do after an attempt whose store could not be reached: ``since``, the job's
+    first such failure; ``failures``, the attempts that failed so (this one included);
+    ``deadline``, ``since`` + ``fetch_retry_budget_s``; ``delay``, seconds before the next
+    attempt, or None to give up (``bound`` names the setting that stops it)."""
+
+    since: datetime
+    failures: int
+    deadline: datetime
+    delay: int | None
+    bound: str = ""
+
+
+def store_retry(previous: dict[str, Any] | None, now: datetime, retries: int, settings: Settings) -> StoreRetry:
+    """Whether a job whose store just failed (a transient failure) is tried again:
+    ``previous``, the job's progress (``store_failing_since``, ``store_failures`` of the
+    earlier attempts); ``retries``, the task's retries so far (the next attempt comes after
+    :func:`retry_delay` of it). Retried only if that attempt would start by the deadline and
+    the retries are fewer than ``fetch_max_retries``."""
+    previous = previous or {}
+    since = datetime.fromisoformat(previous["store_failing_since"]) if previous.get("store_failing_since") else now
+    failures = int(previous.get("store_failures") or 0) + 1
+    deadline = since + timedelta(seconds=settings.fetch_retry_budget_s)
+    delay = retry_delay(retries)
+    if retries >= settings.fetch_max_retries:
+        return StoreRetry(since, failures, deadline, None,
+                          f"LAYERTRACK_FETCH_MAX_RETRIES is {settings.fetch_max_retries}")
+    if now + timedelta(seconds=delay) > deadline:
+        return StoreRetry(since, failures, deadline, None,
+                          f"LAYERTRACK_FETCH_RETRY_BUDGET_S is {settings.fetch_retry_budget_s:g} s")
+    return StoreRetry(since, failures, deadline, delay)
+
+
+def clock(t: datetime, now: datetime) -> str:
+    """A time for a message: "14:32:05 UTC", with the date when it is not today's."""
+    t = t.astimezone(UTC)
+    return t.strftime("%H:%M:%S UTC" if t.date() == now.astimezone(UTC).date() else "%Y-%m-%d %H:%M:%S UTC")
+
+
 def run(job_id: str, *, worker: str, retries: int, settings: Settings | None = None) -> Outcome:
     """Claim the job, score its checkpoint with a heartbeat running, store the result.
     ``retries``: how many times the task was retried before this attempt. Raises one of
@@ -146,6 +189,12 @@ def run(job_id: str, *, worker: str, retries: int, settings: Settings | None = N
         if remote and isinstance(err, CheckpointIncomplete):
             return _wait_for_upload(settings, job, worker, progress, err)
         cap = retry_cap(e, remote=remote, settings=settings)
+        if remote and cap is not None and isinstance(e, STORE_TRANSIENT):
+            plan = store_retry(progress.snapshot(), jobs.now(), retries, settings)
+            if plan.delay is not None:
+                _retry_store(settings, job, worker, progress, err, plan)
+                raise  # the task's declared retry sends it again after retry_delay(retries)
+            return _give_up_on_store(settings, job, worker, progress, err, plan)
         if cap is not None and retries < cap:
             _give_back(settings, job, worker, progress, err, retries, cap)
             raise  # the task's declared retry sends it again after retry_delay(retries)
@@ -190,6 +239,35 @@ def _give_back(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: 
                  f"(retry {retries + 1} of {cap})"}
         progress.close()
     jobs.release(settings.db_url, job.id, worker, delay_s=delay, progress=shown)
+
+
+def _store_fields(plan: StoreRetry) -> dict[str, Any]:
+    return {"store_failing_since": iso(plan.since), "store_failures": plan.failures, "retry_until": iso(plan.deadline)}
+
+
+def _retry_store(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress, err: LayertrackError,
+                 plan: StoreRetry) -> None:
+    """Put the job back in the queue, due in ``plan.delay`` seconds (when the task's retry
+    message is), its progress saying why and until when it retries, and keeping when the
+    failures began."""
+    t = jobs.now()
+    shown = {**progress.snapshot(), **_store_fields(plan),
+             "message": f"{err.code}: {err.message}; retrying until {clock(plan.deadline, t)} "
+                        f"(attempt {plan.failures + 1} in {plan.delay} s)"}
+    progress.close()
+    jobs.release(settings.db_url, job.id, worker, delay_s=plan.delay or 0, progress=shown)
+    log.info("job %s: %s; attempt %d in %d s", job.id, err.message, plan.failures + 1, plan.delay)
+
+
+def _give_up_on_store(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress,
+                      err: LayertrackError, plan: StoreRetry) -> Outcome:
+    """Fail the job: its store could not be reached by the deadline (or the retries ran out)."""
+    t = jobs.now()
+    message = (f"{err.message}; gave up after {plan.failures} attempt{'s' if plan.failures != 1 else ''} "
+               f"over {(t - plan.since).total_seconds():.0f} s since the first failure at {clock(plan.since, t)} "
+               f"({plan.bound})")
+    progress.note(f"{err.code}: {message}", **_store_fields(plan))
+    return _fail(settings.db_url, job.id, worker, err, message)
 
 
 def _fetch_and_score(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress,

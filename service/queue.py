@@ -131,8 +131,9 @@ def score(self, job_id: str) -> str:
     """Run the job (``job_runner.run``: claim, score, complete) and send what it hands back:
     its webhook deliveries, and the job itself when it went back to the queue to wait for an
     upload. A database or broker briefly away (up to ``task_max_retries`` times) and a remote
-    store's transient errors (up to ``fetch_max_retries`` times) are retried with back-off
-    2, 4, ... 64 s; the runner fails the job when its cap is reached."""
+    store's transient errors (within ``fetch_retry_budget_s`` of the first, at most
+    ``fetch_max_retries`` times) are retried with back-off 2, 4, ... 64 s; the runner fails
+    the job when its budget or cap is reached."""
     settings = get_settings()
     out = job_runner.run(job_id, worker=self.request.hostname or socket.gethostname(), retries=self.request.retries,
                          settings=settings)

@@ -60,8 +60,13 @@ class Settings(BaseSettings):
     #: look, up to incomplete_backoff_max_s
     incomplete_backoff_s: float = Field(default=5.0, gt=0)
     incomplete_backoff_max_s: float = Field(default=300.0, gt=0)
-    #: retries of a job whose store could not be reached (connection refused, timeouts, 5xx),
-    #: with back-off 2, 4, 8, ... 64 s (the default, 8, spans about 4 minutes)
+    #: how long a job keeps retrying a store that cannot be reached (connection refused,
+    #: timeouts, 5xx: store_unreachable; checksum_mismatch), seconds from its first such
+    #: failure: an attempt is made only if it starts within it, after back-off 2, 4, 8, ...
+    #: 64 s. The default, 120, allows 6 attempts (at about 0, 2, 6, 14, 30 and 62 s); then the
+    #: job fails with store_unreachable. Each attempt is itself bounded (workers/stores.py)
+    fetch_retry_budget_s: float = Field(default=120.0, ge=0)
+    #: the most retries of such a job, whatever the budget leaves
     fetch_max_retries: int = Field(default=8, ge=0)
     #: how often a fetching job's progress is written to the database, seconds
     progress_interval_s: float = Field(default=1.0, gt=0)

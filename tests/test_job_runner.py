@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import ast
 import inspect
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 from layertrack.service import job_runner, queue
+from layertrack.service.job_progress import Progress
 from layertrack.service.settings import Settings
 from layertrack.workers import errors
 from sqlalchemy.exc import OperationalError
@@ -76,3 +79,67 @@ def test_the_runner_writes_no_error_code_of_its_own():
     tree = ast.parse(inspect.getsource(job_runner))
     literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert literals & codes == set()
+
+
+# ------------------------------------------------------------------ the store retry budget
+T0 = datetime(2026, 12, 3, 14, 30, 0, tzinfo=UTC)
+
+
+def declared_attempts(budget_s: float, max_retries: int, attempt_s: float = 0.0) -> int:
+    """The attempts the declared back-off fits in a budget: after a failure the next attempt
+    starts retry_delay(retries) later, and is made only if it starts within the budget of the
+    first failure; each attempt takes ``attempt_s``."""
+    attempts, failed_at = 1, 0.0
+    while attempts <= max_retries:
+        start = failed_at + job_runner.retry_delay(attempts - 1)
+        if start > budget_s:
+            break
+        attempts, failed_at = attempts + 1, start + attempt_s
+    return attempts
+
+
+def simulate(settings: Settings, attempt_s: float = 0.0) -> tuple[int, job_runner.StoreRetry, list[dict]]:
+    """Drive store_retry as the runner does, the clock advanced by each attempt's length and
+    the delay it chose; the progress handed from attempt to attempt through Progress as a
+    claim would. (attempts, the last decision, the progress shown between attempts)."""
+    now, retries, previous, shown = T0, 0, None, []
+    while True:
+        now += timedelta(seconds=attempt_s)
+        state = Progress("sqlite://", "job", "w", 1.0, previous).snapshot()
+        plan = job_runner.store_retry(state, now, retries, settings)
+        if plan.delay is None:
+            return plan.failures, plan, shown
+        previous = {**state, "store_failing_since": plan.since.isoformat(), "store_failures": plan.failures}
+        shown.append(previous)
+        now += timedelta(seconds=plan.delay)
+        retries += 1
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2, 10, 13, 30, 120, 600])
+def test_a_store_is_retried_while_the_next_attempt_starts_within_the_budget(budget):
+    settings = Settings(fetch_retry_budget_s=budget, fetch_max_retries=8)
+    attempts, plan, shown = simulate(settings)
+    assert attempts == declared_attempts(budget, 8)
+    assert plan.since == T0 and plan.deadline == T0 + timedelta(seconds=budget)
+    assert plan.bound == (f"LAYERTRACK_FETCH_RETRY_BUDGET_S is {budget:g} s" if attempts <= 8
+                          else "LAYERTRACK_FETCH_MAX_RETRIES is 8")
+    # the first failure's time is carried from attempt to attempt (the progress, not memory)
+    assert all(p["store_failing_since"] == T0.isoformat() for p in shown)
+    assert [p["store_failures"] for p in shown] == list(range(1, attempts))
+
+
+def test_the_default_budget_allows_six_attempts_and_slow_attempts_use_it_up_sooner():
+    settings = Settings()
+    assert settings.fetch_retry_budget_s == 120
+    assert simulate(settings)[0] == declared_attempts(120, settings.fetch_max_retries) == 6
+    # attempts that each take 10 s (a store that times out) use the budget up sooner
+    slow = Settings(fetch_retry_budget_s=30)
+    assert simulate(slow, attempt_s=10)[0] == declared_attempts(30, 8, attempt_s=10) == 3
+    assert simulate(slow)[0] == declared_attempts(30, 8) == 5
+    # the retry cap still holds when the budget would allow more
+    assert simulate(Settings(fetch_retry_budget_s=3600, fetch_max_retries=2))[0] == 3
+
+
+def test_times_in_messages_name_the_date_only_when_it_is_not_today():
+    assert job_runner.clock(T0 + timedelta(seconds=65), T0) == "14:31:05 UTC"
+    assert job_runner.clock(T0 + timedelta(hours=10), T0) == "2026-12-04 00:30:00 UTC"

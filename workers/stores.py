@@ -69,10 +69,14 @@ __all__ = [
 
 #: the extra to install for each scheme's client library
 EXTRAS = {"s3": "s3", "gs": "gcs", "az": "azure", "hf": "hub"}
-#: how long a store keeps retrying a request that fails for a transient reason (connection
-#: refused, timeouts, 5xx) before it gives up with StoreUnreachable; the worker then retries
-#: the job with its own back-off
-RETRY_TIMEOUT_S = 30.0
+#: how long an object store client keeps retrying one request that fails for a transient
+#: reason (connection refused, timeouts, 5xx), at most REQUEST_RETRIES times, before it gives
+#: up with StoreUnreachable; and how long it waits for a connection. Kept short so one attempt
+#: at a store that is down ends in seconds: the worker retries the job with its own back-off,
+#: within LAYERTRACK_FETCH_RETRY_BUDGET_S (service/job_runner.py)
+RETRY_TIMEOUT_S = 10.0
+REQUEST_RETRIES = 3
+CONNECT_TIMEOUT_S = 5
 #: the files besides the weights that a checkpoint directory may hold and a load reads
 OPTIONAL_FILES = tuple(dict.fromkeys((
     "generation_config.json", *TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json",
@@ -262,10 +266,10 @@ class ObjectStore:
         self.identity = loc.identity()
         self._obs = obstore
         timeout = RETRY_TIMEOUT_S if retry_timeout_s is None else retry_timeout_s
-        retry = {"max_retries": 10, "retry_timeout": timedelta(seconds=timeout),
-                 "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=5),
+        retry = {"max_retries": REQUEST_RETRIES, "retry_timeout": timedelta(seconds=timeout),
+                 "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2),
                              "base": 2}}
-        client: dict[str, Any] = {"connect_timeout": "10s", "timeout": "120s"}
+        client: dict[str, Any] = {"connect_timeout": f"{CONNECT_TIMEOUT_S}s", "timeout": "120s"}
         if loc.scheme == "s3":
             self.store = self._s3(S3Store, loc, retry, client)
             self.endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
