@@ -248,10 +248,10 @@ def _store_fields(plan: StoreRetry) -> dict[str, Any]:
 def _retry_store(settings: Settings, job: jobs.ClaimedJob, worker: str, progress: Progress, err: LayertrackError,
                  plan: StoreRetry) -> None:
     """Put the job back in the queue, due in ``plan.delay`` seconds (when the task's retry
-    message is), its progress saying why and until when it retries, and keeping when the
-    failures began."""
+    message is), its progress (phase ``retrying``) saying why and until when it retries, and
+    keeping when the failures began."""
     t = jobs.now()
-    shown = {**progress.snapshot(), **_store_fields(plan),
+    shown = {**progress.snapshot(), **_store_fields(plan), "phase": "retrying", "seconds": None,
              "message": f"{err.code}: {err.message}; retrying until {clock(plan.deadline, t)} "
                         f"(attempt {plan.failures + 1} in {plan.delay} s)"}
     progress.close()

@@ -255,8 +255,8 @@ class JobOut(BaseModel):
     #: seconds of the last attempt on a worker (started_at to finished_at)
     run_s: float | None = None
     #: a remote checkpoint (s3://, gs://, az://, hf://, https://): what the worker is doing,
-    #: {"phase": "fetching" | "waiting" | "scoring", "bytes_done", "bytes_total", "seconds",
-    #: "message", ...}; null for a local checkpoint and before a worker takes the job
+    #: {"phase": "fetching" | "waiting" | "retrying" | "scoring", "bytes_done", "bytes_total",
+    #: "seconds", "message", ...}; null for a local checkpoint and before a worker takes the job
     progress: dict[str, Any] | None = None
     #: a remote checkpoint's content fingerprint, from the store's metadata (set by the worker)
     content_fingerprint: str | None = None

@@ -114,7 +114,7 @@ def _size(n: Any) -> str:
 
 def progress_line(job: dict[str, Any]) -> str | None:
     """One line of a remote checkpoint's progress (fetching: bytes done / total, seconds;
-    waiting for an upload: why and until when; scoring), or None when there is none."""
+    waiting for an upload or retrying a store: why and until when; scoring), or None when there is none."""
     p = job.get("progress")
     if not p or job.get("status") not in ("queued", "running"):
         return None

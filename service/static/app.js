@@ -343,7 +343,7 @@ function wireDelete(name) {
 }
 
 // ------------------------------------------------------------------ jobs
-// a remote checkpoint's progress (GET /v1/jobs: progress.phase fetching | waiting | scoring)
+// a remote checkpoint's progress (GET /v1/jobs: progress.phase fetching | waiting | retrying | scoring)
 function mib(n) {
   for (const [unit, k] of [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]]) if (n >= k) return (n / k).toFixed(1) + " " + unit;
   return n + " B";
