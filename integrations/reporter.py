@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from layertrack.service.client import ApiError, Client, ServiceUnavailable, discover
+from layertrack.workers.vocabulary import FINAL_STATUSES
 
 log = logging.getLogger("layertrack.integrations")
-
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def default_spool_dir() -> Path:
@@ -323,7 +322,7 @@ class Reporter:
                 job = self.client.job(job_id)
             except ServiceUnavailable:
                 return
-            if job["status"] not in FINISHED:
+            if job["status"] not in FINAL_STATUSES:
                 continue
             scores = {}
             if job["status"] == "succeeded":

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from layertrack.workers.vocabulary import AlertKind
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -62,7 +63,7 @@ def check(rule: AlertRule, values: list[tuple[int, float]], step: int) -> tuple[
     v = values[0][1]
     prev = values[1:]
     what = f"{rule.metric} " + ("layer mean" if rule.layer is None else f"layer {rule.layer}")
-    if rule.kind == "threshold":
+    if rule.kind == AlertKind.threshold:
         side = _beyond(rule, v)
         if side is None or (prev and _beyond(rule, prev[0][1]) is not None):
             return None
@@ -90,7 +91,7 @@ def evaluate(session: Session, *, run_id: int, run_name: str, step: int, job_id:
     ).all()
     fired = []
     for rule in rules:
-        n_before = 1 if rule.kind == "threshold" else int(rule.window or 5)
+        n_before = 1 if rule.kind == AlertKind.threshold else int(rule.window or 5)
         values = _values(session, rule, step, n_before)
         hit = check(rule, values, step)
         if hit is None:

@@ -28,6 +28,7 @@ from typing import Any, TypedDict
 from urllib.parse import quote
 
 import httpx
+from layertrack.workers.vocabulary import DEFAULT_METRIC, FINAL_STATUSES
 
 from .settings import get_settings
 
@@ -288,7 +289,7 @@ class Client:
             job = self.job(job_id)
             if on_poll is not None:
                 on_poll(job)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in FINAL_STATUSES:
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:g} s of waiting; it goes "
@@ -316,15 +317,15 @@ class Client:
         params = {"dry_run": "true"} if dry_run else None
         return self._request("DELETE", f"/v1/runs/{_run(name)}", params=params).json()
 
-    def scores(self, run: str, *, metric: str = "linearity", **params) -> dict:
+    def scores(self, run: str, *, metric: str = DEFAULT_METRIC, **params) -> dict:
         """{"run", "metric", "series": [Series per layer]}; params: layer, from_step, to_step, max_points."""
         return self._request("GET", f"/v1/runs/{_run(run)}/scores", params={"metric": metric, **params}).json()
 
-    def trend(self, run: str, *, metric: str = "linearity", **params) -> Trend:
+    def trend(self, run: str, *, metric: str = DEFAULT_METRIC, **params) -> Trend:
         """Layer mean per step; params: from_step, to_step, max_points."""
         return self._request("GET", f"/v1/runs/{_run(run)}/trend", params={"metric": metric, **params}).json()
 
-    def heatmap(self, run: str, *, metric: str = "linearity", **params) -> dict:
+    def heatmap(self, run: str, *, metric: str = DEFAULT_METRIC, **params) -> dict:
         """{"run", "metric", "steps", "layers", "values" (steps × layers)}; params: max_steps."""
         return self._request("GET", f"/v1/runs/{_run(run)}/heatmap", params={"metric": metric, **params}).json()
 
@@ -358,12 +359,12 @@ class Client:
             raise ServiceUnavailable(0, f"cannot reach layertrack at {self.url}: {e}") from None
         return n
 
-    def profile(self, run: str, *, metric: str = "linearity", steps: list[int] | None = None) -> dict:
+    def profile(self, run: str, *, metric: str = DEFAULT_METRIC, steps: list[int] | None = None) -> dict:
         """Per-layer values at the given steps (default: the last); lists ``available_steps``."""
         params = {"metric": metric, "step": steps or []}
         return self._request("GET", f"/v1/runs/{_run(run)}/profile", params=params).json()
 
-    def plot(self, run: str, kind: str = "trend", *, format: str = "png", metric: str = "linearity",
+    def plot(self, run: str, kind: str = "trend", *, format: str = "png", metric: str = DEFAULT_METRIC,
              steps: list[int] | None = None, log_x: bool = False) -> bytes:
         """A figure (PNG or SVG bytes): kind "trend", "heatmap" or "profile" (at ``steps``)."""
         params: dict[str, Any] = {"metric": metric}
@@ -373,7 +374,7 @@ class Client:
             params["log_x"] = "true"
         return self._request("GET", f"/v1/runs/{_run(run)}/{kind}/plot.{format}", params=params).content
 
-    def compare(self, runs: list[str], *, metric: str = "linearity") -> dict:
+    def compare(self, runs: list[str], *, metric: str = DEFAULT_METRIC) -> dict:
         return self._request("GET", "/v1/compare", params={"runs": ",".join(runs), "metric": metric}).json()
 
     # ---------------------------------------------------------------- webhooks out

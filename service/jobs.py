@@ -25,6 +25,7 @@ from layertrack.workers.vocabulary import (
     BASE_METRICS,
     PER_PAIR_METRICS,
     REPLACEABILITY_METRICS,
+    SCORE_OPTIONS,
     JobStatus,
 )
 from sqlalchemy import ColumnElement, and_, delete, select, update
@@ -48,14 +49,9 @@ def job_metrics(config: dict[str, Any]) -> list[str]:
     return list(BASE_METRICS) + (list(REPLACEABILITY_METRICS) if config.get("replaceability") else [])
 
 
-#: the job config keys the worker's ScoreConfig takes
-SCORE_OPTIONS = ("max_tokens", "seq_len", "drop_first_token", "dtype", "replaceability", "holdout_tokens",
-                 "allow_pickle")
-
-
 def score_options(config: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of the worker's ScoreConfig in a job's config (absent keys keep
-    the scoring defaults)."""
+    the scoring defaults); the options are the vocabulary's SCORE_OPTIONS."""
     return {k: config[k] for k in SCORE_OPTIONS if config.get(k) is not None}
 
 

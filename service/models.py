@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from layertrack.workers.vocabulary import JobStatus, Phase
+from layertrack.workers.vocabulary import DeliveryStatus, JobStatus, Phase
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -242,7 +242,7 @@ class Delivery(Base):
     event: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     #: pending | succeeded | failed
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.pending.value)
     #: attempts in the current round (a redelivery starts a new round)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(TZDateTime)

@@ -14,6 +14,8 @@ from layertrack.workers.vocabulary import (
     DEFAULT_SEQ_LEN,
     KNOWN_METRICS,
     WEBHOOK_EVENTS,
+    AlertKind,
+    DeliveryStatus,
 )
 from pydantic import (
     AfterValidator,
@@ -36,6 +38,9 @@ from .run_deletion import RunContents
 #: a metric's name (an enum in the OpenAPI document)
 MetricName = Literal[KNOWN_METRICS]  # type: ignore[valid-type]
 WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
+#: a webhook delivery's status, an alert rule's kind (enums in the OpenAPI document)
+DeliveryStatusName = Literal[tuple(s.value for s in DeliveryStatus)]  # type: ignore[valid-type]
+AlertKindName = Literal[tuple(k.value for k in AlertKind)]  # type: ignore[valid-type]
 
 # ------------------------------------------------------------------ bounds every input obeys
 #: the largest value of the database's Integer columns (ids, layers); every integer a request
@@ -388,7 +393,7 @@ class DeliveryOut(BaseModel):
     def of(cls, d: Delivery) -> DeliveryOut:
         return cls(
             id=d.id, webhook_id=d.webhook_id, event=d.event, status=d.status, attempts=d.attempts,
-            next_attempt_at=d.next_attempt_at if d.status == "pending" else None,
+            next_attempt_at=d.next_attempt_at if d.status == DeliveryStatus.pending else None,
             last_status_code=d.last_status_code, last_error=d.last_error, created_at=d.created_at,
             finished_at=d.finished_at, payload=d.payload,
             attempt_log=[AttemptOut.model_validate(a) for a in d.attempt_log],
@@ -446,7 +451,7 @@ class AlertRuleIn(BaseModel):
 
     metric: MetricName
     layer: bounded_int(0, INT32_MAX) | None = None
-    kind: Literal["threshold", "sigma"]
+    kind: AlertKindName
     #: finite numbers only: NaN, Infinity (and 1e400, which JSON parsers read as infinity) are refused
     above: finite_float() | None = None
     below: finite_float() | None = None
@@ -456,7 +461,7 @@ class AlertRuleIn(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AlertRuleIn:
-        if self.kind == "threshold":
+        if self.kind == AlertKind.threshold:
             if self.above is None and self.below is None:
                 raise ValueError("a threshold rule needs 'above', 'below' or both")
             if self.k is not None or self.window is not None:

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from layertrack.workers import netpolicy
-from layertrack.workers.vocabulary import TEST_EVENT
+from layertrack.workers.vocabulary import TEST_EVENT, DeliveryStatus
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -198,7 +198,7 @@ def add_delivery(session: Session, sub: Webhook, event: str, data: dict[str, Any
     d = Delivery(
         id=f"msg_{uuid.uuid4().hex}", webhook_id=sub.id, event=event,
         payload={"type": event, "timestamp": t.isoformat().replace("+00:00", "Z"), "data": data},
-        status="pending", attempts=0, next_attempt_at=t, created_at=t,
+        status=DeliveryStatus.pending, attempts=0, next_attempt_at=t, created_at=t,
         sent_at=t,  # the caller sends it after the commit; if that fails, it clears this
     )
     session.add(d)
@@ -212,7 +212,8 @@ def unsent(db_url: str, limit: int) -> list[str]:
     with session_scope(db_url) as s:
         return list(s.scalars(
             select(Delivery.id)
-            .where(Delivery.status == "pending", Delivery.sent_at.is_(None), Delivery.next_attempt_at <= now())
+            .where(Delivery.status == DeliveryStatus.pending, Delivery.sent_at.is_(None),
+                   Delivery.next_attempt_at <= now())
             .order_by(Delivery.next_attempt_at).limit(limit)
         ))
 
@@ -223,7 +224,7 @@ def awaiting(db_url: str, sent_before: datetime) -> int:
     attempt is under way, is not counted)."""
     with session_scope(db_url) as s:
         return s.scalar(select(func.count()).select_from(Delivery).where(
-            Delivery.status == "pending", Delivery.sent_at < sent_before, Delivery.next_attempt_at <= now()
+            Delivery.status == DeliveryStatus.pending, Delivery.sent_at < sent_before, Delivery.next_attempt_at <= now()
         )) or 0
 
 
@@ -235,7 +236,7 @@ def resend_candidates(db_url: str, backed_off: ColumnElement[bool], limit: int) 
     with session_scope(db_url) as s:
         return list(s.scalars(
             select(Delivery.id)
-            .where(Delivery.status == "pending", Delivery.sent_at.is_not(None), backed_off)
+            .where(Delivery.status == DeliveryStatus.pending, Delivery.sent_at.is_not(None), backed_off)
             .order_by(Delivery.sent_at, Delivery.id).limit(limit)
         ))
 
@@ -249,7 +250,8 @@ def mark_sent(db_url: str, ids: Sequence[str], *, resent: bool = False) -> None:
     if resent:
         values["resends"] = Delivery.resends + 1
     with session_scope(db_url) as s:
-        s.execute(update(Delivery).where(Delivery.id.in_(list(ids)), Delivery.status == "pending").values(**values))
+        s.execute(update(Delivery).where(Delivery.id.in_(list(ids)), Delivery.status == DeliveryStatus.pending)
+                  .values(**values))
 
 
 def mark_unsent(db_url: str, ids: Sequence[str]) -> None:
@@ -257,16 +259,16 @@ def mark_unsent(db_url: str, ids: Sequence[str]) -> None:
     if not ids:
         return
     with session_scope(db_url) as s:
-        s.execute(update(Delivery).where(Delivery.id.in_(list(ids)), Delivery.status == "pending")
+        s.execute(update(Delivery).where(Delivery.id.in_(list(ids)), Delivery.status == DeliveryStatus.pending)
                   .values(sent_at=None))
 
 
 def redeliver(session: Session, d: Delivery) -> Delivery:
     """Start a new round of attempts for a delivery (same webhook-id, fresh timestamp);
     committed. The caller sends it to the queue."""
-    if d.status == "pending":
+    if d.status == DeliveryStatus.pending:
         raise Conflict(f"delivery {d.id} is still being attempted; wait for it to finish")
-    d.status, d.attempts, d.next_attempt_at, d.finished_at = "pending", 0, now(), None
+    d.status, d.attempts, d.next_attempt_at, d.finished_at = DeliveryStatus.pending, 0, now(), None
     d.sent_at = d.next_attempt_at  # the caller sends it after the commit
     session.commit()
     return d
@@ -306,7 +308,7 @@ def _take(db_url: str, delivery_id: str, lease_s: float) -> _Due | None:
     with session_scope(db_url) as s:
         got = s.execute(
             update(Delivery)
-            .where(Delivery.id == delivery_id, Delivery.status == "pending",
+            .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.pending,
                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= t + timedelta(seconds=2)))
             .values(attempts=Delivery.attempts + 1, next_attempt_at=t + timedelta(seconds=lease_s))
             .returning(Delivery.id)
@@ -361,12 +363,12 @@ def attempt(db_url: str, delivery_id: str, settings) -> float | None:
                               duration_ms=duration_ms))
         d.last_status_code, d.last_error = code, error
         if error is None:
-            d.status, d.finished_at, d.next_attempt_at = "succeeded", t, None
+            d.status, d.finished_at, d.next_attempt_at = DeliveryStatus.succeeded, t, None
         elif retryable and due.attempts < settings.webhook_max_attempts:
             delay = backoff(due.attempts, settings.webhook_backoff_s, settings.webhook_backoff_max_s)
             d.next_attempt_at = t + timedelta(seconds=delay)
             d.sent_at = t  # the task sends the next attempt's message (with that countdown) next
         else:
-            d.status, d.finished_at, d.next_attempt_at = "failed", t, None
+            d.status, d.finished_at, d.next_attempt_at = DeliveryStatus.failed, t, None
     log.info("webhook delivery %s attempt %d: %s", delivery_id, due.attempts, error or code)
     return delay

@@ -219,6 +219,33 @@ def test_meta_is_the_vocabulary_clients_use(api_service):
     assert isinstance(meta["defaults"], dict)
 
 
+def test_the_read_routes_default_to_the_vocabularys_metric(api_service):
+    """Without ``metric``, every read route and figure shows DEFAULT_METRIC (linearity_nores)."""
+    from layertrack.workers.vocabulary import DEFAULT_METRIC
+    from services import synthetic_run
+
+    assert DEFAULT_METRIC == "linearity_nores"
+    run = f"default-metric-{uuid.uuid4().hex[:6]}"
+    synthetic_run(api_service.db_url, run, (10, 20), fingerprint=f"dm-{run}", anisotropy=0.3,
+                  pair=lambda step: {"linearity": 0.9, "linearity_nores": 0.25, "cosine": 0.8, "norm_ratio": 1.1})
+    with api_service.http() as h:
+        for view in ("scores", "trend", "heatmap", "profile"):
+            got = h.get(f"/v1/runs/{run}/{view}")
+            assert got.status_code == 200, (view, got.text)
+            assert got.json()["metric"] == DEFAULT_METRIC, view
+        assert h.get(f"/v1/runs/{run}/trend").json()["values"] == [0.25, 0.25]
+        assert {v for s in h.get(f"/v1/runs/{run}/scores").json()["series"] for v in s["values"]} == {0.25}
+        compared = h.get("/v1/compare", params={"runs": run}).json()
+        assert compared["metric"] == DEFAULT_METRIC and compared["runs"][0]["values"] == [0.25, 0.25]
+        for kind in ("trend", "heatmap", "profile"):
+            assert h.get(f"/v1/runs/{run}/{kind}/plot.svg").status_code == 200, kind
+    schema = httpx.get(api_service.url + "/openapi.json").json()["paths"]
+    for path in ("/v1/runs/{run}/scores", "/v1/runs/{run}/trend", "/v1/runs/{run}/heatmap", "/v1/runs/{run}/profile",
+                 "/v1/compare", "/v1/runs/{run}/trend/plot.{fmt}"):
+        [metric] = [p for p in schema[path]["get"]["parameters"] if p["name"] == "metric"]
+        assert metric["schema"]["default"] == DEFAULT_METRIC, path
+
+
 def test_pages_static_files_favicon_and_docs_are_open_and_local(api_service):
     for path in ("/", "/jobs", "/jobs/some-job-id", "/compare", "/runs/org/llama-350m", "/static/app.js",
                  "/static/app.css",

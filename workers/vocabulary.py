@@ -79,6 +79,24 @@ WEBHOOK_EVENTS = ("job.succeeded", "job.failed", "trend.alert")
 TEST_EVENT = "webhook.test"
 
 
+class DeliveryStatus(str, enum.Enum):
+    """A webhook delivery's status: pending until it is answered with a 2xx (succeeded) or
+    its attempts run out (failed)."""
+
+    pending = "pending"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+# ------------------------------------------------------------------ trend alerts
+class AlertKind(str, enum.Enum):
+    """``threshold``: fires when the value crosses ``above`` or ``below``; ``sigma``: when it
+    is more than ``k`` standard deviations from the mean of the previous ``window`` values."""
+
+    threshold = "threshold"
+    sigma = "sigma"
+
+
 # ------------------------------------------------------------------ scoring defaults
 #: tokens per probe sequence
 DEFAULT_SEQ_LEN = 512
@@ -97,3 +115,17 @@ WARN_TOKENS_PER_DIM = 8.0
 REPLACEABILITY_TOKENS_PER_DIM = 32.0
 #: the built-in probe's name
 DEFAULT_PROBE = "default"
+
+#: the options of a scoring job, with their defaults (None: chosen per checkpoint or device).
+#: The one list: the API's ScoreOptions, the worker's ScoreConfig, and the CLI's ``score``
+#: and ``submit`` options all take these names and defaults (tests/test_vocabulary.py)
+SCORE_OPTION_DEFAULTS: dict[str, object] = {
+    "max_tokens": None,
+    "seq_len": DEFAULT_SEQ_LEN,
+    "drop_first_token": False,
+    "dtype": None,
+    "replaceability": False,
+    "holdout_tokens": DEFAULT_HOLDOUT_TOKENS,
+    "allow_pickle": False,
+}
+SCORE_OPTIONS = tuple(SCORE_OPTION_DEFAULTS)

@@ -39,7 +39,7 @@ def path_text(**path: Any) -> Any:
     return Annotated[str, Path(**path), AfterValidator(no_nul)]
 
 
-#: query metric; the API's default is linearity (the paper's headline score)
+#: query metric; where a route has a default it is the vocabulary's DEFAULT_METRIC (linearity_nores)
 MetricQ = Annotated[MetricName, Query(description="which metric")]
 MaxPoints = query_int(2, 100_000, description="at most this many points per series")
 StepQ = query_int(0, STEP_MAX, optional=True)

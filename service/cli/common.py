@@ -7,6 +7,8 @@ import math
 import signal
 from typing import Any
 
+from layertrack.workers.vocabulary import SCORE_OPTIONS
+
 #: a job failed or did not finish in time; spooled submissions are left
 EXIT_FAILED = 1
 #: the command line is wrong (argparse's own code)
@@ -25,6 +27,13 @@ class CliError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+def score_options(args: Any) -> dict[str, Any]:
+    """The job config of a submission's options (``--max-tokens`` ... one per SCORE_OPTIONS
+    name): only the options given, so the service's defaults apply to the rest."""
+    values = {k: getattr(args, k) for k in SCORE_OPTIONS}
+    return {k: v for k, v in values.items() if v is not None and v is not False}
 
 
 def _interrupt(_signum, _frame) -> None:

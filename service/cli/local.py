@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Any
 
+from layertrack.workers.vocabulary import SCORE_OPTIONS
+
 from .common import EXIT_USAGE, CliError, finite, fmt, stop_on_ctrl_c_and_sigterm
 
 
@@ -94,16 +96,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     if max_memory is None and os.environ.get("LAYERTRACK_MAX_MEMORY", "").strip():
         max_memory = _size_arg(os.environ["LAYERTRACK_MAX_MEMORY"], "LAYERTRACK_MAX_MEMORY")
     config = ScoreConfig(
-        max_tokens=args.max_tokens,
-        seq_len=args.seq_len,
-        drop_first_token=args.drop_first_token,
+        **{k: getattr(args, k) for k in SCORE_OPTIONS},  # the job options (the vocabulary's), then the local ones
         batch_size=args.batch_size,
-        dtype=args.dtype,
         device=args.device,
         seed=args.seed,
-        allow_pickle=args.allow_pickle,
-        replaceability=args.replaceability,
-        holdout_tokens=args.holdout_tokens,
         max_memory=max_memory,
     )
     try:

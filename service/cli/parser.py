@@ -19,6 +19,7 @@ from layertrack.workers.vocabulary import (
     KNOWN_METRICS,
     WARN_TOKENS_PER_DIM,
     WEBHOOK_EVENTS,
+    AlertKind,
     JobStatus,
     Phase,
 )
@@ -453,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--layer", type=int, metavar="N", help="one layer (block pair N → N+1; for anisotropy the "
                                                            "hidden state N) (default: the layer mean, final-norm "
                                                            "pair left out)")
-    ac.add_argument("--kind", choices=("threshold", "sigma"),
+    ac.add_argument("--kind", choices=tuple(k.value for k in AlertKind),
                     help="default: sigma when --k or --window is given, else threshold")
     ac.add_argument("--above", type=float, metavar="X", help="threshold: fire when the value rises above X")
     ac.add_argument("--below", type=float, metavar="X", help="threshold: fire when the value falls below X")

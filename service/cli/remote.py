@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .common import EXIT_FAILED, EXIT_INPUT, EXIT_USAGE, CliError, fmt, stop_on_ctrl_c_and_sigterm
+from layertrack.workers.vocabulary import AlertKind
+
+from .common import EXIT_FAILED, EXIT_INPUT, EXIT_USAGE, CliError, fmt, score_options, stop_on_ctrl_c_and_sigterm
 
 ApiCommand = Callable[[Any, argparse.Namespace], int | None]
 
@@ -158,12 +160,7 @@ def client_side_uri(uri: str) -> str:
 
 @api_command
 def cmd_submit(c, args: argparse.Namespace) -> int | None:
-    options = {
-        "max_tokens": args.max_tokens, "seq_len": args.seq_len, "dtype": args.dtype,
-        "drop_first_token": args.drop_first_token or None, "replaceability": args.replaceability or None,
-        "holdout_tokens": args.holdout_tokens, "allow_pickle": args.allow_pickle or None,
-    }
-    config = {k: v for k, v in options.items() if v is not None}
+    config = score_options(args)
     job = c.submit(run=args.run, step=args.step, uri=client_side_uri(args.uri), phase=args.phase,
                    parent_run=args.parent_run, parent_step=args.parent_step, probe=args.probe,
                    config=config or None)
@@ -397,7 +394,7 @@ def cmd_hook_source(c, args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ trend alerts
 def _condition(rule: dict[str, Any]) -> str:
     """'above 0.9', 'below 0.1 or above 0.9', '> 3 sigma of the previous 5'."""
-    if rule["kind"] == "sigma":
+    if rule["kind"] == AlertKind.sigma:
         return f"more than {rule['k']:g} sd from the mean of the previous {rule['window']}"
     sides = [f"below {rule['below']:g}"] if rule.get("below") is not None else []
     sides += [f"above {rule['above']:g}"] if rule.get("above") is not None else []
@@ -410,7 +407,7 @@ def _watched(rule: dict[str, Any]) -> str:
 
 @api_command
 def cmd_alert_create(c, args: argparse.Namespace) -> None:
-    kind = args.kind or ("sigma" if args.k is not None or args.window is not None else "threshold")
+    kind = args.kind or (AlertKind.sigma if args.k is not None or args.window is not None else AlertKind.threshold)
     rule = c.create_alert(args.run, metric=args.metric, kind=kind, layer=args.layer, above=args.above,
                           below=args.below, k=args.k, window=args.window, description=args.description)
     print(f"alert rule {rule['id']} on run {rule['run']}: {_watched(rule)} {_condition(rule)} ({rule['kind']})")

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .common import EXIT_USAGE, CliError, one_line, stop_on_ctrl_c_and_sigterm
+from .common import EXIT_USAGE, CliError, one_line, score_options, stop_on_ctrl_c_and_sigterm
 from .remote import api_command, error_code
 
 #: a checkpoint directory's name: checkpoint-1000, checkpoint_1000, step1000, step_1000,
@@ -86,12 +86,7 @@ def _location(text: str):
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     """The scoring config sent with every submission (what ``submit`` sends for its options)."""
-    options = {
-        "max_tokens": args.max_tokens, "seq_len": args.seq_len, "dtype": args.dtype,
-        "drop_first_token": args.drop_first_token or None, "replaceability": args.replaceability or None,
-        "holdout_tokens": args.holdout_tokens, "allow_pickle": args.allow_pickle or None,
-    }
-    return {k: v for k, v in options.items() if v is not None}
+    return score_options(args)
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from layertrack.workers.vocabulary import FINAL_STATUSES
+
 from . import report
 from .corpus import addition_task, blocks_of, stdlib_docstrings, train_tokenizer
 from .training import build_model, log_spaced, make_plan, train_phase
@@ -166,9 +168,6 @@ def embedded_service(out: Path) -> Iterator[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------ results
-FINAL = ("succeeded", "failed", "cancelled")
-
-
 def wait_for(client, runs: list[str], expected: int, timeout: float = 3600) -> list[dict]:
     """Every job of ``runs`` once all have finished (polled each second; a progress bar)."""
     from tqdm.auto import tqdm
@@ -187,7 +186,7 @@ def wait_for(client, runs: list[str], expected: int, timeout: float = 3600) -> l
     with tqdm(total=expected, desc="scoring", unit="ckpt") as bar:
         while True:
             jobs = [j for r in runs for j in jobs_of(r)]
-            done = [j for j in jobs if j["status"] in FINAL]
+            done = [j for j in jobs if j["status"] in FINAL_STATUSES]
             bar.update(len(done) - bar.n)
             if len(done) == len(jobs):
                 return jobs

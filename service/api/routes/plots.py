@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Response
+from layertrack.workers.vocabulary import DEFAULT_METRIC
 
 from ... import alerts, plots, queries
 from ...errors import NotFound
@@ -34,7 +35,7 @@ def _has_scores(data: dict, run: str, metric: str) -> None:
 
 
 @router.get("/runs/{run:path}/trend/plot.{fmt}", response_class=Response, responses=IMAGE)
-def trend_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ = "linearity",
+def trend_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ = DEFAULT_METRIC,
                log_x: bool = False) -> Response:
     """The layer-mean trend as a figure; a fine-tune run continues from its parent's curve;
     firings of layer-mean alert rules are marked."""
@@ -53,7 +54,7 @@ def trend_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ =
 
 
 @router.get("/runs/{run:path}/heatmap/plot.{fmt}", response_class=Response, responses=IMAGE)
-def heatmap_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ = "linearity") -> Response:
+def heatmap_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ = DEFAULT_METRIC) -> Response:
     """The step × layer heatmap as a figure."""
     _check_format(fmt)
     r = queries.get_run(session, run)
@@ -63,7 +64,7 @@ def heatmap_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ
 
 
 @router.get("/runs/{run:path}/profile/plot.{fmt}", response_class=Response, responses=IMAGE)
-def profile_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ = "linearity",
+def profile_plot(run: RunPath, fmt: Format, session: SessionDep, metric: MetricQ = DEFAULT_METRIC,
                  step: Steps = None) -> Response:
     """Per-layer values at one or more steps as a figure."""
     _check_format(fmt)

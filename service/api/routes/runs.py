@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import StreamingResponse
+from layertrack.workers.vocabulary import DEFAULT_METRIC
 
 from ... import queries, run_deletion
 from ...errors import Invalid
@@ -37,7 +38,7 @@ def list_runs(session: SessionDep, name: NameContainsQ = None) -> list[RunOut]:
 
 @router.get("/runs/{run:path}/scores")
 def run_scores(
-    run: RunPath, session: SessionDep, metric: MetricQ = "linearity", layer: LayerQ = None,
+    run: RunPath, session: SessionDep, metric: MetricQ = DEFAULT_METRIC, layer: LayerQ = None,
     from_step: StepQ = None, to_step: StepQ = None, max_points: MaxPoints = 500,
 ) -> dict[str, Any]:
     """Per-layer series, downsampled server-side to at most max_points per layer (extremes kept)."""
@@ -49,7 +50,7 @@ def run_scores(
 
 @router.get("/runs/{run:path}/trend")
 def run_trend(
-    run: RunPath, session: SessionDep, metric: MetricQ = "linearity",
+    run: RunPath, session: SessionDep, metric: MetricQ = DEFAULT_METRIC,
     from_step: StepQ = None, to_step: StepQ = None, max_points: MaxPoints = 500,
 ) -> dict[str, Any]:
     """Layer mean per step (the final-norm pair left out)."""
@@ -61,7 +62,7 @@ def run_trend(
 
 @router.get("/runs/{run:path}/heatmap")
 def run_heatmap(
-    run: RunPath, session: SessionDep, metric: MetricQ = "linearity",
+    run: RunPath, session: SessionDep, metric: MetricQ = DEFAULT_METRIC,
     max_steps: MaxSteps = 200,
 ) -> dict[str, Any]:
     """step × layer values, at most max_steps steps (evenly spread, first and last kept)."""
@@ -70,7 +71,7 @@ def run_heatmap(
 
 
 @router.get("/runs/{run:path}/profile")
-def run_profile(run: RunPath, session: SessionDep, metric: MetricQ = "linearity", step: Steps = None) -> dict:
+def run_profile(run: RunPath, session: SessionDep, metric: MetricQ = DEFAULT_METRIC, step: Steps = None) -> dict:
     """Per-layer values at one or more steps (to compare); ``available_steps`` lists the rest."""
     r = queries.get_run(session, run)
     return {"run": run, "metric": metric, **queries.profile(session, run_id=r.id, metric=metric, steps=step)}
@@ -129,7 +130,7 @@ def _parquet(run: str, rows) -> bytes:
 @router.get("/compare")
 def compare_runs(
     session: SessionDep, runs: RunsQ,
-    metric: MetricQ = "linearity", max_points: MaxPoints = 500,
+    metric: MetricQ = DEFAULT_METRIC, max_points: MaxPoints = 500,
 ) -> dict[str, Any]:
     """Layer-mean trends of several runs in one call."""
     names = [n for n in (x.strip() for x in runs.split(",")) if n]

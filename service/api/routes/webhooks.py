@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter, Depends, Response
 
 from ... import queries, queue, webhooks
-from ...schemas import DeliveryOut, WebhookIn, WebhookOut, WebhookPatch
+from ...schemas import DeliveryOut, DeliveryStatusName, WebhookIn, WebhookOut, WebhookPatch
 from ..deps import SessionDep, SettingsDep, admin_scope
 from ..params import DeliveryId, EventQ, Limit, WebhookId
 
@@ -51,7 +49,7 @@ def delete_webhook(webhook_id: WebhookId, session: SessionDep) -> Response:
 @router.get("/{webhook_id}/deliveries", response_model=list[DeliveryOut])
 def list_deliveries(
     webhook_id: WebhookId, session: SessionDep,
-    status: Literal["pending", "succeeded", "failed"] | None = None,
+    status: DeliveryStatusName | None = None,
     event: EventQ = None,
     limit: Limit = 100,
 ) -> list[DeliveryOut]:
