@@ -49,7 +49,7 @@ def test_the_api_body_has_exactly_the_options_and_their_defaults():
 
 def test_the_worker_config_has_every_option_with_its_default():
     fields = {f.name: f for f in dataclasses.fields(ScoreConfig)}
-    assert set(fields) - WORKER_ONLY == set(SCORE_OPTIONS), "a ScoreConfig field is neither a job option nor worker-only"
+    assert set(fields) - WORKER_ONLY == set(SCORE_OPTIONS), "a ScoreConfig field neither a job option nor worker-only"
     assert {k: fields[k].default for k in SCORE_OPTIONS} == SCORE_OPTION_DEFAULTS
     assert jobs.score_options(dict(SCORE_OPTION_DEFAULTS, metrics=["cosine"])) == {
         k: v for k, v in SCORE_OPTION_DEFAULTS.items() if v is not None}
