@@ -128,6 +128,8 @@ class EmbeddedService:
         deadline = time.monotonic() + timeout
         while True:
             if self.api.poll() is not None:
+                with contextlib.suppress(ProcessLookupError):  # whatever it started goes with it
+                    os.killpg(self.api.pid, signal.SIGKILL)
                 code, self.api = self.api.returncode, None
                 raise RuntimeError(f"the API server exited with code {code}:\n{_tail(path)}")
             with contextlib.suppress(httpx.TransportError):

@@ -236,6 +236,9 @@ class RedisServer:
 
         try:
             wait_until(up, timeout, what=f"redis-server on port {self.port} to answer")
+        except BaseException:
+            self.stop()  # not left running when it did not come up
+            raise
         finally:
             client.close()
         return self

@@ -185,7 +185,11 @@ def test_broker_down_while_submitting_loses_nothing(tmp_path, tokenizer):
 
     (tmp_path / "redis").mkdir()
     redis = RedisServer(tmp_path / "redis").start()
-    db = create_pg_database()
+    try:
+        db = create_pg_database()
+    except BaseException:
+        redis.close()
+        raise
     roots = tmp_path / "ckpts"
     roots.mkdir()
     svc = Service(tmp=tmp_path, db_url=db, broker_url=redis.new_url(), roots=roots)

@@ -152,11 +152,20 @@ def test_two_processes_fetch_the_same_checkpoint(s3_env, tiny_sharded, tmp_path)
     s3_env.reset_counts()
     s3_env.delay_s = 0.05  # each object GET waits: the two processes overlap
     env = {**os.environ}
-    procs = [subprocess.Popen([sys.executable, "-c", FETCH_SCRIPT, f"s3://{BUCKET}/two/ckpt", str(tmp_path / "cache")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True) for _ in range(2)]
+    procs = []
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen([sys.executable, "-c", FETCH_SCRIPT, f"s3://{BUCKET}/two/ckpt",
+                                           str(tmp_path / "cache")],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True))
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:  # not left running when the other failed or either timed out
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
+    for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     expected = {k: hashlib.sha256((tiny_sharded / k).read_bytes()).hexdigest() for k in results[0]["sha"]}
@@ -221,9 +230,11 @@ def test_killed_fetch_leaves_no_complete_looking_file(tiny_single, tmp_path):
                                       "open_store(parse(sys.argv[1]), allow_hosts='127.0.0.1')")
         p = subprocess.Popen([sys.executable, "-c", script, uri, str(tmp_path / "cache")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: server.bytes_served > 70_000, 60, what="the download to be under way")
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+        try:
+            wait_until(lambda: server.bytes_served > 70_000, 60, what="the download to be under way")
+        finally:  # killed mid-download, or when it never got under way
+            p.send_signal(signal.SIGKILL)
+            p.wait()
         parts = list((tmp_path / "cache" / "tmp").iterdir())
         assert parts, "the killed fetch left its part file"
         server.delay_s = 0

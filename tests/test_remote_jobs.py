@@ -339,11 +339,16 @@ def test_layertrack_wait_prints_the_fetch_progress(live, s3, tokenizer):
         assert r.status.value in ("queued", "running"), (r.status, live.logs())
         return r if (r.progress or {}).get("bytes_total") and r.progress["phase"] == "fetching" else None
 
-    first = wait_until(fetching, 120, what="the job to fetch").heartbeat_at
-    # the heartbeat goes on while the bytes come in (the sweeper would re-queue a silent job)
-    wait_until(lambda: (r := fetching()) is not None and r.heartbeat_at > first, 30,
-               what="a heartbeat while fetching", interval=0.05)
-    stdout, stderr = proc.communicate(timeout=300)
+    try:
+        first = wait_until(fetching, 120, what="the job to fetch").heartbeat_at
+        # the heartbeat goes on while the bytes come in (the sweeper would re-queue a silent job)
+        wait_until(lambda: (r := fetching()) is not None and r.heartbeat_at > first, 30,
+                   what="a heartbeat while fetching", interval=0.05)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # a failed wait above: not left running
+            proc.kill()
+            proc.communicate()
     out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, (out.stdout, out.stderr, live.logs())
     assert re.search(r"fetching [\d.]+ (B|KiB|MiB) / [\d.]+ (KiB|MiB) \(\d+ %\), [\d.]+ s", out.stdout), out.stdout
