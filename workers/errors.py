@@ -31,6 +31,10 @@ side can use the codes too.
     │   │                                                                 its format is not made of)
     │   ├── FormatUnsupported         code "format_unsupported"         (a known layout saved with an
     │   │                                                                 option layertrack does not read)
+    │   ├── ArchitectureMissing       code "architecture_missing"       (a framework checkpoint that
+    │   │                                                                 carries no architecture)
+    │   ├── MappingIncomplete         code "mapping_incomplete"         (its tensors do not fill the
+    │   │                                                                 architecture exactly)
     │   ├── NotACausalLM              code "not_a_causal_lm"
     │   └── TokenizerMissing          code "tokenizer_missing"
     ├── ProbeError                    code "invalid_probe"
@@ -146,6 +150,14 @@ class PickleRefused(CheckpointError):
 
 class FormatUnsupported(CheckpointError):
     code = "format_unsupported"
+
+
+class ArchitectureMissing(CheckpointError):
+    code = "architecture_missing"
+
+
+class MappingIncomplete(CheckpointError):
+    code = "mapping_incomplete"
 
 
 class NotACausalLM(CheckpointError):

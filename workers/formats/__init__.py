@@ -10,4 +10,6 @@ tensors only:
               torchtitan, OLMo-core, Megatron-Core, Lightning and accelerate (FSDP) write them
     torchsave files written by ``torch.save`` (nanoGPT's ``ckpt.pt``, litgpt's ``lit_model.pth``,
               DeepSpeed's model states, Megatron's ``common.pt``)
+    mapping   a framework's tensors as a transformers architecture's parameters, checked whole
+    nanogpt   nanoGPT's ``ckpt.pt`` as a transformers GPT-2
 """
