@@ -273,3 +273,68 @@ def test_hub_checksum_mismatch_is_refused(hub, tiny_single, tmp_path):
         cache.fetch(store2, good_listing)
     assert e.value.code == "checksum_mismatch"
     assert not list((cache.root / "tmp").iterdir())
+
+
+def test_usage_never_misses_a_download_renamed_while_it_counts(tmp_path, monkeypatch):
+    """A count outside the eviction lock (``release`` decides with one whether to trim) while a
+    download finishes: the part is renamed into its entry between the count's two listings.
+    Events force that interleaving: the count lists one kind, waits until the fetch has
+    renamed its file and returned, then lists the other. The file is counted (twice, at worst),
+    never missed, whichever listing comes first."""
+    import threading
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_bytes(b"{}" + b" " * 4998)
+    size = 5000
+    store = open_store(parse(str(src)))
+    files = store.list()
+    read_may_return = threading.Event()
+    real_read = store.read
+
+    def held_read(*args, **kwargs):
+        assert read_may_return.wait(60), "the test never let the read return"
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(store, "read", held_read)
+    cache = Cache(tmp_path / "cache", 10 << 20)
+    fetched: dict[str, Path] = {}
+    fetcher = threading.Thread(target=lambda: fetched.setdefault("dir", cache.fetch(store, files)))
+    fetcher.start()
+    try:
+        wait_until(lambda: list((cache.root / "tmp").glob("*.part")), 60, what="the download's part file")
+
+        listed_once, may_go_on = threading.Event(), threading.Event()
+        calls: list[str] = []
+
+        def pausing(name, real):
+            def wrapper(self):
+                out = real(self)
+                if threading.current_thread().name == "counter":
+                    calls.append(name)
+                    if len(calls) == 1:  # between the count's two listings
+                        listed_once.set()
+                        assert may_go_on.wait(60), "the test never let the count go on"
+                return out
+            return wrapper
+
+        monkeypatch.setattr(Cache, "_entries", pausing("entries", Cache._entries))
+        monkeypatch.setattr(Cache, "_parts_size", pausing("parts", Cache._parts_size))
+        counted: list[int] = []
+        counter = threading.Thread(target=lambda: counted.append(cache.usage()), name="counter")
+        counter.start()
+        assert listed_once.wait(60), "the count did not start"
+        read_may_return.set()  # the download completes: its part is renamed into its entry
+        fetcher.join(60)
+        assert not fetcher.is_alive() and "dir" in fetched
+        assert not list((cache.root / "tmp").glob("*.part")) and len(_entries(cache.root)) == 1
+        may_go_on.set()
+        counter.join(60)
+        assert sorted(calls) == ["entries", "parts"]
+        assert counted and counted[0] >= size, (calls, counted)  # the renamed file was not missed
+    finally:
+        read_may_return.set()
+        fetcher.join(60)
+    monkeypatch.undo()
+    assert cache.usage() == size  # quiet: exact
+    cache.release(fetched["dir"])

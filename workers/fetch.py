@@ -200,8 +200,13 @@ class Cache:
             self._make_room(0)
 
     def usage(self) -> int:
-        """Bytes held by cache entries (complete files) and downloads in progress."""
-        return sum(size for _, size, _, _ in self._entries()) + self._parts_size()
+        """Bytes held by cache entries (complete files) and downloads in progress. Never less
+        than the truth, also while downloads finish (``release`` and callers outside the
+        eviction lock count so): the parts are counted before the entries, so a part renamed
+        into its entry in between is counted twice rather than not at all. Under the eviction
+        lock (``_make_room``) no part is renamed and the count is exact."""
+        parts = self._parts_size()
+        return parts + sum(size for _, size, _, _ in self._entries())
 
     # -------------------------------------------------------------- checkouts
     def new_checkout(self) -> Path:
@@ -292,7 +297,7 @@ class Cache:
                 os.close(fd)
             obj.parent.mkdir(exist_ok=True)
             # under the eviction lock (shared): a usage count taken while making room lists the
-            # entries, then the parts, and must not miss a file renamed from one to the other
+            # parts, then the entries, and counts a file renamed from one to the other exactly once
             with _flock(self.root / "evict.lock", exclusive=False):
                 os.rename(tmp, obj)
         except BaseException:
@@ -343,7 +348,8 @@ class Cache:
 
     def _parts_size(self) -> int:
         """Bytes of the downloads in progress. A part renamed into place between listing and
-        stat counts as nothing; renames take the eviction lock, so ``_make_room`` never sees that."""
+        stat counts as nothing here (it is an entry by the time the entries are listed, after
+        this: see usage); renames take the eviction lock, so ``_make_room`` never sees that."""
         total = 0
         for part in self._parts():
             with contextlib.suppress(FileNotFoundError):
@@ -376,8 +382,9 @@ class Cache:
             used = self.usage()
             if used + need > self.max_bytes:
                 self._sweep()
+                parts = self._parts_size()  # first: see usage
                 entries = sorted(self._entries(), key=lambda e: e[2])
-                used = sum(e[1] for e in entries) + self._parts_size()
+                used = parts + sum(e[1] for e in entries)
                 for path, size, _, nlink in entries:
                     if used + need <= self.max_bytes:
                         break
