@@ -8,9 +8,15 @@
 2. Starts the API server (uvicorn, one process) on that database and a Redis broker.
 3. Over HTTP, 50 times each on random runs: the layer-mean trend and one layer's series,
    both downsampled to 500 points. Prints median and p95 latency.
-4. From a separate process, submits checkpoints at 100 requests/s for 10 s (open loop:
+4. Submits checkpoints one after another (200 by default, after 100 concurrent ones that
+   warm the connection pools) and prints the API time per submission: the API process's CPU
+   time (user + system, from /proc) divided by the number of submissions, and the median
+   round trip.
+5. From a separate process, submits checkpoints at 100 requests/s for 10 s (open loop:
    each request leaves at its scheduled time, whatever the previous ones did) and prints
    p50/p99 latency and the error count.
+
+    python bench/api_bench.py --only-submit   # 4 and 5 only, on an empty database (~40 s)
 
 The six stored metrics are the five the engine computes plus ``intrinsic_dim`` (planned;
 stored here only to give the table its full size); queries read ``linearity``.
@@ -90,6 +96,47 @@ def load(db_url: str) -> None:
         conn.execute("CHECKPOINT")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and of its live children (the uvicorn
+    workers when there are several), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def submit_sequential(h, pid: int, uri: str, n: int) -> dict:
+    """``n`` submissions one after another (each a new step of a new run, after 100
+    concurrent ones that warm the pools); the API process's CPU time per submission and the
+    round trips' median and p99."""
+    import concurrent.futures
+
+    run = f"seq-{uuid.uuid4().hex[:6]}"
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:  # warm-up: pools at their steady size
+        for r in pool.map(lambda i: h.post("/v1/checkpoints", json={"run": run + "-warm", "step": i, "uri": uri}),
+                          range(100)):
+            assert r.status_code == 202, r.text
+    lat = []
+    cpu0 = cpu_seconds(pid)
+    for i in range(n):
+        t = time.perf_counter()
+        r = h.post("/v1/checkpoints", json={"run": run, "step": i, "uri": uri})
+        lat.append((time.perf_counter() - t) * 1000)
+        assert r.status_code == 202, r.text
+    cpu = cpu_seconds(pid) - cpu0
+    return {"n": n, "cpu_ms": cpu * 1000 / n, "p50": statistics.median(lat), "p99": pct(lat, 99)}
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
@@ -135,6 +182,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("--api-processes", type=int, default=1, help="uvicorn worker processes")
     p.add_argument("--only-submit", action="store_true", help="skip loading scores and the queries")
+    p.add_argument("--sequential", type=int, default=200, help="submissions one after another (0: none)")
     p.add_argument("--load-child", nargs=3, metavar=("URL", "TOKEN", "URI"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.load_child:
@@ -165,7 +213,8 @@ def main() -> None:
         if not args.only_submit:
             log("loading scores into PostgreSQL ...")
             load(db)
-        svc.start_api(args.api_processes)
+        svc.start_api(processes=args.api_processes)
+        log(f"API server: pid {svc.api.pid}")
         rng = random.Random(1)
         timings: dict[str, list[float]] = {"trend": [], "series": []}
         with httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {svc.token}"}, timeout=30) as h:
@@ -182,6 +231,10 @@ def main() -> None:
                           params={"metric": "linearity", "layer": rng.randrange(LAYERS), "max_points": 500})
                 timings["series"].append((time.perf_counter() - t) * 1000)
                 assert r.status_code == 200 and len(r.json()["series"][0]["steps"]) <= 500, r.text
+            seq = None
+            if args.sequential:
+                log(f"submitting {args.sequential} checkpoints one after another ...")
+                seq = submit_sequential(h, svc.api.pid, str(ckpt), args.sequential)
         log(f"submitting at {args.rate:g} requests/s for {args.seconds:g} s from a separate process ...")
         out = subprocess.run(
             [sys.executable, __file__, "--rate", str(args.rate), "--seconds", str(args.seconds),
@@ -192,14 +245,20 @@ def main() -> None:
             raise SystemExit(out.stderr[-3000:])
         load_res = json.loads(out.stdout.strip().splitlines()[-1])
         n_scores = RUNS * STEPS * LAYERS * len(METRICS)
-        print(f"PostgreSQL, {n_scores:,} scores ({RUNS} runs x {STEPS} steps x {LAYERS} layers x "
-              f"{len(METRICS)} metrics); API: uvicorn, {args.api_processes} process(es); over HTTP on loopback")
+        stored = "no stored scores (--only-submit)" if args.only_submit else (
+            f"{n_scores:,} scores ({RUNS} runs x {STEPS} steps x {LAYERS} layers x {len(METRICS)} metrics)")
+        print(f"PostgreSQL, {stored}; API: uvicorn, {args.api_processes} process(es); over HTTP on loopback")
         for name, label in (("trend", "trend (layer mean per step)"), ("series", "one layer's series")):
             xs = timings[name]
             if not xs:
                 continue
             print(f"{label:<30} downsampled to 500 points: median {statistics.median(xs):.1f} ms, "
                   f"p95 {pct(xs, 95):.1f} ms over {len(xs)} queries")
+        if seq is not None:
+            print(f"API time per submission, sequential: {seq['cpu_ms']:.2f} ms of API-process CPU "
+                  f"({seq['n']} submissions one after another; round trip p50 {seq['p50']:.1f} ms, "
+                  f"p99 {seq['p99']:.1f} ms)")
+        print(f"p99 at {args.rate:g} rps: {load_res['p99']:.1f} ms")
         print(f"submission at {args.rate:g} req/s for {args.seconds:g} s ({load_res['n']} requests, "
               f"achieved {load_res['achieved_rps']:.1f} req/s): p50 {load_res['p50']:.1f} ms, "
               f"p99 {load_res['p99']:.1f} ms, max {load_res['max']:.1f} ms, errors {load_res['errors'] or 0}")
