@@ -19,9 +19,9 @@ from layertrack.workers import locations  # stdlib only: no store client
 from layertrack.workers.errors import LayertrackError
 from layertrack.workers.probe import default_probe
 from layertrack.workers.vocabulary import DEFAULT_PROBE, REPLACEABILITY_METRICS, JobStatus, Phase
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from .errors import Conflict, Invalid, NotFound
 from .jobs import check_remote, is_remote, job_metrics, now, require_roots
@@ -49,7 +49,11 @@ class SubmitConflict(Conflict):
     """The request contradicts what is stored (a run's parent, an Idempotency-Key's body)."""
 
 
-_probe_ids: dict[tuple[str, str], int] = {}  # (database, sha256) -> probes.id; rows never change
+#: (database, sha256) -> the probe's row, detached; rows never change. A submission merges it
+#: into its session without a query (session.merge(load=False)); accept_checkpoint forgets it
+#: when a submission fails on the database (say, it was dropped and made again), and the
+#: second attempt reads it again.
+_probes: dict[tuple[str, str], Probe] = {}
 
 
 def probe_row(session: Session, name: str) -> Probe:
@@ -57,10 +61,9 @@ def probe_row(session: Session, name: str) -> Probe:
         raise Invalid(f"unknown probe {name!r}; available: {DEFAULT_PROBE}", code="unknown_probe")
     p = default_probe()
     key = (str(session.get_bind().url), p.sha256)
-    if key in _probe_ids:
-        row = session.get(Probe, _probe_ids[key])
-        if row is not None:
-            return row
+    cached = _probes.get(key)
+    if cached is not None:
+        return session.merge(cached, load=False)
     row = session.scalar(select(Probe).where(Probe.sha256 == p.sha256))
     if row is None:
         row = Probe(name=p.name, sha256=p.sha256, n_chars=p.n_chars)
@@ -70,17 +73,38 @@ def probe_row(session: Session, name: str) -> Probe:
         except IntegrityError:
             session.rollback()
             row = session.scalar(select(Probe).where(Probe.sha256 == p.sha256))
-    _probe_ids[key] = row.id
+    detached = Probe(id=row.id, name=row.name, sha256=row.sha256, n_chars=row.n_chars, created_at=row.created_at)
+    make_transient_to_detached(detached)
+    _probes[key] = detached
     return row
 
 
-def _run_row(session: Session, sub: Submission) -> Run:
-    run = session.scalar(select(Run).where(Run.name == sub.run))
-    parent = None
-    if sub.parent_run is not None:
-        parent = session.scalar(select(Run).where(Run.name == sub.parent_run))
-        if parent is None:
-            raise Invalid(f"parent run {sub.parent_run!r} does not exist; submit its checkpoints first")
+def _parent_row(session: Session, sub: Submission) -> Run | None:
+    if sub.parent_run is None:
+        return None
+    parent = session.scalar(select(Run).where(Run.name == sub.parent_run))
+    if parent is None:
+        raise Invalid(f"parent run {sub.parent_run!r} does not exist; submit its checkpoints first")
+    return parent
+
+
+def _stored(session: Session, sub: Submission, probe_id: int, config_hash: str
+            ) -> tuple[Run | None, Checkpoint | None, Job | None]:
+    """The run, the same checkpoint of it and the same job of that, as stored (None for each
+    not stored): one query. At most one row: a run's checkpoint is unique by (step,
+    fingerprint), a checkpoint's job by (probe, config hash)."""
+    row = session.execute(
+        select(Run, Checkpoint, Job)
+        .outerjoin(Checkpoint, and_(Checkpoint.run_id == Run.id, Checkpoint.step == sub.step,
+                                    Checkpoint.fingerprint == sub.fingerprint))
+        .outerjoin(Job, and_(Job.checkpoint_id == Checkpoint.id, Job.probe_id == probe_id,
+                             Job.config_hash == config_hash))
+        .where(Run.name == sub.run)
+    ).first()
+    return (None, None, None) if row is None else (row[0], row[1], row[2])
+
+
+def _run_row(session: Session, sub: Submission, run: Run | None, parent: Run | None) -> Run:
     if run is None:
         phase = sub.phase or (Phase.finetune if parent else Phase.pretrain)
         run = Run(
@@ -102,7 +126,9 @@ def _run_row(session: Session, sub: Submission) -> Run:
 def submit(
     session: Session, sub: Submission, *, idempotency_key: str | None = None
 ) -> tuple[Job, bool]:
-    """Store a job for this checkpoint, or return the existing one; (job, created)."""
+    """Store a job for this checkpoint, or return the existing one; (job, created). Reads
+    the run, the checkpoint and the job in one query (and the parent run, when one is
+    named; the probe comes from a cache)."""
     request_hash = canonical_hash(vars(sub))
     if idempotency_key:
         existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
@@ -113,28 +139,19 @@ def submit(
                     "use a new key for a new submission"
                 )
             return existing, False
-    run = _run_row(session, sub)
+    parent = _parent_row(session, sub)
     probe = probe_row(session, sub.probe)
-    ckpt = None if run.id is None else session.scalar(
-        select(Checkpoint).where(
-            Checkpoint.run_id == run.id, Checkpoint.step == sub.step, Checkpoint.fingerprint == sub.fingerprint
-        )
-    )
-    new_checkpoint = ckpt is None
+    config_hash = canonical_hash(sub.config)
+    run, ckpt, job = _stored(session, sub, probe.id, config_hash)
+    run = _run_row(session, sub, run, parent)
+    if job is not None:
+        return job, False
     if ckpt is None:
         ckpt = Checkpoint(
             run=run, step=sub.step, phase=sub.phase or run.phase, uri=sub.uri, fingerprint=sub.fingerprint,
             created_at=now(),
         )
         session.add(ckpt)
-    config_hash = canonical_hash(sub.config)
-    job = None if new_checkpoint else session.scalar(
-        select(Job).where(
-            Job.checkpoint_id == ckpt.id, Job.probe_id == probe.id, Job.config_hash == config_hash
-        )
-    )
-    if job is not None:
-        return job, False
     job = Job(
         checkpoint=ckpt,
         probe=probe,
@@ -202,6 +219,7 @@ def accept_checkpoint(
             return job, created
         except IntegrityError:  # a concurrent identical submission won the race: take its job
             session.rollback()
+            _probes.clear()  # or the cached probe row is not the database's: read it again
             if receipt is not None and _receipt_taken(session, receipt):
                 raise Conflict(f"webhook id {receipt.msg_id!r} was already accepted; send a new webhook-id for "
                                "a new submission", title="Replayed webhook") from None

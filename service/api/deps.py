@@ -30,12 +30,12 @@ lifespan enters it).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, FastAPI, Header, Request
 from sqlalchemy.orm import Session
 
@@ -59,28 +59,43 @@ async def settings_dep(request: Request) -> Settings:  # async: no thread hop
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
 
 
-def session_dep(settings: SettingsDep) -> Iterator[Session]:
+async def session_dep(settings: SettingsDep) -> AsyncIterator[Session]:
     """A database session for the request, closed after it. Writes are committed by the
-    service functions that make them (jobs, webhooks, hooks, alerts), never by a route."""
+    service functions that make them (jobs, webhooks, hooks, alerts), never by a route.
+
+    Async, so that it costs no thread hop: making a session does no I/O (it connects when
+    first used), and neither does closing one that holds no transaction (a committed
+    submission); one that does (a read) is closed in a thread, since its rollback is a round
+    trip, shielded from cancellation so that its connection always goes back to the pool."""
     session = get_sessionmaker(settings.db_url)()
     session.info["settings"] = settings
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            with anyio.CancelScope(shield=True):
+                # a limiter of its own: closing never waits for a worker thread to be free
+                await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(session_dep)]
 
-def current_caller(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> auth.Caller:
+async def current_caller(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> auth.Caller:
     """The owner of the request's bearer token; 401 when it is missing, malformed or revoked
-    (the messages RequireBearer gives when it answers first)."""
+    (the messages RequireBearer gives when it answers first). A token verified in the last
+    ``auth.CACHE_SECONDS`` is answered on the event loop; any other is looked up in a
+    thread."""
     if not authorization:
         raise Problem(401, "Unauthorized", MISSING, CHALLENGE)
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise Problem(401, "Unauthorized", MALFORMED, CHALLENGE)
-    caller = auth.verify(session, token.strip())
+    caller = auth.cached(token)
+    if caller is None:
+        caller = await asyncio.to_thread(auth.verify, session, token)  # database I/O off the event loop
     if caller is None:
         raise Problem(401, "Unauthorized", UNKNOWN, CHALLENGE)
     auth.bind(session, caller)
@@ -115,13 +130,14 @@ def check_run(caller: auth.Caller, run: str) -> None:
 async def runs_named(request: Request) -> list[str]:
     """The run names a request names: the ``{run}`` path parameter, the ``run`` query
     parameter, the comma-separated ``runs`` query parameter, and ``run`` / ``parent_run`` of a
-    JSON object body."""
+    JSON object body. The body is parsed once: ``request.json()`` keeps what FastAPI parsed for
+    the route's body parameter (the same Request object), or what it parses here."""
     names = [request.path_params["run"]] if isinstance(request.path_params.get("run"), str) else []
     names += request.query_params.getlist("run")
     names += [n.strip() for v in request.query_params.getlist("runs") for n in v.split(",") if n.strip()]
     if request.method in ("POST", "PUT", "PATCH") and "json" in request.headers.get("content-type", ""):
         try:
-            body = json.loads(await request.body())
+            body = await request.json()
         except ValueError:  # not JSON: validation says so
             body = None
         if isinstance(body, dict):

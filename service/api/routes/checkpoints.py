@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Response
+from sqlalchemy.orm import Session
 
 from ... import submissions
 from ...schemas import CheckpointIn, JobOut
+from ...settings import Settings
 from ..deps import SessionDep, SettingsDep, submit_scope
 from ..replies import accepted
 
@@ -16,7 +19,7 @@ router = APIRouter(prefix="/v1", tags=["checkpoints"], dependencies=[Depends(sub
 
 @router.post("/checkpoints", status_code=202, response_model=JobOut,
              responses={200: {"model": JobOut, "description": "the same checkpoint was already submitted"}})
-def submit_checkpoint(
+async def submit_checkpoint(
     body: CheckpointIn,
     response: Response,
     session: SessionDep,
@@ -24,5 +27,12 @@ def submit_checkpoint(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
     """Queue a checkpoint for scoring; the same checkpoint again returns the existing job (200)."""
+    # async, with the work (file checks, database, broker) in one worker thread: a sync route
+    # would also hop to a thread to check its own answer against JobOut
+    return await anyio.to_thread.run_sync(_submit, body, response, session, settings, idempotency_key)
+
+
+def _submit(body: CheckpointIn, response: Response, session: Session, settings: Settings,
+            idempotency_key: str | None) -> JobOut:
     job, created = submissions.accept_checkpoint(session, body, roots=settings.roots, idempotency_key=idempotency_key)
     return accepted(settings.db_url, response, job, created)
