@@ -301,6 +301,83 @@ class RunOut(BaseModel):
                    n_checkpoints=summary.n_checkpoints, jobs=summary.jobs, last_activity=summary.last_activity)
 
 
+# ------------------------------------------------------------------ scores (the read routes)
+#: a metric's value; null where it is undefined (a NaN, e.g. linearity_nores of a block that adds nothing)
+Value = float | None
+
+
+class SeriesOut(BaseModel):
+    """One layer's values, step by step (downsampled, extremes kept)."""
+
+    layer: int
+    #: the pair into the final-norm output (left out of layer means)
+    final_norm: bool
+    steps: list[int]
+    values: list[Value]
+
+
+class ScoresOut(BaseModel):
+    """``GET /v1/runs/{run}/scores``: one series per layer."""
+
+    run: str
+    metric: str
+    series: list[SeriesOut]
+
+
+class TrendOut(BaseModel):
+    """``GET /v1/runs/{run}/trend``: the layer mean per step (the final-norm pair left out)."""
+
+    run: str
+    metric: str
+    steps: list[int]
+    values: list[Value]
+    #: steps with scores before downsampling
+    n_steps: int
+
+
+class HeatmapOut(BaseModel):
+    """``GET /v1/runs/{run}/heatmap``: ``values[i][j]`` is layer ``layers[j]`` at step ``steps[i]``."""
+
+    run: str
+    metric: str
+    steps: list[int]
+    layers: list[int]
+    values: list[list[Value]]
+    final_norm_layers: list[int]
+
+
+class ProfileOut(BaseModel):
+    """``GET /v1/runs/{run}/profile``: ``values[i][j]`` is layer ``layers[j]`` at step ``steps[i]``;
+    ``available_steps``: every step with scores of the metric."""
+
+    run: str
+    metric: str
+    steps: list[int]
+    layers: list[int]
+    values: list[list[Value]]
+    final_norm_layers: list[int]
+    available_steps: list[int]
+
+
+class CompareRunOut(BaseModel):
+    """One run's layer-mean trend in ``GET /v1/compare``, with its phase and parent."""
+
+    run: str
+    phase: str
+    parent_run: str | None
+    parent_step: int | None
+    steps: list[int]
+    values: list[Value]
+    n_steps: int
+
+
+class CompareOut(BaseModel):
+    """``GET /v1/compare``: the runs' trends of one metric, in the order asked."""
+
+    metric: str
+    runs: list[CompareRunOut]
+
+
 class RunDeletionOut(BaseModel):
     """What deleting a run removed (``deleted``), or would remove (``dry_run``)."""
 

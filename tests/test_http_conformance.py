@@ -243,3 +243,26 @@ def test_metric_names_are_an_enum_wherever_they_are_validated_as_one(doc):
     assert enum_of(schemas["AlertRuleIn"]["properties"]["metric"]) == known
     metrics = next(a for a in schemas["CheckpointIn"]["properties"]["metrics"]["anyOf"] if a.get("type") == "array")
     assert enum_of(metrics["items"]) == known
+
+
+#: the read routes and the response model each answers with (service/schemas.py)
+READ_MODELS = {"/v1/runs/{run}/scores": "ScoresOut", "/v1/runs/{run}/trend": "TrendOut",
+               "/v1/runs/{run}/heatmap": "HeatmapOut", "/v1/runs/{run}/profile": "ProfileOut",
+               "/v1/compare": "CompareOut"}
+
+
+def test_the_read_routes_document_their_answers_and_answer_so(api_service, doc, run):
+    """Each read route's 200 names its response model, whose properties are the answer's keys."""
+    schemas = doc["components"]["schemas"]
+    with api_service.http() as h:
+        for path, model in READ_MODELS.items():
+            ok = doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+            assert ok == {"$ref": f"#/components/schemas/{model}"}, path
+            props = schemas[model]["properties"]
+            assert set(schemas[model]["required"]) == set(props), model  # every key is in every answer
+            r = h.get(concrete(path, run), params={"runs": run} if path == "/v1/compare" else None)
+            assert r.status_code == 200, (path, r.text)
+            assert list(r.json()) == list(props), path  # the keys, in the documented order
+    assert set(schemas["CompareRunOut"]["properties"]) == {"run", "phase", "parent_run", "parent_step", "steps",
+                                                           "values", "n_steps"}
+    assert set(schemas["SeriesOut"]["properties"]) == {"layer", "final_norm", "steps", "values"}

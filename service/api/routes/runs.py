@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import StreamingResponse
@@ -18,7 +18,16 @@ from layertrack.workers.vocabulary import DEFAULT_METRIC
 
 from ... import queries, run_deletion
 from ...errors import Invalid
-from ...schemas import RunDeletionOut, RunOut
+from ...schemas import (
+    CompareOut,
+    CompareRunOut,
+    HeatmapOut,
+    ProfileOut,
+    RunDeletionOut,
+    RunOut,
+    ScoresOut,
+    TrendOut,
+)
 from ..deps import SessionDep, admin_scope, read_scope
 from ..params import LayerQ, MaxPoints, MaxSteps, MetricQ, NameContainsQ, RunPath, RunsQ, StepQ, Steps
 from ..problems import problem_responses
@@ -36,45 +45,46 @@ def list_runs(session: SessionDep, name: NameContainsQ = None) -> list[RunOut]:
     return [RunOut.of(queries.run_summary(session, r)) for r in queries.list_runs(session, name_contains=name)]
 
 
-@router.get("/runs/{run:path}/scores")
+@router.get("/runs/{run:path}/scores", response_model=ScoresOut)
 def run_scores(
     run: RunPath, session: SessionDep, metric: MetricQ = DEFAULT_METRIC, layer: LayerQ = None,
     from_step: StepQ = None, to_step: StepQ = None, max_points: MaxPoints = 500,
-) -> dict[str, Any]:
+) -> ScoresOut:
     """Per-layer series, downsampled server-side to at most max_points per layer (extremes kept)."""
     r = queries.get_run(session, run)
     s = queries.series(session, run_id=r.id, metric=metric, layer=layer, from_step=from_step, to_step=to_step,
                        max_points=max_points)
-    return {"run": run, "metric": metric, "series": s}
+    return ScoresOut(run=run, metric=metric, series=s)
 
 
-@router.get("/runs/{run:path}/trend")
+@router.get("/runs/{run:path}/trend", response_model=TrendOut)
 def run_trend(
     run: RunPath, session: SessionDep, metric: MetricQ = DEFAULT_METRIC,
     from_step: StepQ = None, to_step: StepQ = None, max_points: MaxPoints = 500,
-) -> dict[str, Any]:
+) -> TrendOut:
     """Layer mean per step (the final-norm pair left out)."""
     r = queries.get_run(session, run)
     t = queries.trend(session, run_id=r.id, metric=metric, from_step=from_step, to_step=to_step,
                       max_points=max_points)
-    return {"run": run, "metric": metric, **t}
+    return TrendOut(run=run, metric=metric, **t)
 
 
-@router.get("/runs/{run:path}/heatmap")
+@router.get("/runs/{run:path}/heatmap", response_model=HeatmapOut)
 def run_heatmap(
     run: RunPath, session: SessionDep, metric: MetricQ = DEFAULT_METRIC,
     max_steps: MaxSteps = 200,
-) -> dict[str, Any]:
+) -> HeatmapOut:
     """step × layer values, at most max_steps steps (evenly spread, first and last kept)."""
     r = queries.get_run(session, run)
-    return {"run": run, "metric": metric, **queries.heatmap(session, run_id=r.id, metric=metric, max_steps=max_steps)}
+    return HeatmapOut(run=run, metric=metric, **queries.heatmap(session, run_id=r.id, metric=metric,
+                                                                max_steps=max_steps))
 
 
-@router.get("/runs/{run:path}/profile")
-def run_profile(run: RunPath, session: SessionDep, metric: MetricQ = DEFAULT_METRIC, step: Steps = None) -> dict:
+@router.get("/runs/{run:path}/profile", response_model=ProfileOut)
+def run_profile(run: RunPath, session: SessionDep, metric: MetricQ = DEFAULT_METRIC, step: Steps = None) -> ProfileOut:
     """Per-layer values at one or more steps (to compare); ``available_steps`` lists the rest."""
     r = queries.get_run(session, run)
-    return {"run": run, "metric": metric, **queries.profile(session, run_id=r.id, metric=metric, steps=step)}
+    return ProfileOut(run=run, metric=metric, **queries.profile(session, run_id=r.id, metric=metric, steps=step))
 
 
 @router.get("/runs/{run:path}/export", response_class=Response, responses={200: {"content": {
@@ -127,11 +137,11 @@ def _parquet(run: str, rows) -> bytes:
     return out.getvalue()
 
 
-@router.get("/compare")
+@router.get("/compare", response_model=CompareOut)
 def compare_runs(
     session: SessionDep, runs: RunsQ,
     metric: MetricQ = DEFAULT_METRIC, max_points: MaxPoints = 500,
-) -> dict[str, Any]:
+) -> CompareOut:
     """Layer-mean trends of several runs in one call."""
     names = [n for n in (x.strip() for x in runs.split(",")) if n]
     if not 1 <= len(names) <= 20:
@@ -139,10 +149,10 @@ def compare_runs(
     out = []
     for name in names:
         r = queries.get_run(session, name)
-        out.append({"run": name, "phase": r.phase.value,
-                    "parent_run": r.parent.name if r.parent else None, "parent_step": r.parent_step,
-                    **queries.trend(session, run_id=r.id, metric=metric, max_points=max_points)})
-    return {"metric": metric, "runs": out}
+        out.append(CompareRunOut(run=name, phase=r.phase.value, parent_run=r.parent.name if r.parent else None,
+                                 parent_step=r.parent_step,
+                                 **queries.trend(session, run_id=r.id, metric=metric, max_points=max_points)))
+    return CompareOut(metric=metric, runs=out)
 
 
 def read_run(run: RunPath, session: SessionDep) -> RunOut:
