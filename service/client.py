@@ -6,9 +6,11 @@
         job = lt.wait(job["id"], timeout=600)
         print(lt.trend("my-run", metric="linearity_nores"))
 
-Every method returns plain Python data (dicts and lists, as the API's JSON; the TypedDicts
-below describe the common ones, and tests/test_run_names.py checks them against the API's
-answers field for field). Run names may contain ``/`` (``org/llama-350m``). With no URL or token given, the client reads
+Every method returns plain Python data: dicts and lists, as the API's JSON (``job["id"]``,
+not ``job.id``). The TypedDicts below, which the methods' annotations name, describe each
+answer key for key (times are ISO 8601 strings); tests/test_client.py pins them to the API's
+response models (service/schemas.py) and checks real answers against them. Run names may
+contain ``/`` (``org/llama-350m``). With no URL or token given, the client reads
 LAYERTRACK_URL / LAYERTRACK_TOKEN, else what ``layertrack up`` saved.
 
 Errors: ``ApiError`` (the server refused the request: ``.status``, the server's ``.detail``
@@ -94,9 +96,17 @@ class RunDeletion(TypedDict):
 
 class Series(TypedDict):
     layer: int
+    #: the pair into the final-norm output (left out of layer means)
     final_norm: bool
     steps: list[int]
+    #: None where the metric is undefined
     values: list[float | None]
+
+
+class Scores(TypedDict):
+    run: str
+    metric: str
+    series: list[Series]
 
 
 class Trend(TypedDict):
@@ -106,6 +116,119 @@ class Trend(TypedDict):
     values: list[float | None]
     #: steps with scores before downsampling
     n_steps: int
+
+
+class Heatmap(TypedDict):
+    run: str
+    metric: str
+    steps: list[int]
+    layers: list[int]
+    #: values[i][j]: layer layers[j] at step steps[i]
+    values: list[list[float | None]]
+    final_norm_layers: list[int]
+
+
+class Profile(TypedDict):
+    run: str
+    metric: str
+    steps: list[int]
+    layers: list[int]
+    #: values[i][j]: layer layers[j] at step steps[i]
+    values: list[list[float | None]]
+    final_norm_layers: list[int]
+    #: every step with scores of the metric
+    available_steps: list[int]
+
+
+class CompareRun(TypedDict):
+    run: str
+    phase: str
+    parent_run: str | None
+    parent_step: int | None
+    steps: list[int]
+    values: list[float | None]
+    n_steps: int
+
+
+class Compare(TypedDict):
+    metric: str
+    runs: list[CompareRun]
+
+
+class Webhook(TypedDict):
+    id: int
+    url: str
+    events: list[str]
+    #: None: every run's events
+    run: str | None
+    description: str
+    active: bool
+    created_at: str
+    #: whsec_...: only in the answer to the creation, else None
+    secret: str | None
+
+
+class Attempt(TypedDict):
+    attempted_at: str
+    status_code: int | None
+    error: str | None
+    duration_ms: float
+
+
+class Delivery(TypedDict):
+    id: str
+    webhook_id: int
+    event: str
+    status: str  # pending | succeeded | failed
+    attempts: int
+    next_attempt_at: str | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: str
+    finished_at: str | None
+    payload: dict[str, Any]
+    attempt_log: list[Attempt]
+
+
+class HookSource(TypedDict):
+    id: int
+    name: str
+    created_at: str
+    revoked_at: str | None
+    #: only in the answer to the creation, else None
+    secret: str | None
+    #: the object-key mapping of bucket notifications (None: signed hooks only)
+    prefix: str | None
+    pattern: str | None
+    markers: list[str] | None
+
+
+class AlertRule(TypedDict):
+    id: int
+    run: str
+    metric: str
+    #: None: the layer mean
+    layer: int | None
+    kind: str  # threshold | sigma
+    above: float | None
+    below: float | None
+    k: float | None
+    window: int | None
+    description: str
+    enabled: bool
+    created_at: str
+
+
+class AlertFiring(TypedDict):
+    id: int
+    rule_id: int
+    run: str
+    step: int
+    value: float
+    message: str
+    details: dict[str, Any]
+    job_id: str | None
+    created_at: str
 
 
 def _run(name: str) -> str:
@@ -317,16 +440,16 @@ class Client:
         params = {"dry_run": "true"} if dry_run else None
         return self._request("DELETE", f"/v1/runs/{_run(name)}", params=params).json()
 
-    def scores(self, run: str, *, metric: str = DEFAULT_METRIC, **params) -> dict:
-        """{"run", "metric", "series": [Series per layer]}; params: layer, from_step, to_step, max_points."""
+    def scores(self, run: str, *, metric: str = DEFAULT_METRIC, **params) -> Scores:
+        """One Series per layer; params: layer, from_step, to_step, max_points."""
         return self._request("GET", f"/v1/runs/{_run(run)}/scores", params={"metric": metric, **params}).json()
 
     def trend(self, run: str, *, metric: str = DEFAULT_METRIC, **params) -> Trend:
         """Layer mean per step; params: from_step, to_step, max_points."""
         return self._request("GET", f"/v1/runs/{_run(run)}/trend", params={"metric": metric, **params}).json()
 
-    def heatmap(self, run: str, *, metric: str = DEFAULT_METRIC, **params) -> dict:
-        """{"run", "metric", "steps", "layers", "values" (steps × layers)}; params: max_steps."""
+    def heatmap(self, run: str, *, metric: str = DEFAULT_METRIC, **params) -> Heatmap:
+        """steps × layers values; params: max_steps."""
         return self._request("GET", f"/v1/runs/{_run(run)}/heatmap", params={"metric": metric, **params}).json()
 
     def export(self, run: str, *, format: str = "csv", metric: str | None = None) -> bytes:
@@ -359,7 +482,7 @@ class Client:
             raise ServiceUnavailable(0, f"cannot reach layertrack at {self.url}: {e}") from None
         return n
 
-    def profile(self, run: str, *, metric: str = DEFAULT_METRIC, steps: list[int] | None = None) -> dict:
+    def profile(self, run: str, *, metric: str = DEFAULT_METRIC, steps: list[int] | None = None) -> Profile:
         """Per-layer values at the given steps (default: the last); lists ``available_steps``."""
         params = {"metric": metric, "step": steps or []}
         return self._request("GET", f"/v1/runs/{_run(run)}/profile", params=params).json()
@@ -374,21 +497,21 @@ class Client:
             params["log_x"] = "true"
         return self._request("GET", f"/v1/runs/{_run(run)}/{kind}/plot.{format}", params=params).content
 
-    def compare(self, runs: list[str], *, metric: str = DEFAULT_METRIC) -> dict:
+    def compare(self, runs: list[str], *, metric: str = DEFAULT_METRIC) -> Compare:
         return self._request("GET", "/v1/compare", params={"runs": ",".join(runs), "metric": metric}).json()
 
     # ---------------------------------------------------------------- webhooks out
     def create_webhook(self, url: str, *, events: list[str] | None = None, run: str | None = None,
-                       secret: str | None = None, description: str = "") -> dict:
+                       secret: str | None = None, description: str = "") -> Webhook:
         """Subscribe ``url``; the answer's ``secret`` (whsec_...) is shown only this once."""
         body = {"url": url, "run": run, "secret": secret, "description": description, "events": events}
         return self._request("POST", "/v1/webhooks", json={k: v for k, v in body.items() if v is not None}).json()
 
-    def webhooks(self) -> list[dict]:
+    def webhooks(self) -> list[Webhook]:
         return self._request("GET", "/v1/webhooks").json()
 
     def update_webhook(self, webhook_id: int, *, active: bool | None = None, events: list[str] | None = None,
-                       description: str | None = None) -> dict:
+                       description: str | None = None) -> Webhook:
         """Pause (``active=False``) or resume a subscription, or change its events or description."""
         body = {k: v for k, v in {"active": active, "events": events, "description": description}.items()
                 if v is not None}
@@ -398,24 +521,24 @@ class Client:
         self._request("DELETE", f"/v1/webhooks/{webhook_id}")
 
     def deliveries(self, webhook_id: int, *, status: str | None = None, event: str | None = None,
-                   limit: int = 100) -> list[dict]:
+                   limit: int = 100) -> list[Delivery]:
         """Deliveries, newest first, each with ``attempt_log`` (status code, error, duration)."""
         params = {k: v for k, v in {"status": status, "event": event, "limit": limit}.items() if v is not None}
         return self._request("GET", f"/v1/webhooks/{webhook_id}/deliveries", params=params).json()
 
-    def delivery(self, webhook_id: int, delivery_id: str) -> dict:
+    def delivery(self, webhook_id: int, delivery_id: str) -> Delivery:
         return self._request("GET", f"/v1/webhooks/{webhook_id}/deliveries/{delivery_id}").json()
 
-    def redeliver(self, webhook_id: int, delivery_id: str) -> dict:
+    def redeliver(self, webhook_id: int, delivery_id: str) -> Delivery:
         return self._request("POST", f"/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver").json()
 
-    def test_webhook(self, webhook_id: int) -> dict:
+    def test_webhook(self, webhook_id: int) -> Delivery:
         """Send a ``webhook.test`` event; returns its delivery."""
         return self._request("POST", f"/v1/webhooks/{webhook_id}/test").json()
 
     # ---------------------------------------------------------------- signed hooks in
     def create_hook_source(self, name: str, *, secret: str | None = None, prefix: str | None = None,
-                           pattern: str | None = None, markers: list[str] | None = None) -> dict:
+                           pattern: str | None = None, markers: list[str] | None = None) -> HookSource:
         """A sender of signed POST /v1/hooks/checkpoint requests; ``secret`` shown only once.
         With ``prefix`` (``s3://bucket/path/``), and optionally ``pattern`` (named groups
         ``run`` and ``step``) and ``markers`` (file names), it may also post bucket
@@ -423,28 +546,28 @@ class Client:
         body = {"name": name, "secret": secret, "prefix": prefix, "pattern": pattern, "markers": markers}
         return self._request("POST", "/v1/hook-sources", json={k: v for k, v in body.items() if v}).json()
 
-    def hook_sources(self) -> list[dict]:
+    def hook_sources(self) -> list[HookSource]:
         return self._request("GET", "/v1/hook-sources").json()
 
-    def revoke_hook_source(self, name: str) -> dict:
+    def revoke_hook_source(self, name: str) -> HookSource:
         return self._request("DELETE", f"/v1/hook-sources/{quote(name, safe='')}").json()
 
     # ---------------------------------------------------------------- trend alerts
     def create_alert(self, run: str, *, metric: str, kind: str, layer: int | None = None,
                      above: float | None = None, below: float | None = None, k: float | None = None,
-                     window: int | None = None, description: str = "") -> dict:
+                     window: int | None = None, description: str = "") -> AlertRule:
         """kind "threshold" (above/below) or "sigma" (k, window); layer None = the layer mean."""
         body = {"metric": metric, "kind": kind, "layer": layer, "above": above, "below": below, "k": k,
                 "window": window, "description": description}
         return self._request("POST", f"/v1/runs/{_run(run)}/alerts",
                              json={k_: v for k_, v in body.items() if v is not None}).json()
 
-    def alerts(self, run: str) -> list[dict]:
+    def alerts(self, run: str) -> list[AlertRule]:
         return self._request("GET", f"/v1/runs/{_run(run)}/alerts").json()
 
     def delete_alert(self, run: str, rule_id: int) -> None:
         self._request("DELETE", f"/v1/runs/{_run(run)}/alerts/{rule_id}")
 
-    def firings(self, run: str) -> list[dict]:
+    def firings(self, run: str) -> list[AlertFiring]:
         """Every firing of the run's alert rules, in step order."""
         return self._request("GET", f"/v1/runs/{_run(run)}/alerts/firings").json()

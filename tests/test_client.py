@@ -82,3 +82,154 @@ def test_connection_refused_is_retried_then_raised_clearly():
     with Client(url, "lt_x", retries=1) as c, pytest.raises(ServiceUnavailable) as e:
         c.runs()
     assert e.value.status == 0 and f"cannot reach layertrack at {url}" in e.value.detail
+
+
+# ------------------------------------------------------------------ the client's types are the API's
+def _pairs():
+    from layertrack.service import client, schemas
+
+    return [
+        (client.Job, schemas.JobOut), (client.RunInfo, schemas.RunOut), (client.RunDeletion, schemas.RunDeletionOut),
+        (client.Series, schemas.SeriesOut), (client.Scores, schemas.ScoresOut), (client.Trend, schemas.TrendOut),
+        (client.Heatmap, schemas.HeatmapOut), (client.Profile, schemas.ProfileOut),
+        (client.CompareRun, schemas.CompareRunOut), (client.Compare, schemas.CompareOut),
+        (client.Webhook, schemas.WebhookOut), (client.Attempt, schemas.AttemptOut),
+        (client.Delivery, schemas.DeliveryOut), (client.HookSource, schemas.HookSourceOut),
+        (client.AlertRule, schemas.AlertRuleOut), (client.AlertFiring, schemas.AlertFiringOut),
+    ]
+
+
+def _as_client_type(annotation, typed_of: dict):
+    """The type the client's TypedDict should give a response model's field: the same, with a
+    time as its ISO 8601 string and a nested model as its TypedDict."""
+    import datetime
+    import functools
+    import operator
+    import types
+    import typing
+
+    if annotation is datetime.datetime:
+        return str
+    if annotation in typed_of:
+        return typed_of[annotation]
+    args = typing.get_args(annotation)
+    if not args:
+        return annotation
+    mapped = tuple(_as_client_type(a, typed_of) for a in args)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return functools.reduce(operator.or_, mapped)
+    return typing.get_origin(annotation)[mapped]
+
+
+def test_every_typeddict_of_the_client_is_a_response_model_field_for_field():
+    import typing
+
+    from layertrack.service import client
+
+    pairs = _pairs()
+    typed_of = {model: typed for typed, model in pairs}
+    declared = {name for name, v in vars(client).items() if typing.is_typeddict(v)}
+    assert declared == {typed.__name__ for typed, _ in pairs}, "a TypedDict of the client has no response model here"
+    for typed, model in pairs:
+        hints = typing.get_type_hints(typed)
+        assert list(hints) == list(model.model_fields), typed.__name__  # the same keys, in the JSON's order
+        assert typed.__required_keys__ == set(hints), typed.__name__  # every key is in every answer
+        for name, field in model.model_fields.items():
+            assert hints[name] == _as_client_type(field.annotation, typed_of), f"{typed.__name__}.{name}"
+
+
+def _check(value, typed) -> None:
+    """``value`` has exactly ``typed``'s keys, and so do the TypedDicts nested in it."""
+    import typing
+
+    assert isinstance(value, dict) and set(value) == set(typing.get_type_hints(typed)), (typed.__name__, value)
+    for name, hint in typing.get_type_hints(typed).items():
+        inner = [a for a in typing.get_args(hint) if typing.is_typeddict(a)]
+        if inner and value[name] is not None:
+            for item in value[name]:
+                _check(item, inner[0])
+
+
+def _returns(method) -> tuple[object, bool]:
+    """The TypedDict a client method's annotation names, and whether it returns a list of them."""
+    import typing
+
+    hint = typing.get_type_hints(method).get("return")
+    if typing.get_origin(hint) is tuple:
+        hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def test_the_client_returns_exactly_the_declared_keys_from_the_real_app(tmp_path, checkpoints):
+    import inspect
+    import shutil
+    import typing
+
+    from layertrack.service.models import Delivery
+    from layertrack.workers.vocabulary import DEFAULT_METRIC, DeliveryStatus
+    from services import synthetic_run
+
+    db = f"sqlite:///{tmp_path / 'lt.db'}"
+    upgrade(db)
+    with session_scope(db) as s:
+        _row, token = create_token(s, "client-types")
+    roots = tmp_path / "roots"
+    ckpt = shutil.copytree(checkpoints("llama"), roots / "run-c" / "step-5")
+    settings = Settings(data_dir=tmp_path / "data", database_url=db, checkpoint_roots=str(roots), sweep_interval_s=0)
+    run = "org/typed"
+    seen: dict[str, object] = {}
+
+    with Client.for_app(create_app(settings), token) as c:
+        def call(name: str, *args, **kw):
+            value = getattr(c, name)(*args, **kw)
+            typed, many = _returns(getattr(Client, name))
+            got = value[0] if isinstance(value, tuple) else value
+            assert typing.is_typeddict(typed), name
+            for item in (got if many else [got]):
+                _check(item, typed)
+            if many:
+                assert got, f"{name} returned no items to check"
+            seen[name] = got
+            return got
+
+        jobs = synthetic_run(db, run, (10,), fingerprint="typed-", anisotropy=0.3,
+                             pair=lambda step: {"linearity": 0.9, "linearity_nores": 0.2, "cosine": 0.8,
+                                                "norm_ratio": 1.1})
+        rule = call("create_alert", run, metric="linearity_nores", kind="threshold", above=0.5)
+        hook = call("create_webhook", "http://8.8.8.8/typed", run=run)  # step 20's events are delivered to it
+        synthetic_run(db, run, (20,), fingerprint="typed-", anisotropy=0.3,
+                      pair=lambda step: {"linearity": 0.9, "linearity_nores": 0.8, "cosine": 0.8, "norm_ratio": 1.1})
+        call("job", jobs[0])
+        call("wait", jobs[0], timeout=5)  # succeeded: the first poll returns it
+        call("jobs", run=run)
+        job = call("submit", run="run-c", step=5, uri=str(ckpt))
+        call("submit_checked", run="run-c", step=5, uri=str(ckpt))
+        call("cancel", job["id"])
+        call("retry", job["id"])
+        call("runs")
+        call("run", run)
+        call("delete_run", run, dry_run=True)
+        assert call("scores", run)["metric"] == DEFAULT_METRIC
+        assert call("trend", run)["metric"] == DEFAULT_METRIC
+        assert call("heatmap", run)["metric"] == DEFAULT_METRIC
+        assert call("profile", run)["metric"] == DEFAULT_METRIC
+        assert call("compare", [run, "run-c"])["metric"] == DEFAULT_METRIC
+        call("webhooks")
+        call("update_webhook", hook["id"], active=False)
+        deliveries = call("deliveries", hook["id"])
+        call("delivery", hook["id"], deliveries[0]["id"])
+        with session_scope(db) as s:  # no webhook worker here: end the delivery as a worker would, then redeliver it
+            s.get(Delivery, deliveries[0]["id"]).status = DeliveryStatus.failed
+        call("redeliver", hook["id"], deliveries[0]["id"])
+        call("test_webhook", hook["id"])
+        call("create_hook_source", "typed-source", prefix="s3://bucket/runs/")
+        call("hook_sources")
+        call("revoke_hook_source", "typed-source")
+        call("alerts", run)
+        assert call("firings", run)[0]["rule_id"] == rule["id"]
+    # every method that returns JSON was called
+    returning = {name for name, m in vars(Client).items() if inspect.isfunction(m) and not name.startswith("_")
+                 and typing.is_typeddict(_returns(m)[0])}
+    assert returning == set(seen)
