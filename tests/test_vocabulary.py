@@ -79,3 +79,23 @@ def test_the_submitting_commands_have_every_option_and_leave_defaults_to_the_ser
     assert score_options(args) == given
     assert score_options(build_parser().parse_args([command, *argv])) == {}
     ScoreOptions.model_validate(given)  # what the CLI sends, the API takes
+
+
+def test_delivery_statuses_and_alert_kinds_are_the_vocabularys_enums():
+    import typing
+
+    from layertrack.service.schemas import AlertRuleIn, DeliveryOut, DeliveryStatusName
+    from layertrack.workers.vocabulary import AlertKind, DeliveryStatus
+
+    assert typing.get_args(DeliveryStatusName) == tuple(s.value for s in DeliveryStatus)
+    assert typing.get_args(AlertRuleIn.model_fields["kind"].annotation) == tuple(k.value for k in AlertKind)
+    [kind] = [a for a in _options(_alert_create()).values() if a.dest == "kind"]
+    assert tuple(kind.choices) == tuple(k.value for k in AlertKind)
+    # str enums: stored and sent as their plain values
+    assert DeliveryOut.model_fields["status"].annotation is str and DeliveryStatus.pending == "pending"
+    assert AlertRuleIn.model_validate({"metric": "cosine", "kind": AlertKind.sigma, "k": 2}).kind == "sigma"
+
+
+def _alert_create() -> argparse.ArgumentParser:
+    [sub] = [a for a in _command("alert")._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices["create"]
