@@ -23,6 +23,7 @@ from layertrack.workers import locations  # stdlib only: no store client
 from layertrack.workers.errors import CheckpointOutsideRoots, InvalidCheckpointURI
 from layertrack.workers.vocabulary import (
     BASE_METRICS,
+    LAYER_METRICS,
     PER_PAIR_METRICS,
     REPLACEABILITY_METRICS,
     SCORE_OPTIONS,
@@ -248,9 +249,10 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
                     rows.append(dict(job_id=job_id, run_id=job.run_id, step=step, layer=p["layer"], metric=m,
                                      value=_finite(p[m]), final_norm=bool(p.get("final_norm"))))
         for layer in result["layers"]:
-            if "anisotropy" in metrics:
-                rows.append(dict(job_id=job_id, run_id=job.run_id, step=step, layer=layer["layer"],
-                                 metric="anisotropy", value=_finite(layer["anisotropy"]), final_norm=False))
+            for m in metrics:
+                if m in LAYER_METRICS and m in layer:
+                    rows.append(dict(job_id=job_id, run_id=job.run_id, step=step, layer=layer["layer"],
+                                     metric=m, value=_finite(layer[m]), final_norm=False))
         if rows:
             s.execute(Score.__table__.insert(), rows)
         job.status = JobStatus.succeeded

@@ -33,7 +33,7 @@ def assert_matches_oracle(hs: list[torch.Tensor], **kwargs) -> engine.Scores:
     want = reference.score_pairs(hs)
     for metric in BASE_METRICS:
         for layer, (a, b) in enumerate(zip(got.metric(metric), want[metric], strict=True)):
-            assert abs(a - b) <= TOL, f"{metric} layer {layer}: engine {a!r} vs oracle {b!r}"
+            assert reference.agrees(metric, a, b, TOL), f"{metric} layer {layer}: engine {a!r} vs oracle {b!r}"
     return got
 
 
@@ -155,8 +155,8 @@ def test_layer_groups_cover_every_pair_once_and_fit_the_budget():
     assert groups == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert engine.plan_layer_groups(11, d, None) == [(0, 10)]
     assert engine.plan_layer_groups(11, d, 1) == [(i, i + 1) for i in range(10)]
-    # the documented formula: (2H − 1)·d² float64 numbers plus the vectors
-    assert engine.stats_bytes(33, 4096) == 65 * 4096 * 4096 * 8 + 8 * 4096 * 68
+    # the documented formula: (2H − 1)·d² float64 numbers plus the vectors and the |h| histograms
+    assert engine.stats_bytes(33, 4096) == 65 * 4096 * 4096 * 8 + 8 * 4096 * 68 + 8 * engine.MASSIVE_BINS * 33
 
 
 def test_group_by_group_accumulation_equals_one_group():
@@ -248,3 +248,34 @@ def test_block_triangular_gram_equals_the_full_product(blocks):
     assert [p.linearity for p in pairs] == pytest.approx(want["linearity"], abs=TOL)
     assert [p.linearity_nores for p in pairs] == pytest.approx(want["linearity_nores"], abs=TOL)
     assert [s.anisotropy for s in layers] == pytest.approx(want["anisotropy"], abs=TOL)
+
+
+def test_effective_rank_counts_the_directions_the_variance_spreads_over():
+    g = gen(31)
+    n, d = 4000, 24
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    # variance spread evenly over 6 orthogonal directions, nothing elsewhere: effective rank 6
+    six = (torch.randn(n, 6, generator=g, dtype=torch.float64) @ basis[:6]) * 3 + 7
+    spread = torch.randn(n, d, generator=g, dtype=torch.float64)  # about d
+    s = assert_matches_oracle([six, spread])
+    assert s.layers[0].effective_rank == pytest.approx(6, rel=0.05)
+    assert s.layers[1].effective_rank == pytest.approx(d, rel=0.05)
+
+
+def test_massive_activation_finds_the_dimension_and_its_ratio_to_the_median():
+    g = gen(32)
+    x = torch.randn(3000, 32, generator=g, dtype=torch.float64)
+    x[5, 17] = 400.0  # one massive entry (an attention-sink token's dimension 17)
+    y = x + 0.1 * torch.randn(3000, 32, generator=g, dtype=torch.float64)
+    stats = engine.StreamingStats(32, 0, 1)
+    for start in range(0, 3000, 700):  # in batches: the histogram and the max accumulate
+        stats.add(0, x[start:start + 700])
+        stats.add(1, y[start:start + 700])
+    _, layers = stats.scores()
+    assert layers[0].massive_dim == 17 and layers[1].massive_dim == 17
+    want = reference.massive_activation(x)
+    assert want > 500  # 400 over a median |N(0, 1)| of about 0.674
+    assert reference.agrees("massive_activation", layers[0].massive_activation, want, 0.0)
+    assert not reference.agrees("massive_activation", layers[0].massive_activation * 1.01, want, 0.0)
+    scores = engine.score_hidden_states([x, y])
+    assert scores.to_dict()["massive_dims"] == [17, 17]

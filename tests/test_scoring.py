@@ -42,7 +42,7 @@ def assert_close(result, want, tol=TOL):
         got = result.scores.metric(metric)
         assert len(got) == len(want[metric])
         for layer, (a, b) in enumerate(zip(got, want[metric], strict=True)):
-            assert abs(a - b) <= tol, f"{metric} layer {layer}: {a} vs oracle {b}"
+            assert reference.agrees(metric, a, b, tol), f"{metric} layer {layer}: {a} vs oracle {b}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

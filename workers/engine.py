@@ -10,7 +10,13 @@ the n probe tokens kept) and every consecutive pair X = h_i, Y = h_{i+1}:
     cosine           mean over tokens of cos(x_t, y_t)
     norm_ratio       ‖Y − X‖_F / ‖X‖_F
 
-and per hidden state i: ``anisotropy`` = λ_max(C_xx) / tr(C_xx).
+and per hidden state i, from the eigenvalues λ of C_xx and the entries of h_i:
+
+    anisotropy          λ_max / Σ λ
+    effective_rank      exp(−Σ p_k log p_k), p_k = λ_k / Σ λ
+    massive_activation  max |h| / median |h| over every entry (token × dimension); the
+                        median from a histogram of log₂|h| (MASSIVE_BINS_PER_OCTAVE bins per
+                        octave), within a relative MASSIVE_MEDIAN_RTOL of the exact one
 
 Nothing of size n is kept. Per hidden state the accumulator keeps a pivot p (the mean of
 the first batch), Σ(x − p) and Σ(x − p)(x − p)ᵀ; per pair, with D = Y − X formed token by
@@ -44,6 +50,14 @@ from .vocabulary import BASE_METRICS, LAYER_METRICS, MIN_TOKENS_PER_DIM, PAIR_ME
 #: round-off in an exactly rank-deficient Gram sits near 1e-16 · λ_max; real directions of
 #: hidden states sit far above 1e-12 · λ_max.
 RANK_RTOL = 1e-12
+#: the median |h| of ``massive_activation`` is read from a histogram of log₂|h| with this
+#: many bins per octave over [2^MASSIVE_LOG2_RANGE[0], 2^MASSIVE_LOG2_RANGE[1]) (values
+#: outside fall in the end bins; exact zeros have a bin of their own). The median is taken as
+#: the geometric middle of its bin: within MASSIVE_MEDIAN_RTOL of the exact median.
+MASSIVE_BINS_PER_OCTAVE = 256
+MASSIVE_LOG2_RANGE = (-32, 32)
+MASSIVE_BINS = (MASSIVE_LOG2_RANGE[1] - MASSIVE_LOG2_RANGE[0]) * MASSIVE_BINS_PER_OCTAVE + 1  # + the zeros' bin
+MASSIVE_MEDIAN_RTOL = 2 ** (1 / (2 * MASSIVE_BINS_PER_OCTAVE)) - 1  # 0.135 %
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,10 @@ class PairScores:
 class LayerScores:
     layer: int
     anisotropy: float
+    effective_rank: float = float("nan")
+    massive_activation: float = float("nan")
+    #: the dimension of the largest |h| (of ``massive_activation``)
+    massive_dim: int | None = None
 
 
 @dataclass
@@ -109,6 +127,8 @@ class Scores:
             "warnings": list(self.warnings),
             "pairs": [vars(p).copy() for p in self.pairs],
             "layers": [vars(s).copy() for s in self.layers],
+            #: per hidden state, the dimension of its largest |h| (massive_activation's)
+            "massive_dims": [s.massive_dim for s in self.layers],
         }
 
 
@@ -130,7 +150,7 @@ class LinearMap:
 
 def stats_bytes(n_hidden: int, d: int) -> int:
     """Bytes of float64 statistics for ``n_hidden`` consecutive hidden states of width d."""
-    return (2 * n_hidden - 1) * d * d * 8 + 8 * d * (2 * n_hidden + 2)
+    return (2 * n_hidden - 1) * d * d * 8 + 8 * d * (2 * n_hidden + 2) + 8 * MASSIVE_BINS * n_hidden
 
 
 def plan_layer_groups(n_hidden: int, d: int, budget_bytes: int | None) -> list[tuple[int, int]]:
@@ -194,6 +214,9 @@ class StreamingStats:
         self.sum_x = zeros(n_h, d)  # Σ (x − p)
         self.gram_x = [zeros(d, d) for _ in range(n_h)]  # Σ (x − p)(x − p)ᵀ
         self.sq_x = zeros(n_h)  # Σ ‖x‖²  (uncentred, for norm_ratio)
+        self.abs_max = zeros(n_h)  # max |x| over every entry, and where: flat index in the batch's (n_b, d)
+        self.abs_max_dim = [0] * n_h
+        self.abs_hist = torch.zeros(n_h, MASSIVE_BINS, device=self.device, dtype=torch.int64)  # of log₂|x|
         # per pair (index j = i − first, pair i → i + 1)
         self.pivot_d: list[torch.Tensor | None] = [None] * (n_h - 1)
         self.sum_d = zeros(n_h - 1, d)  # Σ (d − q)
@@ -235,6 +258,7 @@ class StreamingStats:
                 gram[s:e, s:].addmm_(xg[:, s:e].T, xg[:, s:])
             else:
                 gram[s:e, s:] += xg[:, s:e].T @ xg[:, s:]
+        self._abs_stats(j, x)
         norms = torch.linalg.vector_norm(x, dim=1)  # (n_b,) per-token norms, reused below
         self.sq_x[j] += torch.dot(norms, norms)
         if self._prev is not None:
@@ -292,6 +316,37 @@ class StreamingStats:
             self._prev = self._prev_c = self._prev_norms = None
             self._n_batch = None
 
+    def _abs_stats(self, j: int, x: torch.Tensor) -> None:
+        """Fold a batch of hidden state j into its max |x| and its histogram of log₂|x|."""
+        a = x.abs().view(-1)
+        if a.numel() == 0:
+            return
+        top = int(torch.argmax(a))
+        if float(a[top]) > float(self.abs_max[j]):
+            self.abs_max[j] = a[top]
+            self.abs_max_dim[j] = top % self.d
+        lo, hi = MASSIVE_LOG2_RANGE
+        bins = torch.log2(a).mul_(MASSIVE_BINS_PER_OCTAVE).floor_().clamp_(lo * MASSIVE_BINS_PER_OCTAVE,
+                                                                            hi * MASSIVE_BINS_PER_OCTAVE - 1)
+        index = (bins - lo * MASSIVE_BINS_PER_OCTAVE + 1).long()
+        index[a == 0] = 0
+        index.clamp_(0, MASSIVE_BINS - 1)  # (a NaN entry lands in the zeros' bin)
+        self.abs_hist[j] += torch.bincount(index, minlength=MASSIVE_BINS)
+
+    def _massive(self, j: int) -> float:
+        """max |x| / median |x| of hidden state j (the lower median, as torch.median takes it)."""
+        hist = self.abs_hist[j]
+        total = int(hist.sum())
+        if total == 0:
+            return float("nan")
+        rank = (total + 1) // 2  # the lower median is the rank-th smallest entry (1-based)
+        b = int(torch.searchsorted(torch.cumsum(hist, 0), torch.tensor(rank, device=hist.device)))
+        if b == 0:
+            return float("nan")  # half the entries are exactly zero: the ratio is undefined
+        lo = MASSIVE_LOG2_RANGE[0] * MASSIVE_BINS_PER_OCTAVE
+        median = 2.0 ** ((lo + b - 1 + 0.5) / MASSIVE_BINS_PER_OCTAVE)
+        return float(self.abs_max[j]) / median
+
     def _buffer(self, name: str, slot: int, n: int) -> torch.Tensor:
         """Work buffers reused from batch to batch (no allocator churn, flat peak memory)."""
         key = (name, slot)
@@ -343,7 +398,8 @@ class StreamingStats:
             lam, vec = torch.linalg.eigh(cxx)
             lam_max = float(lam[-1])
             anis = lam_max / traces[j] if traces[j] > 0 else float("nan")
-            layers.append(LayerScores(layer=self.first + j, anisotropy=anis))
+            layers.append(LayerScores(layer=self.first + j, anisotropy=anis, effective_rank=_effective_rank(lam),
+                                      massive_activation=self._massive(j), massive_dim=self.abs_max_dim[j]))
             if j < len(self.cross_xd):
                 pairs.append(self._solve_pair(j, cxx, lam, vec, traces[j + 1], config, fit_maps))
                 self.cross_xd[j] = None  # type: ignore[call-overload]
@@ -378,6 +434,16 @@ class StreamingStats:
             cosine=float(self.cos_sum[k]) / n,
             norm_ratio=math.sqrt(max(sq_d, 0.0) / sq_x) if sq_x > 0 else float("nan"),
         )
+
+
+def _effective_rank(lam: torch.Tensor) -> float:
+    """exp of the entropy of the normalised spectrum (round-off's negative eigenvalues as 0)."""
+    lam = lam.clamp_min(0)
+    total = float(lam.sum())
+    if not total > 0:
+        return float("nan")
+    p = lam[lam > 0] / total
+    return math.exp(-float((p * p.log()).sum()))
 
 
 def _explained(vk: torch.Tensor, lk: torch.Tensor, cxt: torch.Tensor, tr_tt: float) -> float:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .engine import RANK_RTOL
+from .engine import MASSIVE_MEDIAN_RTOL, RANK_RTOL
 from .vocabulary import LAYER_METRICS, PAIR_METRICS
 
 
@@ -60,6 +60,31 @@ def anisotropy(x: torch.Tensor) -> float:
     return float(s[0] ** 2 / s.square().sum())
 
 
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy) of the normalised squared singular values of the centred hidden states."""
+    x = x.to(torch.float64).cpu()
+    lam = torch.linalg.svdvals(x - x.mean(0, keepdim=True)).square()
+    p = lam[lam > 0] / lam.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def massive_activation(x: torch.Tensor) -> float:
+    """max |h| / median |h| over every entry, the median exact (torch's lower median)."""
+    a = x.to(torch.float64).cpu().abs().flatten()
+    return float(a.max() / a.median())
+
+
+#: the metrics the engine computes from a sketch rather than exactly, and the relative error
+#: the sketch allows against this oracle
+SKETCH_RTOL = {"massive_activation": MASSIVE_MEDIAN_RTOL}
+
+
+def agrees(metric: str, got: float, want: float, abs_tol: float) -> bool:
+    """Whether an engine value matches the oracle's: within ``abs_tol``, or, for a sketched
+    metric, within its documented relative error."""
+    return abs(got - want) <= abs_tol + SKETCH_RTOL.get(metric, 0.0) * abs(want)
+
+
 def score_pairs(hidden_states: Sequence[torch.Tensor], *, rank_rtol: float = RANK_RTOL) -> dict:
     """Every metric for every pair / hidden state, as {metric: [value per layer]}, keyed by the
     vocabulary's metric names (a name the oracle does not define fails with a KeyError)."""
@@ -73,7 +98,8 @@ def score_pairs(hidden_states: Sequence[torch.Tensor], *, rank_rtol: float = RAN
         }
         for x, y in itertools.pairwise(hs)
     ]
-    per_layer = [{"anisotropy": anisotropy(h)} for h in hs]
+    per_layer = [{"anisotropy": anisotropy(h), "effective_rank": effective_rank(h),
+                  "massive_activation": massive_activation(h)} for h in hs]
     out = {name: [p[name] for p in per_pair] for name in PAIR_METRICS}
     out.update({name: [s[name] for s in per_layer] for name in LAYER_METRICS})
     return out

@@ -15,7 +15,7 @@ import enum
 #: scores of the map from hidden state i to hidden state i+1, from the engine's statistics
 PAIR_METRICS = ("linearity", "linearity_nores", "cosine", "norm_ratio")
 #: scores of one hidden state
-LAYER_METRICS = ("anisotropy",)
+LAYER_METRICS = ("anisotropy", "effective_rank", "massive_activation")
 #: what every job measures unless the submission names fewer
 BASE_METRICS = PAIR_METRICS + LAYER_METRICS
 #: the pruning experiment of "Your Transformer is Secretly Linear" (arXiv 2405.12250), per
@@ -37,6 +37,8 @@ METRIC_LABELS = {
     "cosine": "cosine(h_i, h_i+1)",
     "norm_ratio": "‖h_i+1 − h_i‖ / ‖h_i‖",
     "anisotropy": "anisotropy (λ_max / trace)",
+    "effective_rank": "effective rank (exp entropy of the spectrum)",
+    "massive_activation": "massive activation (max |h| / median |h|)",
     "loss_delta_linear": "Δ loss, block → linear map (nats/token)",
     "loss_delta_drop": "Δ loss, block dropped (nats/token)",
 }
@@ -49,6 +51,8 @@ METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
     "cosine": (-1.0, 1.0),
     "norm_ratio": (0.0, None),
     "anisotropy": (0.0, 1.0),
+    "effective_rank": (1.0, None),
+    "massive_activation": (1.0, None),
     "loss_delta_linear": (None, None),
     "loss_delta_drop": (None, None),
 }

@@ -21,7 +21,8 @@ def _compute_side_missing(e: ImportError, extra: str) -> CliError:
 
 
 def render_table(result: dict[str, Any]) -> str:
-    """The score table: one row per block i → i+1 (and per hidden state for anisotropy)."""
+    """The score table: one row per block i → i+1 (and per hidden state for anisotropy,
+    effective rank and massive activation)."""
     pairs = {p["layer"]: p for p in result["pairs"]}
     layers = {s["layer"]: s for s in result["layers"]}
     holdout = result.get("holdout")
@@ -31,7 +32,8 @@ def render_table(result: dict[str, Any]) -> str:
         f"n_tokens {result['n_tokens']}  chance {result['chance']:.4f}  "
         f"seq_len {result['seq_len']}  probe {result['probe_name']} ({result['probe_sha256'][:12]})",
         "",
-        f"{'layer':>7} {'linearity':>10} {'lin_nores':>10} {'cosine':>10} {'norm_ratio':>10} {'anisotropy':>10}"
+        f"{'layer':>7} {'linearity':>10} {'lin_nores':>10} {'cosine':>10} {'norm_ratio':>10} {'anisotropy':>10} "
+        f"{'eff_rank':>10} {'massive':>10}"
         + (f" {'Δloss_lin':>10} {'Δloss_drop':>10}" if holdout else ""),
     ]
     flagged = False
@@ -43,7 +45,8 @@ def render_table(result: dict[str, Any]) -> str:
         label = f"{i}->{i + 1}" if p else f"{i}"
         lines.append(
             f"{label:>7} {fmt(p and p['linearity'])} {fmt(p and p['linearity_nores'])} "
-            f"{fmt(p and p['cosine'])} {fmt(p and p['norm_ratio'])} {fmt(layers[i]['anisotropy'])}"
+            f"{fmt(p and p['cosine'])} {fmt(p and p['norm_ratio'])} {fmt(layers[i]['anisotropy'])} "
+            f"{fmt(layers[i].get('effective_rank'))} {fmt(layers[i].get('massive_activation'))}"
             + (f" {fmt(p and p['loss_delta_linear'])} {fmt(p and p['loss_delta_drop'])}" if holdout else "")
             + mark
         )
