@@ -35,6 +35,8 @@ side can use the codes too.
     │   │                                                                 carries no architecture)
     │   ├── MappingIncomplete         code "mapping_incomplete"         (its tensors do not fill the
     │   │                                                                 architecture exactly)
+    │   ├── CheckpointsDiffer         code "checkpoints_differ"         (two checkpoints compared are
+    │   │                                                                 not the same architecture)
     │   ├── NotACausalLM              code "not_a_causal_lm"
     │   └── TokenizerMissing          code "tokenizer_missing"
     ├── ProbeError                    code "invalid_probe"
@@ -158,6 +160,10 @@ class ArchitectureMissing(CheckpointError):
 
 class MappingIncomplete(CheckpointError):
     code = "mapping_incomplete"
+
+
+class CheckpointsDiffer(CheckpointError):
+    code = "checkpoints_differ"
 
 
 class NotACausalLM(CheckpointError):

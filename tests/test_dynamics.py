@@ -1,0 +1,66 @@
+"""weight_update between two checkpoints (workers/dynamics.py) against an oracle that loads
+both state dicts whole and computes the norms in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from layertrack.workers import dynamics
+from layertrack.workers.errors import CheckpointsDiffer
+from safetensors.torch import load_file
+from tiny_models import build_checkpoint
+
+
+def oracle(current, previous, prefix: str, kinds: dict[str, str]) -> dict[int, dict[str, float]]:
+    a = {k: v.to(torch.float64) for k, v in load_file(current / "model.safetensors").items()}
+    b = {k: v.to(torch.float64) for k, v in load_file(previous / "model.safetensors").items()}
+    out: dict[int, dict[str, float]] = {}
+    blocks = sorted({int(k[len(prefix):].split(".")[0]) for k in a if k.startswith(prefix)})
+    for i in blocks:
+        names = [k for k in a if k.startswith(f"{prefix}{i}.")]
+
+        def ratio(chosen):
+            delta = sum(float((a[k] - b[k]).square().sum()) for k in chosen)
+            return math.sqrt(delta / sum(float(b[k].square().sum()) for k in chosen))
+
+        out[i] = {"total": ratio(names)}
+        for kind, marker in kinds.items():
+            out[i][kind] = ratio([k for k in names if marker in k])
+    return out
+
+
+@pytest.mark.parametrize("family, prefix, kinds", [
+    ("llama", "model.layers.", {"attention": ".self_attn.", "mlp": ".mlp.", "norm": "layernorm"}),
+    ("gpt2", "transformer.h.", {"attention": ".attn.", "mlp": ".mlp.", "norm": ".ln_"}),
+])
+def test_weight_update_per_block_and_kind_matches_the_oracle(tmp_path, tokenizer, family, prefix, kinds):
+    previous = build_checkpoint(tmp_path / "prev", family, tokenizer, seed=0)
+    current = build_checkpoint(tmp_path / "now", family, tokenizer, seed=0)
+    state = load_file(current / "model.safetensors")  # a "training step": block 1 moves, block 0 barely
+    g = torch.Generator().manual_seed(5)
+    for name, t in state.items():
+        scale = 0.3 if f"{prefix}1." in name else 1e-3 if f"{prefix}0." in name else 0.0
+        state[name] = t + scale * torch.randn(t.shape, generator=g) * t.std().nan_to_num(1.0).clamp_min(1e-3)
+    from safetensors.torch import save_file
+
+    save_file(state, str(current / "model.safetensors"), metadata={"format": "pt"})
+    got = dynamics.weight_updates(current, previous)
+    want = oracle(current, previous, prefix, kinds)
+    assert [u.block for u in got] == sorted(want)
+    for u in got:
+        assert u.weight_update == pytest.approx(want[u.block]["total"], rel=1e-12), u.block
+        assert set(u.kinds) == set(kinds)
+        for kind in kinds:
+            assert u.kinds[kind] == pytest.approx(want[u.block][kind], rel=1e-12), (u.block, kind)
+    assert got[0].weight_update < 0.01 < got[1].weight_update
+    assert got[2].weight_update == 0.0
+
+
+def test_the_same_checkpoint_has_not_moved_and_another_architecture_is_refused(tmp_path, tokenizer):
+    a = build_checkpoint(tmp_path / "a", "llama", tokenizer, seed=0)
+    assert all(u.weight_update == 0.0 for u in dynamics.weight_updates(a, a))
+    wider = build_checkpoint(tmp_path / "b", "llama", tokenizer, seed=0, hidden=48)
+    with pytest.raises(CheckpointsDiffer, match="not the same architecture"):
+        dynamics.weight_updates(a, wider)
