@@ -64,3 +64,30 @@ def test_the_same_checkpoint_has_not_moved_and_another_architecture_is_refused(t
     wider = build_checkpoint(tmp_path / "b", "llama", tokenizer, seed=0, hidden=48)
     with pytest.raises(CheckpointsDiffer, match="not the same architecture"):
         dynamics.weight_updates(a, wider)
+
+
+def _drift(x, y, batch: int) -> list[float]:
+    stats = dynamics.DriftStats(x[0].shape[1], len(x))
+    for start in range(0, x[0].shape[0], batch):
+        for i, (a, b) in enumerate(zip(x, y, strict=True)):
+            stats.add(i, a[start:start + batch], b[start:start + batch])
+    return stats.drift()
+
+
+def test_drift_cka_streamed_in_batches_matches_the_oracle_and_its_invariances():
+    from layertrack.workers import reference
+
+    g = torch.Generator().manual_seed(41)
+    n, d = 2000, 24
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 3 + 5
+    rotation = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    same_up_to_rotation = 7 * x @ rotation - 2  # rotated, scaled, shifted: CKA 1, no drift
+    partly = x + 2.0 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    unrelated = torch.randn(n, d, generator=g, dtype=torch.float64)
+    xs = [x, x, x]
+    ys = [same_up_to_rotation, partly, unrelated]
+    got = _drift(xs, ys, batch=300)
+    want = [reference.drift_cka(a, b) for a, b in zip(xs, ys, strict=True)]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert abs(got[0]) < 1e-12 and 0.05 < got[1] < 0.9 and got[2] > 0.9
+    assert _drift(xs, ys, batch=n) == pytest.approx(got, abs=1e-12)  # batching does not matter

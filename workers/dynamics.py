@@ -94,3 +94,66 @@ def weight_updates(current: Path, previous: Path) -> list[BlockUpdate]:
                         kinds={k: _ratio(*v) for k, v in sorted(sums[i].items())})
             for i in sorted(sums)]
 
+
+
+class DriftStats:
+    """Streamed statistics of ``drift_cka`` for hidden states 0 … n_hidden−1: per hidden state
+    i, with X its tokens' values in this checkpoint and Y in the earlier one (the same probe
+    tokens, batch by batch), Σx̃, Σỹ, Σx̃x̃ᵀ, Σỹỹᵀ and Σx̃ỹᵀ in float64 (x̃, ỹ minus a pivot,
+    the first batch's mean), so that
+
+        drift_cka = 1 − ‖C_xy‖²_F / (‖C_xx‖_F · ‖C_yy‖_F)
+
+    with C the centred cross- and auto-Grams is exact without keeping a hidden state: 0 when
+    the layer's representation is unchanged up to rotation and scale, towards 1 when it
+    changed completely. 3·d² float64 numbers per hidden state (``bytes``)."""
+
+    def __init__(self, d: int, n_hidden: int, *, device: torch.device | str = "cpu"):
+        self.d, self.n_hidden = d, n_hidden
+        z = {"device": torch.device(device), "dtype": torch.float64}
+        self.n = [0] * n_hidden
+        self.pivots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_hidden
+        self.sum_x = torch.zeros(n_hidden, d, **z)
+        self.sum_y = torch.zeros(n_hidden, d, **z)
+        self.gram_x = [torch.zeros(d, d, **z) for _ in range(n_hidden)]
+        self.gram_y = [torch.zeros(d, d, **z) for _ in range(n_hidden)]
+        self.cross = [torch.zeros(d, d, **z) for _ in range(n_hidden)]
+
+    @staticmethod
+    def bytes(d: int, n_hidden: int) -> int:
+        return n_hidden * (3 * d * d + 2 * d) * 8
+
+    def add(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Fold one batch of hidden state i: ``x`` (this checkpoint) and ``y`` (the earlier one),
+        each (n_b, d) over the same tokens in the same order."""
+        if x.shape != y.shape or x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"expected two (n, {self.d}) tensors over the same tokens, got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
+        x64 = x.to(device=self.sum_x.device, dtype=torch.float64)
+        y64 = y.to(device=self.sum_x.device, dtype=torch.float64)
+        if self.pivots[i] is None:
+            self.pivots[i] = (x64.mean(0), y64.mean(0))
+        px, py = self.pivots[i]
+        xc, yc = x64 - px, y64 - py
+        self.sum_x[i] += xc.sum(0)
+        self.sum_y[i] += yc.sum(0)
+        self.gram_x[i].addmm_(xc.T, xc)
+        self.gram_y[i].addmm_(yc.T, yc)
+        self.cross[i].addmm_(xc.T, yc)
+        self.n[i] += x.shape[0]
+
+    def drift(self) -> list[float]:
+        """drift_cka of every hidden state (NaN where a hidden state does not vary)."""
+        out = []
+        for i in range(self.n_hidden):
+            n = self.n[i]
+            if n < 2:
+                out.append(float("nan"))
+                continue
+            sx, sy = self.sum_x[i], self.sum_y[i]
+            cxx = self.gram_x[i] - torch.outer(sx, sx) / n
+            cyy = self.gram_y[i] - torch.outer(sy, sy) / n
+            cxy = self.cross[i] - torch.outer(sx, sy) / n
+            denom = float(torch.linalg.matrix_norm(cxx) * torch.linalg.matrix_norm(cyy))
+            out.append(1.0 - float(cxy.square().sum()) / denom if denom > 0 else float("nan"))
+        return out

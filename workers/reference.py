@@ -74,6 +74,16 @@ def massive_activation(x: torch.Tensor) -> float:
     return float(a.max() / a.median())
 
 
+def drift_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 − linear CKA of two (n, d) hidden states over the same tokens, from the centred
+    matrices themselves: ‖X̃ᵀỸ‖²_F / (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F)."""
+    x, y = x.to(torch.float64).cpu(), y.to(torch.float64).cpu()
+    xc, yc = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
+    cka = torch.linalg.matrix_norm(xc.T @ yc) ** 2 / (torch.linalg.matrix_norm(xc.T @ xc)
+                                                      * torch.linalg.matrix_norm(yc.T @ yc))
+    return float(1 - cka)
+
+
 #: the metrics the engine computes from a sketch rather than exactly, and the relative error
 #: the sketch allows against this oracle
 SKETCH_RTOL = {"massive_activation": MASSIVE_MEDIAN_RTOL}
