@@ -91,7 +91,8 @@ def test_job_succeeded_arrives_signed_with_a_summary_of_scores(live, receiver, t
         blocks = [p.linearity_nores for p in want.pairs if not p.final_norm]
         assert data["scores"]["linearity_nores"]["mean"] == pytest.approx(sum(blocks) / len(blocks), abs=1e-9)
         assert data["scores"]["linearity_nores"]["max"] == pytest.approx(max(blocks), abs=1e-9)
-        assert set(data["scores"]) == {"linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy"}
+        assert set(data["scores"]) == {"linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy",
+                                       "effective_rank", "massive_activation"}
         delivery = c.delivery(everything["id"], h["webhook-id"])
         assert delivery["status"] == "succeeded" and [a["status_code"] for a in delivery["attempt_log"]] == [200]
 
