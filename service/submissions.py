@@ -19,7 +19,7 @@ from layertrack.workers import locations  # stdlib only: no store client
 from layertrack.workers.errors import LayertrackError
 from layertrack.workers.probe import default_probe
 from layertrack.workers.vocabulary import DEFAULT_PROBE, REPLACEABILITY_METRICS, JobStatus, Phase
-from sqlalchemy import and_, select
+from sqlalchemy import and_, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -88,19 +88,24 @@ def _parent_row(session: Session, sub: Submission) -> Run | None:
     return parent
 
 
+#: built once (SQLAlchemy caches its compiled form; building it again costs each submission)
+_STORED = (
+    select(Run, Checkpoint, Job)
+    .outerjoin(Checkpoint, and_(Checkpoint.run_id == Run.id, Checkpoint.step == bindparam("step"),
+                                Checkpoint.fingerprint == bindparam("fingerprint")))
+    .outerjoin(Job, and_(Job.checkpoint_id == Checkpoint.id, Job.probe_id == bindparam("probe_id"),
+                         Job.config_hash == bindparam("config_hash")))
+    .where(Run.name == bindparam("run"))
+)
+
+
 def _stored(session: Session, sub: Submission, probe_id: int, config_hash: str
             ) -> tuple[Run | None, Checkpoint | None, Job | None]:
     """The run, the same checkpoint of it and the same job of that, as stored (None for each
     not stored): one query. At most one row: a run's checkpoint is unique by (step,
     fingerprint), a checkpoint's job by (probe, config hash)."""
-    row = session.execute(
-        select(Run, Checkpoint, Job)
-        .outerjoin(Checkpoint, and_(Checkpoint.run_id == Run.id, Checkpoint.step == sub.step,
-                                    Checkpoint.fingerprint == sub.fingerprint))
-        .outerjoin(Job, and_(Job.checkpoint_id == Checkpoint.id, Job.probe_id == probe_id,
-                             Job.config_hash == config_hash))
-        .where(Run.name == sub.run)
-    ).first()
+    row = session.execute(_STORED, {"run": sub.run, "step": sub.step, "fingerprint": sub.fingerprint,
+                                    "probe_id": probe_id, "config_hash": config_hash}).first()
     return (None, None, None) if row is None else (row[0], row[1], row[2])
 
 

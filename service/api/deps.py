@@ -59,14 +59,17 @@ async def settings_dep(request: Request) -> Settings:  # async: no thread hop
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
 
 
-async def session_dep(settings: SettingsDep) -> AsyncIterator[Session]:
+async def session_dep(request: Request) -> AsyncIterator[Session]:
     """A database session for the request, closed after it. Writes are committed by the
-    service functions that make them (jobs, webhooks, hooks, alerts), never by a route.
+    service functions that make them (jobs, webhooks, hooks, alerts), never by a route. It
+    carries the app's settings (``session.info["settings"]``), read here rather than through
+    ``settings_dep``: every dependency FastAPI resolves costs time on each request.
 
     Async, so that it costs no thread hop: making a session does no I/O (it connects when
     first used), and neither does closing one that holds no transaction (a committed
     submission); one that does (a read) is closed in a thread, since its rollback is a round
     trip, shielded from cancellation so that its connection always goes back to the pool."""
+    settings: Settings = request.app.state.settings
     session = get_sessionmaker(settings.db_url)()
     session.info["settings"] = settings
     try:
@@ -82,11 +85,15 @@ async def session_dep(settings: SettingsDep) -> AsyncIterator[Session]:
 
 SessionDep = Annotated[Session, Depends(session_dep)]
 
-async def current_caller(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> auth.Caller:
-    """The owner of the request's bearer token; 401 when it is missing, malformed or revoked
-    (the messages RequireBearer gives when it answers first). A token verified in the last
-    ``auth.CACHE_SECONDS`` is answered on the event loop; any other is looked up in a
-    thread."""
+async def _caller(session: Session, authorization: str | None) -> auth.Caller:
+    """The caller of the request's Authorization header, bound to the request's session
+    (``auth.bind``), which keeps it for the other checks of the same request; 401 when the
+    token is missing, malformed or revoked (the messages RequireBearer gives when it answers
+    first). A token verified in the last ``auth.CACHE_SECONDS`` is answered on the event loop;
+    any other is looked up in a thread."""
+    known = session.info.get(auth.CALLER_KEY)
+    if known is not None:  # checked already in this request (the session is the request's)
+        return known
     if not authorization:
         raise Problem(401, "Unauthorized", MISSING, CHALLENGE)
     scheme, _, token = authorization.partition(" ")
@@ -100,6 +107,18 @@ async def current_caller(session: SessionDep, authorization: Annotated[str | Non
         raise Problem(401, "Unauthorized", UNKNOWN, CHALLENGE)
     auth.bind(session, caller)
     return caller
+
+
+async def current_caller(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> auth.Caller:
+    """The owner of the request's bearer token (any valid token); 401 when it is missing,
+    malformed or revoked."""
+    return await _caller(session, authorization)
+
+
+async def request_caller(request: Request, session: Session) -> auth.Caller:
+    """``current_caller`` for the scope checks below, which take the header from the request
+    themselves rather than through one more dependency."""
+    return await _caller(session, request.headers.get("authorization"))
 
 
 CurrentCaller = Annotated[auth.Caller, Depends(current_caller)]
@@ -154,7 +173,8 @@ def require(scope: str, *, every_run: bool = False):
     patterns (``every_run``: the route reaches every run, so a token limited to runs is
     refused). A ``read`` leaves other runs out of what the session reads."""
 
-    async def dependency(request: Request, session: SessionDep, caller: CurrentCaller) -> auth.Caller:
+    async def dependency(request: Request, session: SessionDep) -> auth.Caller:
+        caller = await request_caller(request, session)
         if not caller.has(scope):
             raise missing_scope(caller, scope, _what(request))
         if every_run and caller.limited:
@@ -183,9 +203,10 @@ def _check_job_run(caller: auth.Caller, job: Job) -> None:
         raise outside_runs(caller, f"the run of job {job.id}")
 
 
-async def job_read(request: Request, session: SessionDep, caller: CurrentCaller) -> auth.Caller:
+async def job_read(request: Request, session: SessionDep) -> auth.Caller:
     """Reading a job or the job list: ``read`` (every job of the token's runs), or ``submit``
     (the jobs this token submitted)."""
+    caller = await request_caller(request, session)
     if not (caller.has(READ) or caller.has(SUBMIT)):
         raise missing_scope(caller, READ, _what(request))
     for name in await runs_named(request):
@@ -200,9 +221,10 @@ async def job_read(request: Request, session: SessionDep, caller: CurrentCaller)
     return caller
 
 
-async def job_change(request: Request, session: SessionDep, caller: CurrentCaller) -> auth.Caller:
+async def job_change(request: Request, session: SessionDep) -> auth.Caller:
     """Cancelling or retrying a job: ``submit``, and the job is the token's own unless the
     token is also ``admin``."""
+    caller = await request_caller(request, session)
     if not caller.has(SUBMIT):
         raise missing_scope(caller, SUBMIT, _what(request))
     job = await asyncio.to_thread(_path_job, request, session)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from ... import submissions
 from ...schemas import CheckpointIn, JobOut
 from ...settings import Settings
-from ..deps import SessionDep, SettingsDep, submit_scope
+from ..deps import SessionDep, submit_scope
 from ..replies import accepted
 
 router = APIRouter(prefix="/v1", tags=["checkpoints"], dependencies=[Depends(submit_scope)])
@@ -23,12 +23,13 @@ async def submit_checkpoint(
     body: CheckpointIn,
     response: Response,
     session: SessionDep,
-    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
     """Queue a checkpoint for scoring; the same checkpoint again returns the existing job (200)."""
     # async, with the work (file checks, database, broker) in one worker thread: a sync route
-    # would also hop to a thread to check its own answer against JobOut
+    # would also hop to a thread to check its own answer against JobOut. The settings come
+    # with the session (one dependency less to resolve per request).
+    settings: Settings = session.info["settings"]
     return await anyio.to_thread.run_sync(_submit, body, response, session, settings, idempotency_key)
 
 
