@@ -128,14 +128,7 @@ class Heatmap(TypedDict):
     final_norm_layers: list[int]
 
 
-class Profile(TypedDict):
-    run: str
-    metric: str
-    steps: list[int]
-    layers: list[int]
-    #: values[i][j]: layer layers[j] at step steps[i]
-    values: list[list[float | None]]
-    final_norm_layers: list[int]
+class Profile(Heatmap):
     #: every step with scores of the metric
     available_steps: list[int]
 

@@ -346,16 +346,10 @@ class HeatmapOut(BaseModel):
     final_norm_layers: list[int]
 
 
-class ProfileOut(BaseModel):
-    """``GET /v1/runs/{run}/profile``: ``values[i][j]`` is layer ``layers[j]`` at step ``steps[i]``;
+class ProfileOut(HeatmapOut):
+    """``GET /v1/runs/{run}/profile``: the heatmap's fields for the steps asked for, and
     ``available_steps``: every step with scores of the metric."""
 
-    run: str
-    metric: str
-    steps: list[int]
-    layers: list[int]
-    values: list[list[Value]]
-    final_norm_layers: list[int]
     available_steps: list[int]
 
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointUnreadable, FormatUnsupported, MalformedWeights, PickleRefused
+from ..errors import FormatUnsupported, MalformedWeights, PickleRefused
+from .files import read_range
 from .pickles import restricted_loads
 
 #: the commit marker: DCP writes it after every data file
@@ -183,20 +183,7 @@ def read_metadata(directory: Path) -> DcpIndex:
 
 def local_ranges(directory: Path) -> ReadRange:
     """A :data:`ReadRange` over the files of a local checkpoint directory."""
-
-    def read(file: str, offset: int, length: int) -> bytes:
-        path = directory / file
-        try:
-            with open(path, "rb") as f:
-                data = os.pread(f.fileno(), length, offset)
-        except OSError as e:
-            raise CheckpointUnreadable(f"{str(path)!r} cannot be read ({e.strerror or e}); check that the checkpoint "
-                                       "is complete and readable by the worker") from None
-        if len(data) != length:
-            raise _malformed(repr(str(path)), f"{length} bytes expected at offset {offset}, {len(data)} there")
-        return data
-
-    return read
+    return lambda file, offset, length: read_range(directory / file, offset, length)
 
 
 def _decode(raw: bytes, chunk: Chunk, dtype, shown: str):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointUnreadable, FileTooLarge, FormatUnsupported, MalformedWeights
+from .files import read_range
 from .pickles import restricted_loads
 
 #: the most bytes of ``data.pkl`` read (a 70B model's state dict with optimizer: a few MiB)
@@ -161,25 +162,11 @@ def _malformed(shown: str, why: str) -> MalformedWeights:
 
 def local_reader(path: Path) -> tuple[ReadAt, int]:
     """A :data:`ReadAt` over a local file, and the file's size."""
-    import os
-
     try:
         size = path.stat().st_size
     except OSError as e:
         raise CheckpointUnreadable(f"{str(path)!r} cannot be read ({e.strerror or e})") from None
-
-    def read_at(offset: int, length: int) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                data = os.pread(f.fileno(), length, offset)
-        except OSError as e:
-            raise CheckpointUnreadable(f"{str(path)!r} cannot be read ({e.strerror or e}); check that it is "
-                                       "complete and readable by the worker") from None
-        if len(data) != length:
-            raise _malformed(repr(str(path)), f"{length} bytes expected at offset {offset}, {len(data)} there")
-        return data
-
-    return read_at, size
+    return (lambda offset, length: read_range(path, offset, length)), size
 
 
 def _walk(node: Any, prefix: str, found: dict[str, _Lazy]) -> Any:
