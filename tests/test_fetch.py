@@ -4,6 +4,7 @@ checkpoint at once, and cut or corrupted transfers never taken for complete file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -338,3 +339,55 @@ def test_usage_never_misses_a_download_renamed_while_it_counts(tmp_path, monkeyp
     monkeypatch.undo()
     assert cache.usage() == size  # quiet: exact
     cache.release(fetched["dir"])
+
+
+def test_a_lock_not_taken_never_closes_a_descriptor_twice(tmp_path, monkeypatch):
+    """``_flock(blocking=False)`` on a lock held elsewhere closes its descriptor and yields
+    None. When the with-body then raises, the descriptor may not be closed a second time: by
+    then its number may be another thread's open file (a lock whose flock would silently go,
+    a part being written). The body opens a file, which takes that lowest free number, and
+    raises; every close the lock makes in this thread is recorded."""
+    import fcntl
+    import threading
+
+    from layertrack.workers.fetch import _flock
+
+    lock = tmp_path / "entry.lock"
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # held elsewhere
+    other = tmp_path / "other"
+    other.write_bytes(b"another thread's file")
+    me = threading.get_ident()
+    opened: list[int] = []
+    closed: list[int] = []
+    real_open, real_close = os.open, os.close
+
+    def recording_open(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        if threading.get_ident() == me:
+            opened.append(fd)
+        return fd
+
+    def recording_close(fd):
+        if threading.get_ident() == me:
+            closed.append(fd)
+        return real_close(fd)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "close", recording_close)
+    reused = None
+    try:
+        with pytest.raises(RuntimeError, match="the body failed"), _flock(lock, blocking=False) as fd:
+            assert fd is None
+            (number,) = opened
+            reused = real_open(other, os.O_RDONLY)  # the number just closed, most likely
+            raise RuntimeError("the body failed")
+    finally:
+        monkeypatch.undo()
+    try:
+        assert closed == [number], f"the lock closed {closed} (its descriptor was {number})"
+        assert os.fstat(reused).st_ino == other.stat().st_ino  # the other file is still open
+    finally:
+        with contextlib.suppress(OSError):  # closed already when the lock closed it
+            os.close(reused)
+        os.close(holder)

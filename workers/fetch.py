@@ -67,32 +67,36 @@ def _flock(path: Path, exclusive: bool = True, blocking: bool = True) -> Iterato
     """Hold an flock on ``path`` (created if missing); yields the fd, or None when not
     blocking and the lock is held elsewhere. Retries when the file was replaced or removed
     between opening and locking it (so that removing a lock file is safe)."""
+    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
-            try:
-                fcntl.flock(fd, mode)
-            except BlockingIOError:
-                os.close(fd)
-                yield None
-                return
+            fcntl.flock(fd, mode)
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
-            if not same:
-                os.close(fd)
-                continue
+        except BlockingIOError:
+            os.close(fd)
+            held_elsewhere = True
+            break
         except BaseException:
             with contextlib.suppress(OSError):
                 os.close(fd)
             raise
-        try:
-            yield fd
-        finally:
-            os.close(fd)
+        if same:
+            held_elsewhere = False
+            break
+        os.close(fd)  # replaced or removed meanwhile: lock the file now at ``path``
+    # the yields are outside the blocks that close ``fd``: a with-body that raises never has a
+    # descriptor closed twice (by then its number may be another thread's file, or lock)
+    if held_elsewhere:
+        yield None
         return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class _Progress:
