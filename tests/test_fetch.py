@@ -79,19 +79,60 @@ def test_fetch_s3_byte_for_byte_then_cache_hit(s3_env, tiny_sharded, tmp_path):
     assert len(_entries(cache.root)) == len(files)  # the entries stay for the next hit
 
 
-def test_eviction_under_the_cap(s3_env, tiny_single, tiny_sharded, tmp_path):
+def _cache_report(cache: Cache, names: dict[str, str], caplog) -> str:
+    """The cache's state for an assertion's message: every entry (whose file it is, size,
+    mtime, links, whether its lock is held now), the parts, the checkouts, this process's
+    descriptors into the cache, and the eviction decisions logged (debug) so far."""
+    import fcntl
+
+    def lock_state(eid: str) -> str:
+        try:
+            fd = os.open(cache.root / "locks" / f"{eid}.lock", os.O_RDWR)
+        except FileNotFoundError:
+            return "no lock file"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return "lock free"
+        except BlockingIOError:
+            return "LOCK HELD"
+        finally:
+            os.close(fd)
+
+    lines = [f"usage {cache.usage():,} of cap {cache.max_bytes:,}; entries (oldest first):"]
+    for path, size, mtime, nlink in sorted(cache._entries(), key=lambda e: e[2]):
+        lines.append(f"  {names.get(path.name, '?'):45} {size:>8} mtime {mtime:.6f} links {nlink} "
+                     f"{lock_state(path.name)}")
+    lines.append(f"parts: {[(p.name, p.stat().st_size) for p in cache._parts()]}")
+    lines.append(f"checkouts: {sorted(p.name for p in (cache.root / 'checkouts').iterdir())}; held {list(cache._held)}")
+    fds = []
+    for n in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{n}")
+            if target.startswith(str(cache.root)):
+                fds.append((int(n), target))
+    lines.append(f"descriptors into the cache: {sorted(fds)}")
+    lines.append("decisions:")
+    lines += [f"  {r.threadName}: {r.getMessage()}" for r in caplog.records if r.name == "layertrack.fetch"]
+    return "\n".join(lines)
+
+
+def test_eviction_under_the_cap(s3_env, tiny_single, tiny_sharded, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="layertrack.fetch")  # the decisions, for the report on failure
     _upload(s3_env, "ev/a", tiny_single)
     _upload(s3_env, "ev/b", tiny_sharded)
     a, b = open_store(parse(f"s3://{BUCKET}/ev/a")), open_store(parse(f"s3://{BUCKET}/ev/b"))
     fa, fb = checkpoint_files(a.list(), a), checkpoint_files(b.list(), b)
+    names = {Cache.entry_id(s, f): f"{label}:{f.key}" for s, fs, label in ((a, fa, "a"), (b, fb, "b")) for f in fs}
     size_a, size_b = sum(f.size for f in fa), sum(f.size for f in fb)
     cap = max(size_a, size_b) + 1000  # room for one of them, not both
     cache = Cache(tmp_path / "cache", cap)
     da = cache.fetch(a, fa)
     cache.release(da)
     db = cache.fetch(b, fb)  # a's entries, no longer in use, are evicted
-    assert cache.usage() <= cap
-    assert len(fb) <= len(_entries(cache.root)) < len(fa) + len(fb)  # just enough of a's went
+    assert cache.usage() <= cap, _cache_report(cache, names, caplog)
+    assert len(fb) <= len(_entries(cache.root)) < len(fa) + len(fb), _cache_report(cache, names, caplog)
     _same_files(db, tiny_sharded, [f.key for f in fb])
     # b is in use: fetching a again may not evict it; the cap is exceeded rather than failing
     da = cache.fetch(a, fa)
@@ -102,7 +143,7 @@ def test_eviction_under_the_cap(s3_env, tiny_single, tiny_sharded, tmp_path):
     # once released, the next fetch brings the cache back under the cap
     s3_env.reset_counts()
     db = cache.fetch(b, fb)
-    assert cache.usage() <= cap
+    assert cache.usage() <= cap, _cache_report(cache, names, caplog)
     cache.release(db)
     # a checkpoint larger than the cache is refused from its listed size
     with pytest.raises(CacheTooSmall) as e:

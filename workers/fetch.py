@@ -389,28 +389,38 @@ class Cache:
                 parts = self._parts_size()  # first: see usage
                 entries = sorted(self._entries(), key=lambda e: e[2])
                 used = parts + sum(e[1] for e in entries)
-                for path, size, _, nlink in entries:
+                # each decision at debug level: what pins the cause when the cache is found over its cap
+                log.debug("fetch cache %s: room for %d bytes: %d in use (%d in parts, %d entries), cap %d",
+                          self.root, need, used, parts, len(entries), self.max_bytes)
+                for path, size, mtime, nlink in entries:
                     if used + need <= self.max_bytes:
                         break
                     if nlink > 1:
+                        log.debug("  kept %s (%d bytes, mtime %.6f): %d links", path.name[:16], size, mtime, nlink)
                         continue  # linked into a checkout: in use
                     eid = path.name
                     with _flock(self._lockfile(eid), blocking=False) as fd:
                         if fd is None:
+                            log.debug("  kept %s (%d bytes, mtime %.6f): its lock is held", eid[:16], size, mtime)
                             continue  # being linked or checked right now
                         try:
                             if path.stat().st_nlink > 1:
+                                log.debug("  kept %s (%d bytes): linked since listed", eid[:16], size)
                                 continue
                             path.unlink()
                         except FileNotFoundError:
+                            log.debug("  %s (%d bytes) was gone", eid[:16], size)
                             continue
                         with contextlib.suppress(FileNotFoundError):
                             self._lockfile(eid).unlink()
                         used -= size
+                        log.debug("  evicted %s (%d bytes, mtime %.6f): %d in use", eid[:16], size, mtime, used)
                 if used + need > self.max_bytes and need:
                     log.warning("fetch cache %s: %s bytes in use, %s more needed, cap %s: going over the cap until "
                                 "checkouts are released", self.root, f"{used:,}", f"{need:,}", f"{self.max_bytes:,}")
             if reserve is not None:
+                log.debug("fetch cache %s: reserving %d bytes for %s (%d counted in use, cap %d)", self.root, need,
+                          reserve.name[:16], used, self.max_bytes)
                 fd = os.open(reserve, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     os.ftruncate(fd, need)
