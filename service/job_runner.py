@@ -44,6 +44,7 @@ from layertrack.workers.errors import (
     StoreUnreachable,
     TimeLimitExceeded,
 )
+from layertrack.workers.vocabulary import DYNAMICS_METRICS
 from sqlalchemy.exc import OperationalError
 
 from . import jobs
@@ -177,7 +178,9 @@ def run(job_id: str, *, worker: str, retries: int, settings: Settings | None = N
     try:
         from layertrack.workers.scoring import ScoreConfig, score_checkpoint  # the compute side: torch
 
-        options = ScoreConfig(**jobs.score_options(job.config), max_memory=settings.max_memory)
+        earlier, absent = _earlier(settings, job)
+        options = ScoreConfig(**jobs.score_options(job.config), max_memory=settings.max_memory,
+                              compare_to=None if earlier is None else earlier.uri)
         if remote:
             result, cache, path = _fetch_and_score(settings, job, worker, progress, options)
             fetched = (cache, path)
@@ -210,8 +213,45 @@ def run(job_id: str, *, worker: str, retries: int, settings: Settings | None = N
         if fetched is not None:
             with suppress(Exception):
                 fetched[0].release(fetched[1])
-    done = jobs.complete(db_url, job_id, worker, result.to_dict(), jobs.job_metrics(job.config))
+    stored = result.to_dict()
+    stored.pop("dynamics", None)  # recorded below when asked for, with the earlier step
+    metrics = jobs.job_metrics(job.config)
+    if result.dynamics is not None and "absent" not in result.dynamics:
+        stored["dynamics"] = {**result.dynamics, "step": earlier.step, "same_run": earlier.run_id == job.run_id}
+        metrics += list(DYNAMICS_METRICS)
+    elif absent is not None or result.dynamics is not None:
+        stored["dynamics"] = {"absent": absent or result.dynamics["absent"]}
+    done = jobs.complete(db_url, job_id, worker, stored, metrics)
     return Outcome("succeeded" if done else "discarded: job cancelled or taken over", done.deliveries)
+
+
+def _earlier(settings: Settings, job: jobs.ClaimedJob) -> tuple[jobs.Earlier | None, str | None]:
+    """The checkpoint to measure weight_update against, or why there is none (None, None:
+    not asked for). The job option ``dynamics``: None measures it when the run's previous
+    scored checkpoint is on a local path, True also says why when it cannot, False never."""
+    wanted = job.config.get("dynamics")
+    if wanted is False:
+        return None, None
+    earlier = jobs.previous_checkpoint(settings.db_url, job)
+    if earlier is None:
+        return None, ("no earlier checkpoint to compare with: the run has no scored step before this one"
+                      if wanted else None)
+    if jobs.is_remote(earlier.uri):
+        return None, (f"the earlier checkpoint (step {earlier.step}) is remote ({earlier.uri}); weight_update reads "
+                      "earlier checkpoints from local paths only" if wanted else None)
+    from layertrack.workers.checkpoint import inspect_checkpoint, resolve_checkpoint_path
+    from layertrack.workers.errors import CheckpointError
+
+    try:
+        info = inspect_checkpoint(resolve_checkpoint_path(earlier.uri, jobs.require_roots(settings.roots)),
+                                  check_causal_lm=False)
+    except CheckpointError as e:
+        return None, (f"the earlier checkpoint (step {earlier.step}, {earlier.uri}) cannot be read ({e.code}): "
+                      f"{e.message}")
+    if info.fingerprint != earlier.fingerprint:
+        return None, (f"the earlier checkpoint (step {earlier.step}, {earlier.uri}) was written again since it was "
+                      "scored: its weights are no longer the ones its scores describe")
+    return earlier, None
 
 
 def _heartbeat(db_url: str, job_id: str, worker: str, period: float, stop: threading.Event) -> None:

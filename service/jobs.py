@@ -33,7 +33,7 @@ from sqlalchemy import ColumnElement, and_, delete, select, update
 
 from . import alerts, webhooks
 from .db import session_scope
-from .models import Job, Score
+from .models import Checkpoint, Job, Run, Score
 
 log = logging.getLogger("layertrack.jobs")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
@@ -226,6 +226,39 @@ def job_event(job: Job, **extra: Any) -> dict[str, Any]:
         "duration_s": job.duration_s, "run_s": job.run_s,
         "status_url": f"/v1/jobs/{job.id}", **extra,
     }
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """The checkpoint a job's ``weight_update`` is measured against: the run's previous scored
+    step or, for a fine-tune's first, its parent's checkpoint at ``parent_step``."""
+
+    run_id: int
+    step: int
+    uri: str
+    fingerprint: str
+
+
+def previous_checkpoint(db_url: str, job: ClaimedJob) -> Earlier | None:
+    """The run's latest step before ``job.step`` whose job succeeded; else, for a run with a
+    parent, the parent's checkpoint at ``parent_step`` (when that one was scored); else None."""
+
+    def scored(s, run_id: int, *steps) -> Earlier | None:
+        q = (select(Checkpoint.run_id, Checkpoint.step, Checkpoint.uri, Checkpoint.fingerprint)
+             .join(Job, Job.checkpoint_id == Checkpoint.id)
+             .where(Checkpoint.run_id == run_id, Job.status == JobStatus.succeeded, *steps)
+             .order_by(Checkpoint.step.desc(), Job.finished_at.desc()).limit(1))
+        row = s.execute(q).first()
+        return None if row is None else Earlier(*row)
+
+    with session_scope(db_url) as s:
+        found = scored(s, job.run_id, Checkpoint.step < job.step)
+        if found is not None:
+            return found
+        run = s.get(Run, job.run_id)
+        if run is not None and run.parent_run_id is not None and run.parent_step is not None:
+            return scored(s, run.parent_run_id, Checkpoint.step == run.parent_step)
+    return None
 
 
 def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metrics: list[str]) -> Finished:

@@ -212,6 +212,10 @@ class ScoreOptions(BaseModel):
     #: read pickle ``pytorch_model.bin`` weights (loaded with ``weights_only=True``) when the
     #: checkpoint has no safetensors
     allow_pickle: bool = False
+    #: measure weight_update per block against the run's previous scored checkpoint: None
+    #: (default) when that checkpoint is on a local path, True also otherwise (absent, with
+    #: the reason, when it cannot be read), False never
+    dynamics: bool | None = None
 
 
 class CheckpointIn(BaseModel):

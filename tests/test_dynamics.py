@@ -91,3 +91,24 @@ def test_drift_cka_streamed_in_batches_matches_the_oracle_and_its_invariances():
     assert got == pytest.approx(want, abs=1e-12)
     assert abs(got[0]) < 1e-12 and 0.05 < got[1] < 0.9 and got[2] > 0.9
     assert _drift(xs, ys, batch=n) == pytest.approx(got, abs=1e-12)  # batching does not matter
+
+
+def test_layertrack_score_compare_to_prints_weight_update_per_block(tmp_path, tokenizer):
+    import json
+    import subprocess
+
+    from services import layertrack_exe
+
+    a = build_checkpoint(tmp_path / "a", "llama", tokenizer, seed=0)
+    b = build_checkpoint(tmp_path / "b", "llama", tokenizer, seed=1)
+    args = [layertrack_exe(), "score", str(b), "--max-tokens", "300", "--seq-len", "64", "--quiet"]
+    table = subprocess.run([*args, "--compare-to", str(a)], capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr
+    assert "w_update" in table.stdout and f"against {a}" in table.stdout
+    out = subprocess.run([*args, "--compare-to", str(a), "--json"], capture_output=True, text=True, timeout=300)
+    result = json.loads(out.stdout)
+    want = {u.block: u.weight_update for u in dynamics.weight_updates(b, a)}
+    assert {p["layer"]: p["weight_update"] for p in result["pairs"]} == pytest.approx(want, rel=1e-12)
+    off = subprocess.run([*args, "--compare-to", str(a), "--no-dynamics", "--json"], capture_output=True, text=True,
+                         timeout=300)
+    assert all(p["weight_update"] is None for p in json.loads(off.stdout)["pairs"])

@@ -18,9 +18,11 @@ from layertrack.workers.vocabulary import SCORE_OPTION_DEFAULTS, SCORE_OPTIONS
 
 #: ScoreConfig's fields that are not job options: how this machine runs a job (the CLI's
 #: ``score`` has options for some), never sent by a submission
-WORKER_ONLY = {"batch_size", "device", "stats_memory_budget", "seed", "max_memory", "execution", "engine"}
+WORKER_ONLY = {"batch_size", "device", "stats_memory_budget", "seed", "max_memory", "execution", "engine",
+               "compare_to"}
 #: the local ``score`` command's options that are not job options
 SCORE_LOCAL_ONLY = {"checkpoint", "probe", "batch_size", "device", "tokenizer", "seed", "max_memory", "plan", "json",
+                    "compare_to",
                     "quiet"}
 #: what a submission carries besides its scoring options
 SUBMISSION_ONLY = {"phase", "parent_run", "parent_step", "probe"}
@@ -70,10 +72,10 @@ def test_the_submitting_commands_have_every_option_and_leave_defaults_to_the_ser
     assert {k: options[k].default for k in SCORE_OPTIONS} == {k: False if isinstance(v, bool) else None
                                                             for k, v in SCORE_OPTION_DEFAULTS.items()}
     given = {"max_tokens": 700, "seq_len": 64, "drop_first_token": True, "dtype": "float32", "replaceability": True,
-             "holdout_tokens": 32, "allow_pickle": True}
+             "holdout_tokens": 32, "allow_pickle": True, "dynamics": False}
     assert set(given) == set(SCORE_OPTIONS)
     argv = ["r", "1", "/c"] if command == "submit" else ["/c", "--run", "r"]
-    flags = [f"--{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}"
+    flags = [f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}"
              for k, v in given.items()]
     args = build_parser().parse_args([command, *argv, *flags])
     assert score_options(args) == given

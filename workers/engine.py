@@ -90,6 +90,8 @@ class PairScores:
     #: its fitted linear map, resp. dropped, minus the intact model's loss
     loss_delta_linear: float | None = None
     loss_delta_drop: float | None = None
+    #: between checkpoints (optional): ‖W − W_prev‖_F / ‖W_prev‖_F of block ``layer``
+    weight_update: float | None = None
 
 
 @dataclass

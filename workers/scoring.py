@@ -40,7 +40,7 @@ from .engine import (
     plan_layer_groups,
     stats_bytes,
 )
-from .errors import CheckpointChanged, OutOfMemory
+from .errors import CheckpointChanged, CheckpointError, OutOfMemory
 from .planner import DEFAULT_BUDGET_SHARE, ModelShape, Plan, model_shape, plan_memory
 from .probe import DEFAULT_SEED, Probe, ProbeTokens, load_probe, tokenize_probe
 from .streaming import BlockRunner, WeightSource, build_streamed, read_header
@@ -84,6 +84,12 @@ class ScoreConfig:
     #: "resident" or "streamed" to override the plan's choice (tests, benchmarks)
     execution: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
+    #: the job option: measure weight_update against ``compare_to`` (None: when given;
+    #: False: never)
+    dynamics: bool | None = None
+    #: an earlier checkpoint of the same architecture (a path under the roots) to measure
+    #: weight_update against; the service sets it to the run's previous scored checkpoint
+    compare_to: str | None = None
 
 
 @dataclass
@@ -105,6 +111,10 @@ class ScoreResult:
     holdout: dict[str, float] | None = None
     #: the memory plan the job ran with (planner.Plan.to_dict)
     plan: dict[str, Any] | None = None
+    #: between checkpoints: ``compared_to`` (the earlier checkpoint) and ``weight_update_kinds``
+    #: (per block, per kind of tensor), or ``absent`` (why it was not measured); None when
+    #: not asked for
+    dynamics: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k != "scores"}
@@ -762,6 +772,8 @@ def score_checkpoint(
         if again.fingerprint != info.fingerprint:
             raise CheckpointChanged(f"checkpoint {uri} changed while it was being scored (its files were written "
                                     "again): its scores would mix two versions; submit it again once written")
+    dynamics = _weight_updates(prep.path, scores, config, roots) if config.dynamics is not False and (
+        config.compare_to is not None or config.dynamics) else None
     t_done = time.perf_counter()
     scores.warnings = warnings + scores.warnings
     return ScoreResult(
@@ -778,6 +790,7 @@ def score_checkpoint(
         tokenizer_fingerprint=tokens.tokenizer_fingerprint,
         checkpoint_fingerprint=info.fingerprint,
         holdout=holdout,
+        dynamics=dynamics,
         plan={**plan.to_dict(), "mode": "streamed" if streamed and not keep else "resident",
               **({"loaded": "as the blocks first run"} if streamed and keep else {})},
         timings={
@@ -787,6 +800,26 @@ def score_checkpoint(
             "total_s": t_done - t0,
         },
     )
+
+
+def _weight_updates(path: Path, scores: Scores, config: ScoreConfig, roots) -> dict[str, Any]:
+    """weight_update of every block against ``config.compare_to``, set on ``scores.pairs``; an
+    earlier checkpoint that cannot be read or compared leaves it absent, with the reason (the
+    job's own scores stand)."""
+    from .dynamics import weight_updates
+
+    if config.compare_to is None:
+        return {"absent": "no earlier checkpoint to compare with (the run has no scored step before this one)"}
+    try:
+        earlier = ckpt.resolve_checkpoint_path(config.compare_to, roots)
+        updates = {u.block: u for u in weight_updates(path, earlier)}
+    except CheckpointError as e:
+        return {"absent": f"the earlier checkpoint {config.compare_to} could not be compared ({e.code}): {e.message}"}
+    for p in scores.pairs:
+        u = updates.get(p.layer)
+        p.weight_update = None if u is None else u.weight_update
+    return {"compared_to": config.compare_to,
+            "weight_update_kinds": [{"block": b, **updates[b].kinds} for b in sorted(updates)]}
 
 
 __all__ = ["ScoreConfig", "ScoreResult", "find_blocks", "prepare", "replaceability", "score_blockwise",

@@ -22,10 +22,14 @@ BASE_METRICS = PAIR_METRICS + LAYER_METRICS
 #: block (stored under the pair's index); only measured when the job's config asks for
 #: replaceability. Definitions: docs/engine.md, "Metrics"
 REPLACEABILITY_METRICS = ("loss_delta_linear", "loss_delta_drop")
+#: between checkpoints, per block (stored under the pair's index): the block's weights against
+#: the same block of the run's previous scored checkpoint; only measured when there is one
+#: (the job option ``dynamics``). Definitions: docs/engine.md, "Between checkpoints"
+DYNAMICS_METRICS = ("weight_update",)
 #: every metric a score row can hold
-KNOWN_METRICS = BASE_METRICS + REPLACEABILITY_METRICS
+KNOWN_METRICS = BASE_METRICS + REPLACEABILITY_METRICS + DYNAMICS_METRICS
 #: stored per pair (layer index i means the block i → i+1)
-PER_PAIR_METRICS = PAIR_METRICS + REPLACEABILITY_METRICS
+PER_PAIR_METRICS = PAIR_METRICS + REPLACEABILITY_METRICS + DYNAMICS_METRICS
 
 #: the metric pages, plots and the CLI show when none is named
 DEFAULT_METRIC = "linearity_nores"
@@ -41,6 +45,7 @@ METRIC_LABELS = {
     "massive_activation": "massive activation (max |h| / median |h|)",
     "loss_delta_linear": "Δ loss, block → linear map (nats/token)",
     "loss_delta_drop": "Δ loss, block dropped (nats/token)",
+    "weight_update": "weight update ‖W − W_prev‖ / ‖W_prev‖",
 }
 
 #: the values a metric can take, (low, high); None where it is unbounded on that side.
@@ -55,6 +60,7 @@ METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
     "massive_activation": (1.0, None),
     "loss_delta_linear": (None, None),
     "loss_delta_drop": (None, None),
+    "weight_update": (0.0, None),
 }
 
 
@@ -131,5 +137,8 @@ SCORE_OPTION_DEFAULTS: dict[str, object] = {
     "replaceability": False,
     "holdout_tokens": DEFAULT_HOLDOUT_TOKENS,
     "allow_pickle": False,
+    #: measure weight_update against the run's previous scored checkpoint: None (default)
+    #: when that checkpoint is on a local path, True to ask for it, False never
+    "dynamics": None,
 }
 SCORE_OPTIONS = tuple(SCORE_OPTION_DEFAULTS)

@@ -7,7 +7,7 @@ import math
 import signal
 from typing import Any
 
-from layertrack.workers.vocabulary import SCORE_OPTIONS
+from layertrack.workers.vocabulary import SCORE_OPTION_DEFAULTS, SCORE_OPTIONS
 
 #: a job failed or did not finish in time; spooled submissions are left
 EXIT_FAILED = 1
@@ -33,7 +33,10 @@ def score_options(args: Any) -> dict[str, Any]:
     """The job config of a submission's options (``--max-tokens`` ... one per SCORE_OPTIONS
     name): only the options given, so the service's defaults apply to the rest."""
     values = {k: getattr(args, k) for k in SCORE_OPTIONS}
-    return {k: v for k, v in values.items() if v is not None and v is not False}
+    # a switch off by default is given only when on; one whose default is None (dynamics:
+    # automatic) is given when set either way
+    return {k: v for k, v in values.items()
+            if v is not None and not (v is False and SCORE_OPTION_DEFAULTS[k] is False)}
 
 
 def _interrupt(_signum, _frame) -> None:

@@ -26,6 +26,7 @@ def render_table(result: dict[str, Any]) -> str:
     pairs = {p["layer"]: p for p in result["pairs"]}
     layers = {s["layer"]: s for s in result["layers"]}
     holdout = result.get("holdout")
+    moved = any(p.get("weight_update") is not None for p in result["pairs"])
     lines = [
         f"model {result['model_type']}  blocks {result['n_layers']}  d {result['d']}  "
         f"dtype {result['dtype']}  device {result['device']}",
@@ -34,7 +35,8 @@ def render_table(result: dict[str, Any]) -> str:
         "",
         f"{'layer':>7} {'linearity':>10} {'lin_nores':>10} {'cosine':>10} {'norm_ratio':>10} {'anisotropy':>10} "
         f"{'eff_rank':>10} {'massive':>10}"
-        + (f" {'Δloss_lin':>10} {'Δloss_drop':>10}" if holdout else ""),
+        + (f" {'Δloss_lin':>10} {'Δloss_drop':>10}" if holdout else "")
+        + (f" {'w_update':>10}" if moved else ""),
     ]
     flagged = False
     for i in sorted(layers):
@@ -48,6 +50,7 @@ def render_table(result: dict[str, Any]) -> str:
             f"{fmt(p and p['cosine'])} {fmt(p and p['norm_ratio'])} {fmt(layers[i]['anisotropy'])} "
             f"{fmt(layers[i].get('effective_rank'))} {fmt(layers[i].get('massive_activation'))}"
             + (f" {fmt(p and p['loss_delta_linear'])} {fmt(p and p['loss_delta_drop'])}" if holdout else "")
+            + (f" {fmt(p and p.get('weight_update'))}" if moved else "")
             + mark
         )
     if flagged:
@@ -58,6 +61,13 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append(f"Δloss: held-out LM loss (nats/token, {holdout['n_tokens']} tokens; intact "
                      f"{holdout['intact_loss']:.4f}) with the block replaced by its fitted linear map (lin) or "
                      "dropped (drop), minus intact")
+    dynamics = result.get("dynamics") or {}
+    if moved:
+        lines.append("")
+        lines.append(f"w_update: ‖W − W_prev‖ / ‖W_prev‖ of the block's weights against {dynamics['compared_to']}")
+    elif dynamics.get("absent"):
+        lines.append("")
+        lines.append(f"weight_update not measured: {dynamics['absent']}")
     for w in result.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -104,6 +114,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         max_memory=max_memory,
+        compare_to=args.compare_to,
     )
     try:
         if args.device:  # before the checkpoint is read: a device this machine lacks is one line, at once

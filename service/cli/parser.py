@@ -195,6 +195,9 @@ def add_submission_options(p: argparse.ArgumentParser) -> None:
                    help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
+    p.add_argument("--dynamics", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure weight_update per block against the run's previous scored checkpoint "
+                        "(default: when that checkpoint is on a local path; --no-dynamics: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "replaced by its fitted linear map and when it is dropped (2 extra passes per block)")
     score.add_argument("--holdout-tokens", type=positive_int, default=DEFAULT_HOLDOUT_TOKENS, metavar="N",
                        help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
+    score.add_argument("--compare-to", metavar="DIR",
+                       help="an earlier checkpoint of the same model: also measure weight_update per block, "
+                            "‖W − W_prev‖ / ‖W_prev‖ (default: none)")
+    score.add_argument("--dynamics", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --compare-to: measure weight_update (default: yes); --no-dynamics: do not")
     score.add_argument("--max-memory", type=local.size, metavar="SIZE",
                        help="memory for weights and activations, e.g. 8GiB or 512MB (default: LAYERTRACK_MAX_MEMORY, "
                             "else 80%% of the free memory); a model that does not fit is streamed block by block")

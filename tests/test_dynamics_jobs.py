@@ -1,0 +1,82 @@
+"""weight_update through the service (the API server, a Celery worker, PostgreSQL, Redis): a
+run's second step is compared with its first, stored per block and served like every metric;
+the first step, ``dynamics: false`` and an earlier checkpoint that is gone leave it absent
+with the reason on the job, never a failed job or a wrong value."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import pytest
+from safetensors.torch import load_file, save_file
+from services import live_service
+from test_dynamics import oracle
+from tiny_models import build_checkpoint
+
+CFG = {"max_tokens": 600, "seq_len": 64}
+LLAMA_KINDS = {"attention": ".self_attn.", "mlp": ".mlp.", "norm": "layernorm"}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, redis_server):
+    with live_service(tmp_path_factory.mktemp("dynamics"), redis_server.new_url()) as svc:
+        yield svc
+
+
+def trained(path, start, scale: float, seed: int):
+    """``start``'s weights moved by noise of ``scale`` (block 0 less than the others)."""
+    import torch
+
+    shutil.copytree(start, path)
+    state = load_file(path / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for name, t in state.items():
+        factor = scale / 10 if "layers.0." in name else scale
+        state[name] = t + factor * t.abs().mean().clamp_min(1e-3) * torch.randn(t.shape, generator=g)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def by_layer(scores: dict) -> dict[int, dict[int, float]]:
+    """{step: {layer: value}} of a scores answer."""
+    out: dict[int, dict[int, float]] = {}
+    for series in scores["series"]:
+        for step, value in zip(series["steps"], series["values"], strict=True):
+            out.setdefault(step, {})[series["layer"]] = value
+    return out
+
+
+def test_weight_update_is_measured_against_the_previous_scored_step_stored_and_served(live, tokenizer):
+    run = f"dyn-{uuid.uuid4().hex[:6]}"
+    base = live.roots / run
+    s1 = build_checkpoint(base / "step-1", "llama", tokenizer, seed=3)
+    s2 = trained(base / "step-2", s1, 0.05, seed=1)
+    s3 = trained(base / "step-3", s2, 0.05, seed=2)
+    s4 = trained(base / "step-4", s3, 0.05, seed=3)
+    with live.client() as c:
+        j1 = c.wait(c.submit(run=run, step=1, uri=str(s1), config=CFG)["id"], timeout=240, poll=0.3)
+        j2 = c.wait(c.submit(run=run, step=2, uri=str(s2), config=CFG)["id"], timeout=240, poll=0.3)
+        j3 = c.wait(c.submit(run=run, step=3, uri=str(s3), config={**CFG, "dynamics": False})["id"], timeout=240,
+                    poll=0.3)
+        assert [j["status"] for j in (j1, j2, j3)] == ["succeeded"] * 3, live.logs()
+        shutil.rmtree(s3)  # the earlier checkpoint of step 4 is gone by the time it runs
+        j4 = c.wait(c.submit(run=run, step=4, uri=str(s4), config={**CFG, "dynamics": True})["id"], timeout=240,
+                    poll=0.3)
+        assert j4["status"] == "succeeded", (j4, live.logs())
+        got = by_layer(c.scores(run, metric="weight_update"))
+        assert set(got) == {2}  # step 1 had nothing before it, step 3 said no, step 4's earlier one was gone
+        want = oracle(s2, s1, "model.layers.", LLAMA_KINDS)
+        assert got[2] == pytest.approx({i: w["total"] for i, w in want.items()}, rel=1e-9)
+        assert got[2][0] < got[2][1]  # block 0 moved less
+        result = c.job(j2["id"])["result"]
+        assert result["dynamics"]["step"] == 1 and result["dynamics"]["compared_to"] == str(s1)
+        kinds = {k["block"]: k for k in result["dynamics"]["weight_update_kinds"]}
+        for i, w in want.items():
+            assert kinds[i]["mlp"] == pytest.approx(w["mlp"], rel=1e-9)
+        assert "dynamics" not in (c.job(j1["id"])["result"] or {})  # automatic: nothing before it, nothing said
+        assert "dynamics" not in (c.job(j3["id"])["result"] or {})
+        absent = c.job(j4["id"])["result"]["dynamics"]["absent"]
+        assert "step 3" in absent and "cannot be read" in absent, absent
+        trend = c.trend(run, metric="weight_update")
+        assert trend["steps"] == [2]
