@@ -16,10 +16,12 @@ import uuid
 from collections import Counter
 
 import pytest
+from layertrack.workers.vocabulary import LAYER_METRICS, PAIR_METRICS
 from services import Receiver, live_service, wait_until
 
-CFG = {"max_tokens": 600, "seq_len": 64}
-ROWS_PER_TINY_JOB = 3 * 4 + 4  # 3 pairs × 4 pair metrics + 4 hidden states × anisotropy
+#: dynamics off: which earlier step a job is compared with depends on which finished first
+CFG = {"max_tokens": 600, "seq_len": 64, "dynamics": False}
+ROWS_PER_TINY_JOB = 3 * len(PAIR_METRICS) + 4 * len(LAYER_METRICS)  # 3 pairs, 4 hidden states
 N_JOBS = 20
 N_DELIVERIES = 20
 LOST = 3  # messages taken out of each list behind the service's back

@@ -17,11 +17,13 @@ import pytest
 from layertrack.service.db import session_scope
 from layertrack.service.models import Job, Score
 from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+from layertrack.workers.vocabulary import LAYER_METRICS, PAIR_METRICS
 from services import layertrack_exe, wait_until
 from sqlalchemy import func, select
 
-CFG = {"max_tokens": 600, "seq_len": 64}
-ROWS_PER_TINY_JOB = 3 * 4 + 4  # 3 pairs × 4 pair metrics + 4 hidden states × anisotropy
+#: dynamics off: which earlier step a job is compared with depends on which finished first
+CFG = {"max_tokens": 600, "seq_len": 64, "dynamics": False}
+ROWS_PER_TINY_JOB = 3 * len(PAIR_METRICS) + 4 * len(LAYER_METRICS)  # 3 pairs, 4 hidden states
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_three_steps_scored_and_read_back_as_series_trend_heatmap_and_exports(li
         assert len(rows) == 3 * ROWS_PER_TINY_JOB
         for r in rows:
             st, lay, m = int(r["step"]), int(r["layer"]), r["metric"]
-            ref = want[st].layers[lay].anisotropy if m == "anisotropy" else getattr(want[st].pairs[lay], m)
+            ref = getattr(want[st].layers[lay], m) if m in LAYER_METRICS else getattr(want[st].pairs[lay], m)
             assert float(r["value"]) == pytest.approx(ref, abs=1e-6)
 
         import pyarrow.parquet as pq
