@@ -140,6 +140,13 @@ def drop_pg_database(url: str) -> None:
     eng.dispose()
 
 
+def tiny_job_scores() -> int:
+    """The scores a job of a tiny model (3 blocks, 4 hidden states) stores by default."""
+    from layertrack.workers.vocabulary import LAYER_METRICS, PAIR_METRICS
+
+    return 3 * len(PAIR_METRICS) + 4 * len(LAYER_METRICS)
+
+
 def stored_scores(db_url: str, job_id: str) -> dict[tuple[str, int], float | None]:
     """The scores stored for a job: {(metric, layer): value}."""
     from layertrack.service.db import session_scope

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from layertrack.service.embedded import free_port
 from moto_s3 import stop_process
-from services import max_delta, stored_scores, wait_until
+from services import max_delta, stored_scores, tiny_job_scores, wait_until
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
@@ -574,7 +574,7 @@ def assert_scored_like_local(live, done: dict, local_done: dict, local: Path, la
     """The finished remote job ``done`` against ``local_done``, the job of the same checkpoint
     from its local path ``local``: both succeeded, the remote one at its first attempt, with a
     content fingerprint, its progress at "scoring" with every byte done, at least the weights
-    and at most every file of the checkpoint; both jobs' stored scores (3 pairs x 4 + 4)
+    and at most every file of the checkpoint; both jobs' stored scores (tiny_job_scores())
     within 1e-12 of each other. (its progress, the size of the weights)."""
     assert done["status"] == "succeeded", (done["error_code"], done["error"], done, live.logs())
     assert local_done["status"] == "succeeded", (local_done["error_code"], local_done["error"], local_done,
@@ -588,7 +588,7 @@ def assert_scored_like_local(live, done: dict, local_done: dict, local: Path, la
     assert p["phase"] == "scoring" and p["bytes_done"] == p["bytes_total"], p
     assert weights <= p["bytes_total"] <= sum(sizes.values()), (p, sizes)
     a, b = stored_scores(live.db_url, done["id"]), stored_scores(live.db_url, local_done["id"])
-    assert len(a) == 3 * 4 + 4
+    assert len(a) == tiny_job_scores()
     delta = max_delta(a, b)
     print(f"\n{label}: {len(shards)} safetensors file(s), {len(a)} scores, max |Δ| vs local = {delta:.3g}, "
           f"fetched {p['bytes_total']} bytes in {p.get('fetch_s')} s; job {done['duration_s']:.2f} s "

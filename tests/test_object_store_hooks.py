@@ -37,7 +37,7 @@ import pytest
 from layertrack.service import hooks
 from layertrack.service.db import session_scope
 from layertrack.service.models import HookSource, Job, Run, Score
-from services import layertrack_exe, wait_until
+from services import layertrack_exe, tiny_job_scores, wait_until
 from sqlalchemy import func, select
 
 BUCKET = "hooked-ckpts"
@@ -204,7 +204,7 @@ def test_a_complete_checkpoint_notified_file_by_file_gets_one_job_that_scores_li
     assert local_job["status"] == "succeeded", (local_job, live.logs())
     assert done["uri"] == f"s3://{BUCKET}/{key_prefix}" and done["run"] == run and done["step"] == 1000
     a, b = stored_scores(live.db_url, job_id), stored_scores(live.db_url, local_job["id"])
-    assert a.keys() == b.keys() and len(a) == 3 * 4 + 4
+    assert a.keys() == b.keys() and len(a) == tiny_job_scores()
     assert max(abs(a[k] - b[k]) for k in a) <= 1e-12
     assert jobs_of(live, run) == [job_id]  # and still one
 
@@ -247,7 +247,7 @@ def test_a_partial_checkpoint_gets_no_job_until_its_marker_lands_then_waits_for_
         done = c.wait(job_id, timeout=240, poll=0.5)
     assert done["status"] == "succeeded", (done, live.logs())
     assert done["progress"]["waiting_since"] and done["progress"]["looks"] >= 1, done["progress"]
-    assert len(stored_scores(live.db_url, job_id)) == 3 * 4 + 4
+    assert len(stored_scores(live.db_url, job_id)) == tiny_job_scores()
     assert jobs_of(live, run) == [job_id]
 
 

@@ -33,7 +33,7 @@ import pytest
 from layertrack.service.db import session_scope
 from layertrack.service.models import Checkpoint, Job
 from moto_s3 import S3Server
-from services import layertrack_exe, max_delta, store_service, stored_scores, wait_until
+from services import layertrack_exe, max_delta, store_service, stored_scores, tiny_job_scores, wait_until
 from sqlalchemy import select
 from stores_fixtures import assert_scored_like_local, hub_env, hub_srv, s3_server, upload_checkpoint, web  # noqa: F401  (fixtures)
 
@@ -300,7 +300,7 @@ def test_an_upload_in_progress_makes_the_job_wait_then_score_when_the_shard_land
     assert done["status"] == "succeeded", (done, live.logs())
     assert done["attempts"] == 1, done  # the looks that found it incomplete are not attempts
     assert done["progress"]["waiting_since"] and done["progress"]["looks"] >= 1, done["progress"]
-    assert len(stored_scores(live.db_url, done["id"])) == 3 * 4 + 4
+    assert len(stored_scores(live.db_url, done["id"])) == tiny_job_scores()
 
 
 def test_an_upload_that_never_completes_fails_at_the_deadline(live, s3, tokenizer):
