@@ -173,7 +173,7 @@ def test_a_worker_killed_mid_job_leaves_it_to_another_worker(live, tokenizer):
     assert done["worker"].startswith(f"{survivor}@") and done["attempts"] == 2
     with session_scope(live.db_url) as s:
         n = s.scalar(select(func.count()).select_from(Score).where(Score.job_id == job["id"]))
-    assert n == 6 * 4 + 7
+    assert n == 6 * len(PAIR_METRICS) + 7 * len(LAYER_METRICS)  # 6 blocks, 7 hidden states
     assert no_duplicate_scores(live.db_url)
     live.start_worker(victim)
 
