@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from sqlalchemy import and_, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
+from . import auth
 from .errors import Conflict, Invalid, NotFound
 from .jobs import check_remote, is_remote, job_metrics, now, require_roots
 from .models import Checkpoint, HookReceipt, Job, Probe, Run
@@ -49,21 +51,22 @@ class SubmitConflict(Conflict):
     """The request contradicts what is stored (a run's parent, an Idempotency-Key's body)."""
 
 
-#: (database, sha256) -> the probe's row, detached; rows never change. A submission merges it
-#: into its session without a query (session.merge(load=False)); accept_checkpoint forgets it
-#: when a submission fails on the database (say, it was dropped and made again), and the
-#: second attempt reads it again.
+#: (database, sha256) -> the probe's row, detached; rows never change. A submission takes
+#: its id and name from here without a query; accept_checkpoint forgets it when a submission
+#: fails on the database (say, it was dropped and made again), and the second attempt reads
+#: it again.
 _probes: dict[tuple[str, str], Probe] = {}
 
 
-def probe_row(session: Session, name: str) -> Probe:
+def _cached_probe(session: Session, name: str) -> Probe:
+    """The probe's row, detached (from the cache, or read once): for its id and name."""
     if name != DEFAULT_PROBE:
         raise Invalid(f"unknown probe {name!r}; available: {DEFAULT_PROBE}", code="unknown_probe")
     p = default_probe()
     key = (str(session.get_bind().url), p.sha256)
     cached = _probes.get(key)
     if cached is not None:
-        return session.merge(cached, load=False)
+        return cached
     row = session.scalar(select(Probe).where(Probe.sha256 == p.sha256))
     if row is None:
         row = Probe(name=p.name, sha256=p.sha256, n_chars=p.n_chars)
@@ -76,7 +79,12 @@ def probe_row(session: Session, name: str) -> Probe:
     detached = Probe(id=row.id, name=row.name, sha256=row.sha256, n_chars=row.n_chars, created_at=row.created_at)
     make_transient_to_detached(detached)
     _probes[key] = detached
-    return row
+    return detached
+
+
+def probe_row(session: Session, name: str) -> Probe:
+    """The probe's row in ``session`` (merged from the cache without a query)."""
+    return session.merge(_cached_probe(session, name), load=False)
 
 
 def _parent_row(session: Session, sub: Submission) -> Run | None:
@@ -88,52 +96,92 @@ def _parent_row(session: Session, sub: Submission) -> Run | None:
     return parent
 
 
-#: built once (SQLAlchemy caches its compiled form; building it again costs each submission)
+_RUNS, _CHECKPOINTS, _JOBS = Run.__table__, Checkpoint.__table__, Job.__table__
+
+#: built once (SQLAlchemy caches its compiled form; building it again costs each
+#: submission). Columns, not ORM entities: loading objects costs more than the query.
 _STORED = (
-    select(Run, Checkpoint, Job)
-    .outerjoin(Checkpoint, and_(Checkpoint.run_id == Run.id, Checkpoint.step == bindparam("step"),
-                                Checkpoint.fingerprint == bindparam("fingerprint")))
-    .outerjoin(Job, and_(Job.checkpoint_id == Checkpoint.id, Job.probe_id == bindparam("probe_id"),
-                         Job.config_hash == bindparam("config_hash")))
-    .where(Run.name == bindparam("run"))
+    select(_RUNS.c.id, _RUNS.c.phase, _RUNS.c.parent_run_id, _CHECKPOINTS.c.id, _JOBS.c.id)
+    .select_from(_RUNS)
+    .outerjoin(_CHECKPOINTS, and_(_CHECKPOINTS.c.run_id == _RUNS.c.id, _CHECKPOINTS.c.step == bindparam("step"),
+                                  _CHECKPOINTS.c.fingerprint == bindparam("fingerprint")))
+    .outerjoin(_JOBS, and_(_JOBS.c.checkpoint_id == _CHECKPOINTS.c.id, _JOBS.c.probe_id == bindparam("probe_id"),
+                           _JOBS.c.config_hash == bindparam("config_hash")))
+    .where(_RUNS.c.name == bindparam("run"))
 )
+#: Core inserts (one statement each, no ORM flush); the defaults of the columns apply
+_INSERT_RUN = _RUNS.insert().returning(_RUNS.c.id)
+_INSERT_CHECKPOINT = _CHECKPOINTS.insert().returning(_CHECKPOINTS.c.id)
+_INSERT_JOB = _JOBS.insert()
 
 
-def _stored(session: Session, sub: Submission, probe_id: int, config_hash: str
-            ) -> tuple[Run | None, Checkpoint | None, Job | None]:
-    """The run, the same checkpoint of it and the same job of that, as stored (None for each
-    not stored): one query. At most one row: a run's checkpoint is unique by (step,
-    fingerprint), a checkpoint's job by (probe, config hash)."""
-    row = session.execute(_STORED, {"run": sub.run, "step": sub.step, "fingerprint": sub.fingerprint,
-                                    "probe_id": probe_id, "config_hash": config_hash}).first()
-    return (None, None, None) if row is None else (row[0], row[1], row[2])
+@dataclass(frozen=True, slots=True)
+class _Named:
+    name: str
 
 
-def _run_row(session: Session, sub: Submission, run: Run | None, parent: Run | None) -> Run:
-    if run is None:
+@dataclass(frozen=True, slots=True)
+class _Checkpoint:
+    step: int
+    phase: Phase
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job :func:`submit` has just stored (Core inserts: no ORM object), with what
+    ``JobOut.of`` reads of a job: its run, checkpoint and probe, and a queued job's state."""
+
+    id: str
+    run: _Named
+    checkpoint: _Checkpoint
+    probe: _Named
+    config: dict[str, Any]
+    queued_at: Any
+    token_id: int | None
+    status: JobStatus = JobStatus.queued
+    attempts: int = 0
+    worker: None = None
+    error_code: None = None
+    error: None = None
+    result: None = None
+    started_at: None = None
+    finished_at: None = None
+    duration_s: None = None
+    run_s: None = None
+    progress: None = None
+    content_fingerprint: None = None
+    resolved_revision: None = None
+
+
+def _run_id(session: Session, sub: Submission, stored: tuple[int, Phase, int | None] | None,
+            parent: Run | None) -> tuple[int, Phase]:
+    """The run's id and phase: the stored run (its parent recorded when it had none), or a
+    new one (inserted)."""
+    if stored is None:
         phase = sub.phase or (Phase.finetune if parent else Phase.pretrain)
-        run = Run(
-            name=sub.run,
-            phase=phase,
-            parent_run_id=parent.id if parent else None,
-            parent_step=sub.parent_step,
-            meta={},
-            created_at=now(),
-        )
-        session.add(run)  # inserted with the rest at commit: one round trip less
-    elif parent is not None and run.parent_run_id not in (None, parent.id):
+        run_id = session.connection().execute(_INSERT_RUN, {
+            "name": sub.run, "phase": phase, "parent_run_id": parent.id if parent else None,
+            "parent_step": sub.parent_step, "metadata": {}, "created_at": now(),
+        }).scalar_one()
+        return run_id, phase
+    run_id, phase, parent_id = stored
+    if parent is not None and parent_id not in (None, parent.id):
         raise SubmitConflict(f"run {sub.run!r} already has another parent run")
-    elif parent is not None and run.parent_run_id is None:
-        run.parent_run_id, run.parent_step = parent.id, sub.parent_step
-    return run
+    if parent is not None and parent_id is None:
+        run = session.get(Run, run_id)
+        run.parent_run_id, run.parent_step = parent.id, sub.parent_step  # flushed at commit
+    return run_id, phase
 
 
 def submit(
     session: Session, sub: Submission, *, idempotency_key: str | None = None
-) -> tuple[Job, bool]:
+) -> tuple[Job | NewJob, bool]:
     """Store a job for this checkpoint, or return the existing one; (job, created). Reads
     the run, the checkpoint and the job in one query (and the parent run, when one is
-    named; the probe comes from a cache)."""
+    named; the probe comes from a cache), and writes what is new with one Core insert per
+    row (the run's, the checkpoint's, the job's). A new job is a :class:`NewJob`, a stored
+    one the ORM row."""
     request_hash = canonical_hash(vars(sub))
     if idempotency_key:
         existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
@@ -145,42 +193,48 @@ def submit(
                 )
             return existing, False
     parent = _parent_row(session, sub)
-    probe = probe_row(session, sub.probe)
+    probe = _cached_probe(session, sub.probe)
     config_hash = canonical_hash(sub.config)
-    run, ckpt, job = _stored(session, sub, probe.id, config_hash)
-    run = _run_row(session, sub, run, parent)
-    if job is not None:
-        return job, False
-    if ckpt is None:
-        ckpt = Checkpoint(
-            run=run, step=sub.step, phase=sub.phase or run.phase, uri=sub.uri, fingerprint=sub.fingerprint,
-            created_at=now(),
-        )
-        session.add(ckpt)
-    job = Job(
-        checkpoint=ckpt,
-        probe=probe,
-        run=run,
-        config=sub.config,
-        config_hash=config_hash,
-        status=JobStatus.queued,
-        attempts=0,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        queued_at=now(),
+    conn = session.connection()
+    row = conn.execute(_STORED, {"run": sub.run, "step": sub.step, "fingerprint": sub.fingerprint,
+                                 "probe_id": probe.id, "config_hash": config_hash}).first()
+    # at most one row: a run's checkpoint is unique by (step, fingerprint), a checkpoint's
+    # job by (probe, config hash)
+    run_id, run_phase = _run_id(session, sub, None if row is None else (row[0], row[1], row[2]), parent)
+    if row is not None and row[4] is not None:
+        return session.get(Job, row[4]), False
+    phase = sub.phase or run_phase
+    ckpt_id = row[3] if row is not None else None
+    if ckpt_id is None:
+        ckpt_id = conn.execute(_INSERT_CHECKPOINT, {
+            "run_id": run_id, "step": sub.step, "phase": phase, "uri": sub.uri, "fingerprint": sub.fingerprint,
+            "created_at": now(),
+        }).scalar_one()
+        ckpt = _Checkpoint(sub.step, phase, sub.uri)
+    else:  # stored before, for another probe or config: as stored
+        stored = session.get(Checkpoint, ckpt_id)
+        ckpt = _Checkpoint(stored.step, stored.phase, stored.uri)
+    caller = session.info.get(auth.CALLER_KEY)
+    queued = now()
+    job = NewJob(id=str(uuid.uuid4()), run=_Named(sub.run), checkpoint=ckpt, probe=_Named(probe.name),
+                 config=sub.config, queued_at=queued, token_id=caller.token_id if caller is not None else None)
+    # a race with a twin raises IntegrityError here (the caller takes the twin's job)
+    conn.execute(_INSERT_JOB, {
+        "id": job.id, "checkpoint_id": ckpt_id, "probe_id": probe.id, "run_id": run_id, "config": sub.config,
+        "config_hash": config_hash, "status": JobStatus.queued, "attempts": 0, "idempotency_key": idempotency_key,
+        "request_hash": request_hash, "queued_at": queued,
         # set before it is sent (after the commit): one transaction less per submission. If
         # sending fails the API clears it; if the API dies first, the sweeper re-sends the
         # job after requeue_after_s.
-        enqueued_at=now(),
-    )
-    session.add(job)  # flushed by the caller's commit (a race with a twin raises IntegrityError there)
+        "enqueued_at": queued, "resends": 0, "token_id": job.token_id,
+    })
     return job, True
 
 
 def accept_checkpoint(
     session: Session, body: Any, *, roots: list, idempotency_key: str | None = None, receipt: Any = None,
     remote_roots: list[locations.Location] | None = None,
-) -> tuple[Job, bool]:
+) -> tuple[Job | NewJob, bool]:
     """Check a submitted checkpoint (``schemas.CheckpointIn``), store its job and commit;
     (job, created). The same checkpoint again (run, step, content fingerprint, probe and
     config) gives the stored job. ``receipt`` (a signed hook's HookReceipt) is committed in
