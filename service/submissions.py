@@ -113,6 +113,24 @@ _STORED = (
 _INSERT_RUN = _RUNS.insert().returning(_RUNS.c.id)
 _INSERT_CHECKPOINT = _CHECKPOINTS.insert().returning(_CHECKPOINTS.c.id)
 _INSERT_JOB = _JOBS.insert()
+_JOB_COLUMNS = ("id", "checkpoint_id", "probe_id", "run_id", "config", "config_hash", "status", "attempts",
+                "idempotency_key", "request_hash", "queued_at", "enqueued_at", "resends", "token_id")
+
+
+def _checkpoint_and_job() -> Any:
+    """PostgreSQL: the checkpoint and its job in one statement (one round trip), ``WITH c AS
+    (INSERT INTO checkpoints ... RETURNING id) INSERT INTO jobs ... SELECT ... FROM c``; the
+    checkpoint's values are bound as ``c_<column>``, the job's as ``j_<column>`` (a name
+    that is a column of the checkpoint's insert would be taken as its value)."""
+    c = (_CHECKPOINTS.insert()
+         .values({k: bindparam(f"c_{k}", type_=_CHECKPOINTS.c[k].type)
+                  for k in ("run_id", "step", "phase", "uri", "fingerprint", "created_at")})
+         .returning(_CHECKPOINTS.c.id).cte("c"))
+    values = [c.c.id if k == "checkpoint_id" else bindparam(f"j_{k}", type_=_JOBS.c[k].type) for k in _JOB_COLUMNS]
+    return _JOBS.insert().from_select(list(_JOB_COLUMNS), select(*values).select_from(c), include_defaults=False)
+
+
+_INSERT_CHECKPOINT_AND_JOB = _checkpoint_and_job()
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,29 +223,34 @@ def submit(
         return session.get(Job, row[4]), False
     phase = sub.phase or run_phase
     ckpt_id = row[3] if row is not None else None
-    if ckpt_id is None:
-        ckpt_id = conn.execute(_INSERT_CHECKPOINT, {
-            "run_id": run_id, "step": sub.step, "phase": phase, "uri": sub.uri, "fingerprint": sub.fingerprint,
-            "created_at": now(),
-        }).scalar_one()
-        ckpt = _Checkpoint(sub.step, phase, sub.uri)
-    else:  # stored before, for another probe or config: as stored
-        stored = session.get(Checkpoint, ckpt_id)
-        ckpt = _Checkpoint(stored.step, stored.phase, stored.uri)
     caller = session.info.get(auth.CALLER_KEY)
     queued = now()
-    job = NewJob(id=str(uuid.uuid4()), run=_Named(sub.run), checkpoint=ckpt, probe=_Named(probe.name),
-                 config=sub.config, queued_at=queued, token_id=caller.token_id if caller is not None else None)
-    # a race with a twin raises IntegrityError here (the caller takes the twin's job)
-    conn.execute(_INSERT_JOB, {
-        "id": job.id, "checkpoint_id": ckpt_id, "probe_id": probe.id, "run_id": run_id, "config": sub.config,
-        "config_hash": config_hash, "status": JobStatus.queued, "attempts": 0, "idempotency_key": idempotency_key,
-        "request_hash": request_hash, "queued_at": queued,
+    values = {
+        "id": str(uuid.uuid4()), "checkpoint_id": ckpt_id, "probe_id": probe.id, "run_id": run_id,
+        "config": sub.config, "config_hash": config_hash, "status": JobStatus.queued, "attempts": 0,
+        "idempotency_key": idempotency_key, "request_hash": request_hash, "queued_at": queued,
         # set before it is sent (after the commit): one transaction less per submission. If
         # sending fails the API clears it; if the API dies first, the sweeper re-sends the
         # job after requeue_after_s.
-        "enqueued_at": queued, "resends": 0, "token_id": job.token_id,
-    })
+        "enqueued_at": queued, "resends": 0, "token_id": caller.token_id if caller is not None else None,
+    }
+    # a race with a twin raises IntegrityError in these inserts (the caller takes the twin's job)
+    if ckpt_id is not None:  # stored before, for another probe or config: as stored
+        stored = session.get(Checkpoint, ckpt_id)
+        ckpt = _Checkpoint(stored.step, stored.phase, stored.uri)
+        conn.execute(_INSERT_JOB, values)
+    else:
+        ckpt = _Checkpoint(sub.step, phase, sub.uri)
+        checkpoint = {"run_id": run_id, "step": sub.step, "phase": phase, "uri": sub.uri,
+                      "fingerprint": sub.fingerprint, "created_at": queued}
+        if conn.dialect.name == "postgresql":  # one round trip for both rows
+            conn.execute(_INSERT_CHECKPOINT_AND_JOB, {f"j_{k}": v for k, v in values.items()}
+                         | {f"c_{k}": v for k, v in checkpoint.items()})
+        else:
+            values["checkpoint_id"] = conn.execute(_INSERT_CHECKPOINT, checkpoint).scalar_one()
+            conn.execute(_INSERT_JOB, values)
+    job = NewJob(id=values["id"], run=_Named(sub.run), checkpoint=ckpt, probe=_Named(probe.name),
+                 config=sub.config, queued_at=queued, token_id=values["token_id"])
     return job, True
 
 
