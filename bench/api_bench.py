@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -102,10 +103,8 @@ def cpu_seconds(pid: int) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     pids = [pid]
-    try:
+    with contextlib.suppress(OSError):  # no children file: the process alone
         pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        pass
     for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
