@@ -27,9 +27,8 @@ class Counting(httpx.BaseTransport):
         self.inner.close()
 
 
-def app_on_sqlite(tmp_path):
-    """The API app on a fresh SQLite database with its roots in ``tmp_path/roots``: (app, token,
-    database URL, roots)."""
+@pytest.fixture()
+def app_and_token(tmp_path, checkpoints):
     db = f"sqlite:///{tmp_path / 'lt.db'}"
     upgrade(db)
     with session_scope(db) as s:
@@ -38,13 +37,7 @@ def app_on_sqlite(tmp_path):
     roots.mkdir()
     settings = Settings(data_dir=tmp_path / "data", database_url=db, checkpoint_roots=str(roots),
                         sweep_interval_s=0)
-    return create_app(settings), token, db, roots
-
-
-@pytest.fixture()
-def app_and_token(tmp_path, checkpoints):
-    app, token, _db, _roots = app_on_sqlite(tmp_path)
-    return app, token
+    return create_app(settings), token
 
 
 def test_in_process_client_reads_and_gets_the_servers_message_on_4xx(app_and_token, checkpoints):
@@ -178,12 +171,17 @@ def test_the_client_returns_exactly_the_declared_keys_from_the_real_app(tmp_path
     from layertrack.workers.vocabulary import DEFAULT_METRIC, DeliveryStatus
     from services import synthetic_run
 
-    app, token, db, roots = app_on_sqlite(tmp_path)
+    db = f"sqlite:///{tmp_path / 'lt.db'}"
+    upgrade(db)
+    with session_scope(db) as s:
+        _row, token = create_token(s, "client-types")
+    roots = tmp_path / "roots"
     ckpt = shutil.copytree(checkpoints("llama"), roots / "run-c" / "step-5")
+    settings = Settings(data_dir=tmp_path / "data", database_url=db, checkpoint_roots=str(roots), sweep_interval_s=0)
     run = "org/typed"
     seen: dict[str, object] = {}
 
-    with Client.for_app(app, token) as c:
+    with Client.for_app(create_app(settings), token) as c:
         def call(name: str, *args, **kw):
             value = getattr(c, name)(*args, **kw)
             typed, many = _returns(getattr(Client, name))
