@@ -216,8 +216,8 @@ class StreamingStats:
         self.sum_x = zeros(n_h, d)  # Σ (x − p)
         self.gram_x = [zeros(d, d) for _ in range(n_h)]  # Σ (x − p)(x − p)ᵀ
         self.sq_x = zeros(n_h)  # Σ ‖x‖²  (uncentred, for norm_ratio)
-        self.abs_max = zeros(n_h)  # max |x| over every entry, and where: flat index in the batch's (n_b, d)
-        self.abs_max_dim = [0] * n_h
+        self.abs_max = zeros(n_h)  # max |x| over every entry; abs_max_dim: the dimension it sits in
+        self.abs_max_dim = torch.zeros(n_h, device=self.device, dtype=torch.int64)
         self.abs_hist = torch.zeros(n_h, MASSIVE_BINS, device=self.device, dtype=torch.int64)  # of log₂|x|
         # per pair (index j = i − first, pair i → i + 1)
         self.pivot_d: list[torch.Tensor | None] = [None] * (n_h - 1)
@@ -323,10 +323,10 @@ class StreamingStats:
         a = x.abs().view(-1)
         if a.numel() == 0:
             return
-        top = int(torch.argmax(a))
-        if float(a[top]) > float(self.abs_max[j]):
-            self.abs_max[j] = a[top]
-            self.abs_max_dim[j] = top % self.d
+        top = torch.argmax(a)  # on the device: no synchronisation per batch
+        better = a[top] > self.abs_max[j]
+        self.abs_max[j] = torch.where(better, a[top], self.abs_max[j])
+        self.abs_max_dim[j] = torch.where(better, top % self.d, self.abs_max_dim[j])
         lo, hi = MASSIVE_LOG2_RANGE
         bins = torch.log2(a).mul_(MASSIVE_BINS_PER_OCTAVE).floor_().clamp_(lo * MASSIVE_BINS_PER_OCTAVE,
                                                                             hi * MASSIVE_BINS_PER_OCTAVE - 1)
@@ -401,7 +401,7 @@ class StreamingStats:
             lam_max = float(lam[-1])
             anis = lam_max / traces[j] if traces[j] > 0 else float("nan")
             layers.append(LayerScores(layer=self.first + j, anisotropy=anis, effective_rank=_effective_rank(lam),
-                                      massive_activation=self._massive(j), massive_dim=self.abs_max_dim[j]))
+                                      massive_activation=self._massive(j), massive_dim=int(self.abs_max_dim[j])))
             if j < len(self.cross_xd):
                 pairs.append(self._solve_pair(j, cxx, lam, vec, traces[j + 1], config, fit_maps))
                 self.cross_xd[j] = None  # type: ignore[call-overload]
