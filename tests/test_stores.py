@@ -191,6 +191,22 @@ def test_s3_access_denied(tiny_single, monkeypatch):
         moto.close()
 
 
+def test_store_messages_are_classified_by_status_not_by_any_digits(s3_env):
+    """A duration, a port or an address that happens to hold 401, 403 or 412 is no status: the
+    message obstore gave when moto died mid-transfer ("... in 401.499544ms, after 3 retries ...
+    error sending request") is store_unreachable, not access_denied."""
+    store = open_store(parse(f"s3://{BUCKET}/x"))
+    cut = ("Generic S3 error: Error performing GET http://127.0.0.1:53673/b/x/model.safetensors in 401.499544ms, "
+           "after 3 retries, max_retries: 3, retry_timeout: 1s - HTTP error: error sending request")
+    assert isinstance(store._error(ConnectionError(cut), "'model.safetensors'"), StoreUnreachable)
+    for port_or_time in ("http://127.0.0.1:40312/b/x in 12ms", "in 403ms", "in 412 ms", "10.0.401.2"):
+        assert not stores._has_status(port_or_time, 401, 403, 412), port_or_time
+    denied = "Client error with status 403 Forbidden: <Error><Code>AccessDenied</Code></Error>"
+    assert isinstance(store._error(ConnectionError(denied), "'x'"), AccessDenied)
+    assert stores._has_status("Client error with status 401 Unauthorized", 401)
+    assert isinstance(store._error(ConnectionError("Client error with status 412: "), "'x'"), CheckpointIncomplete)
+
+
 # ------------------------------------------------------------------ local directories
 def test_local_store(tiny_sharded):
     store = open_store(parse(str(tiny_sharded.parent)))

@@ -323,14 +323,13 @@ class ObjectStore:
             if "NoSuchBucket" in text or "ContainerNotFound" in text:
                 return CheckpointNotFound(f"{where}: the {self._kind()} {self.location.container!r} does not exist")
             return CheckpointNotFound(f"{where} does not exist")
-        if isinstance(e, ox.PermissionDeniedError | ox.UnauthenticatedError | PermissionError) or re.search(
-                r"(?<![:\d])(403|401)(?!\d)|AccessDenied|Forbidden|AuthorizationFailure|InvalidAccessKeyId|"
-                r"SignatureDoesNotMatch", text):
+        if isinstance(e, ox.PermissionDeniedError | ox.UnauthenticatedError | PermissionError) or _has_status(
+                text, 401, 403) or re.search(
+                r"AccessDenied|Forbidden|AuthorizationFailure|InvalidAccessKeyId|SignatureDoesNotMatch", text):
             return AccessDenied(
                 f"{where}: access denied by the store ({_first_line(text)}). Give the workers credentials that may "
                 f"read it ({self._credentials_hint()})")
-        if isinstance(e, ox.PreconditionError) or "Precondition" in text or re.search(r"(?<![:\d])412(?!\d)", text):
-            # (a status 412, not the digits of a port such as 127.0.0.1:41245)
+        if isinstance(e, ox.PreconditionError) or "Precondition" in text or _has_status(text, 412):
             return CheckpointIncomplete(f"{where} changed while it was read (still being uploaded?)")
         if isinstance(e, ox.GenericError | ConnectionError | TimeoutError | OSError) and (
                 re.search(r"connect|timed? ?out|timeout|\b5\d\d\b|error sending request|retries|dns|reset|"
@@ -412,6 +411,14 @@ _CAUSES = (
     (r"SlowDown|Service ?Unavailable|\b503\b", "is overloaded (503 / SlowDown)"),
     (r"\b5\d\d\b|Internal ?Error", "answered with a server error (5xx)"),
 )
+
+
+def _has_status(text: str, *codes: int) -> bool:
+    """Whether the store's message carries one of these HTTP status codes — as a status, not as
+    the digits of a port (``127.0.0.1:41245``), an address or a duration (``in 401.49ms``, which
+    obstore prints for a connection that failed after 401 ms)."""
+    alts = "|".join(str(c) for c in codes)
+    return re.search(rf"(?<![:.\d])({alts})(?![\d.]|\s*(?:ms|s|µs)\b)", text) is not None
 
 
 def unreachable_cause(text: str) -> str:
