@@ -216,7 +216,10 @@ def test_a_streamed_score_runs_from_the_worker_install_alone(tmp_path, tokenizer
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
 
     def pip(*args: str) -> None:
-        r = subprocess.run([python, "-m", "pip", "install", "-q", *args], env=env, capture_output=True, text=True)
+        # --no-compile: byte-compiling every installed module (torch, transformers) took most of
+        # the install's time; the modules this test runs compile when first imported
+        r = subprocess.run([python, "-m", "pip", "install", "-q", "--no-compile", *args], env=env,
+                           capture_output=True, text=True)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     pip("torch==2.13.0")  # as the README says, before the project (the pinned build of this machine)
@@ -224,7 +227,7 @@ def test_a_streamed_score_runs_from_the_worker_install_alone(tmp_path, tokenizer
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
                                                                 ".pytest_cache", ".ruff_cache"))
-    pip(f"{source}[worker]")
+    pip("--no-build-isolation", f"{source}[worker]")  # the venv's own setuptools builds it
     modules = sorted(f"layertrack.workers.{p.stem}" for p in (REPO / "workers").glob("*.py") if p.stem != "__init__")
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     r = subprocess.run([python, "-c", code, *modules, "layertrack.service.queue", "layertrack.workers.streaming"],
