@@ -48,7 +48,7 @@ def schemathesis_exe() -> str:
     return exe
 
 
-@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+@pytest.fixture(scope="module")
 def fuzzed(request, tmp_path_factory, redis_server):
     """An API server (no worker) with something stored for every kind of path parameter; the
     names and ids of what is stored. Webhook targets on 127.0.0.1 are allowed (nothing is
@@ -180,7 +180,10 @@ def failure_text(output: str) -> str:
     return output[start:start + 12000] if start >= 0 else output[-6000:]
 
 
-@pytest.mark.parametrize("with_token", [False, True], ids=["no-token", "token"])
+# With a token on both databases; without one (every route but the public ones answers 401
+# before it reaches the database) on one.
+@pytest.mark.parametrize(("fuzzed", "with_token"), [("postgresql", True), ("sqlite", True), ("sqlite", False)],
+                         ids=["postgresql-token", "sqlite-token", "sqlite-no-token"], indirect=["fuzzed"])
 def test_every_generated_request_gets_a_documented_answer_and_no_5xx(fuzzed, with_token, tmp_path):
     doc = httpx.get(fuzzed.url + "/openapi.json").json()
     n_operations = sum(len(ops) for ops in doc["paths"].values())
