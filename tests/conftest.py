@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from leftover_processes import pytest_configure, pytest_sessionfinish  # noqa: F401 (hooks: the run fails on a leftover process)
+from leftover_processes import pytest_configure, pytest_sessionfinish, pytest_testnodedown  # noqa: F401 (hooks: the run fails on a leftover process)
 from tiny_models import build_checkpoint, train_tokenizer
 
 pytest_plugins = ["pytester"]  # tests/test_leftover_processes.py runs sessions of its own

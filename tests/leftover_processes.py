@@ -8,6 +8,9 @@ whose environment holds the marker, but this process and its ancestors, is a sur
 survivors get a grace period to exit; those still alive are killed (SIGKILL), listed (pid and
 command line) and the session's exit status is set to failure.
 
+Under pytest-xdist each worker checks its own processes and hands what it found to the
+controller (``workeroutput``), which reports it and fails the run.
+
 tests/conftest.py imports the hooks; another pytest session loads the plugin with
 ``-p leftover_processes`` (tests/ on its path).
 """
@@ -96,6 +99,9 @@ _KEY = pytest.StashKey[str]()
 
 @pytest.hookimpl(trylast=True)  # after _pytest.runner's, which tears the session's fixtures down
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    from_workers = session.config.stash.get(_FROM_WORKERS, None)
+    if from_workers:  # (pytest-xdist's controller; its workers ran the tests, it started nothing)
+        _report(session, from_workers)
     value = session.config.stash.get(_KEY, None)
     if value is None:
         return
@@ -120,6 +126,25 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     lines = [f"{len(listed)} process(es) started by the tests were still running when the session ended "
              f"(killed now; {MARKER}={value} in their environment):"]
     lines += [f"  pid {pid}: {cmd[:300]}" for pid, cmd in listed]
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: its exit status is not the run's; the controller reports
+        workeroutput["leftover_processes"] = lines
+        return
+    _report(session, lines)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """(pytest-xdist's controller) a worker ended: keep what it found left running."""
+    lines = getattr(node, "workeroutput", {}).get("leftover_processes")
+    if lines:
+        node.config.stash.setdefault(_FROM_WORKERS, []).extend([f"[{node.gateway.id}] {line}" for line in lines])
+
+
+_FROM_WORKERS = pytest.StashKey[list]()
+
+
+def _report(session: pytest.Session, lines: list[str]) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.ensure_newline()
