@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from leftover_processes import _alive
 
 TESTS = Path(__file__).parent
