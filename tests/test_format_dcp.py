@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,6 @@ import torch
 from layertrack.workers.errors import CheckpointUnreadable, MalformedWeights, PickleRefused
 from layertrack.workers.formats import dcp
 from safetensors.torch import load_file
-
-WRITER = Path(__file__).parent / "writers" / "dcp_fsdp2.py"
-
-
-@pytest.fixture(scope="session")
-def fsdp2(tmp_path_factory) -> Path:
-    """``OUT`` with ``step-3/`` (the DCP checkpoint) and ``oracle.safetensors``, built once."""
-    out = tmp_path_factory.mktemp("dcp-fsdp2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(WRITER), str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return out
 
 
 @pytest.fixture(scope="session")

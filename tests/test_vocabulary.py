@@ -22,8 +22,9 @@ WORKER_ONLY = {"batch_size", "device", "stats_memory_budget", "seed", "max_memor
                "compare_to"}
 #: the local ``score`` command's options that are not job options
 SCORE_LOCAL_ONLY = {"checkpoint", "probe", "batch_size", "device", "tokenizer", "seed", "max_memory", "plan", "json",
-                    "compare_to",
-                    "quiet"}
+                    "compare_to", "quiet",
+                    # the checkpoint's layout and architecture (local only until submissions carry them)
+                    "format", "model_config"}
 #: what a submission carries besides its scoring options
 SUBMISSION_ONLY = {"phase", "parent_run", "parent_step", "probe"}
 

@@ -40,7 +40,7 @@ from .engine import (
     plan_layer_groups,
     stats_bytes,
 )
-from .errors import CheckpointChanged, CheckpointError, OutOfMemory
+from .errors import CheckpointChanged, CheckpointError, FormatUnsupported, OutOfMemory
 from .planner import DEFAULT_BUDGET_SHARE, ModelShape, Plan, model_shape, plan_memory
 from .probe import DEFAULT_SEED, Probe, ProbeTokens, load_probe, tokenize_probe
 from .streaming import BlockRunner, WeightSource, build_streamed, read_header
@@ -582,6 +582,8 @@ class Prepared:
     headers: dict[str, tuple[dict, int]] | None
     plan: Plan
     shape: ModelShape | None
+    #: a training framework's checkpoint (workers/formats/native.py); None for a transformers one
+    native: Any = None
 
 
 def _dtype_bytes(dtype: torch.dtype) -> int:
@@ -596,22 +598,39 @@ def prepare(
     roots: list[str | Path] | None = None,
     tokenizer_path: str | Path | None = None,
     headers: dict[str, tuple[dict, int]] | None = None,
+    format: str | None = None,
+    model_config: str | Path | None = None,
 ) -> Prepared:
     """Check the checkpoint, tokenise the probe and plan the job's memory (nothing loaded).
-    ``headers``: the safetensors headers when the weight files are still being fetched."""
+    ``headers``: the safetensors headers when the weight files are still being fetched.
+    ``format`` names the checkpoint's layout (default: detected; workers/formats/native.py),
+    ``model_config`` gives the architecture of a framework checkpoint that carries none."""
     from transformers import AutoConfig
+
+    from .formats import native as formats
 
     path = ckpt.resolve_checkpoint_path(uri, roots)
     pending = {f: start + max((t["data_offsets"][1] for n, t in h.items() if n != "__metadata__"), default=0)
                for f, (h, start) in (headers or {}).items()}
-    info = ckpt.inspect_checkpoint(path, allow_pickle=config.allow_pickle, pending=pending)
+    native = None
+    if headers is None and format != "hf" and (format is not None or formats.detect(path) != "hf"):
+        native = formats.open_native(path, format=format, model_config=model_config)
+        info = ckpt.CheckpointInfo(path=path, config=native.architecture, model_type=native.model_type,
+                                   weights_format=native.format, weight_files=native.files,
+                                   fingerprint=native.fingerprint())
+    else:
+        info = ckpt.inspect_checkpoint(path, allow_pickle=config.allow_pickle, pending=pending)
     if not isinstance(probe, Probe):
         probe = load_probe(probe)
     tokenizer = ckpt.load_tokenizer(path, tokenizer_path)
     device = ckpt.pick_device(config.device)
     devices = cuda_devices(device, config.device)
     dtype = ckpt.pick_dtype(config.dtype, device)
-    hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    if native is not None:
+        arch = dict(native.architecture)
+        hf_config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    else:
+        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     d = hf_config.hidden_size
     seq_len = config.seq_len
     limit = max_positions(hf_config)
@@ -651,7 +670,19 @@ def prepare(
             shape = model_shape(tensors, hf_config.to_dict(), dtype_bytes=db, skip=skip)
         except ValueError:  # tensor names not numbered by block: transformers maps (or refuses) them
             shape = None
-    if shape is not None:
+    if native is not None:
+        size = native.n_elements * db  # the model in the job's dtype
+        if config.execution == "streamed" or size > budget:
+            raise FormatUnsupported(
+                f"the {native.format} checkpoint {str(path)!r} ({size / 2**20:.0f} MiB of weights in {dtype}) "
+                + ("is to be scored streamed" if config.execution == "streamed" else
+                   f"does not fit the memory budget of {budget / 2**20:.0f} MiB")
+                + f": streamed execution does not read {native.format} checkpoints yet; score it resident "
+                "(--execution resident, with --max-memory at least the weights' size)")
+        plan = Plan(mode="resident", passes=1, sequences_per_pass=n_seq, batch_sequences=batch,
+                    hidden_states="device", prefetch=False, budget=budget, weight_bytes=size, peak_bytes=size,
+                    stats_bytes=stats, devices=tuple(str(x) for x in devices))
+    elif shape is not None:
         plan = plan_memory(shape, dtype_bytes=db, n_sequences=n_seq, seq_len=seq_len, batch_sequences=batch,
                            budget=budget, stats_bytes=stats, device_type=device.type,
                            devices=tuple(str(x) for x in devices), force=config.execution)
@@ -662,7 +693,7 @@ def prepare(
                     stats_bytes=stats, devices=tuple(str(x) for x in devices))
     return Prepared(path=path, info=info, probe=probe, tokenizer=tokenizer, device=device, devices=devices,
                     dtype=dtype, hf_config=hf_config, seq_len=seq_len, tokens=tokens, warnings=warnings,
-                    headers=headers, plan=plan, shape=shape)
+                    headers=headers, plan=plan, shape=shape, native=native)
 
 
 def _group_stats_bytes(n_hidden: int, d: int, budget: int | None, device: torch.device) -> int:
@@ -700,6 +731,8 @@ def score_checkpoint(
     headers: dict[str, tuple[dict, int]] | None = None,
     ready: Callable[[str], None] | None = None,
     expect_fingerprint: str | None = None,
+    format: str | None = None,
+    model_config: str | Path | None = None,
 ) -> ScoreResult:
     """Score every block of the checkpoint at ``uri`` on the probe (default: built-in).
 
@@ -708,9 +741,14 @@ def score_checkpoint(
     returns once ``file`` is complete (the job then runs streamed, in the order of its
     blocks). ``expect_fingerprint``: the identity the checkpoint had when it was submitted
     (``CheckpointInfo.fingerprint``); CheckpointChanged when it is no longer that one, before
-    scoring or (for a checkpoint on disk) once scored."""
+    scoring or (for a checkpoint on disk) once scored. ``format`` and ``model_config``: see
+    :func:`prepare`."""
     t0 = time.perf_counter()
-    prep = prepare(uri, probe=probe, config=config, roots=roots, tokenizer_path=tokenizer_path, headers=headers)
+    prep = prepare(uri, probe=probe, config=config, roots=roots, tokenizer_path=tokenizer_path, headers=headers,
+                   format=format, model_config=model_config)
+    if prep.native is not None and (config.dynamics or config.compare_to is not None):
+        raise FormatUnsupported(f"weight updates between {prep.native.format} checkpoints are not measured yet; "
+                                "score it without --compare-to / --dynamics")
     plan, tokens, device, dtype, info = prep.plan, prep.tokens, prep.device, prep.dtype, prep.info
     if expect_fingerprint is not None and info.fingerprint != expect_fingerprint:
         raise CheckpointChanged(f"checkpoint {uri} changed after it was submitted (its files were written again): "
@@ -734,6 +772,14 @@ def score_checkpoint(
         base_runner = runner.view(base)
         if keep:
             model = base
+    elif prep.native is not None:
+        from .formats.native import build_model
+
+        with ckpt.translate_oom(f"loading {str(prep.path)!r}",
+                                "Use a smaller --dtype (bfloat16), a machine with more memory, or free memory first."):
+            lm = build_model(prep.native, device=device, dtype=dtype, with_lm_head=True) if config.replaceability \
+                else None
+            model = lm.base_model if lm is not None else build_model(prep.native, device=device, dtype=dtype)
     else:
         placement = _device_map(prep)
         lm = ckpt.load_model(info, device=device, dtype=dtype, with_lm_head=True,
@@ -768,8 +814,9 @@ def score_checkpoint(
         if streamed:
             streamed_model.close()
     if expect_fingerprint is not None and headers is None:  # on disk all along: the same bytes to the end?
-        again = ckpt.inspect_checkpoint(prep.path, allow_pickle=config.allow_pickle, check_causal_lm=False)
-        if again.fingerprint != info.fingerprint:
+        again = prep.native.fingerprint() if prep.native is not None else ckpt.inspect_checkpoint(
+            prep.path, allow_pickle=config.allow_pickle, check_causal_lm=False).fingerprint
+        if again != info.fingerprint:
             raise CheckpointChanged(f"checkpoint {uri} changed while it was being scored (its files were written "
                                     "again): its scores would mix two versions; submit it again once written")
     dynamics = _weight_updates(prep.path, scores, config, roots) if config.dynamics is not False and (

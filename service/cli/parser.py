@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
             "cosine, norm ratio and anisotropy. Runs here, without the service (needs the worker extra)."
         ),
     )
-    score.add_argument("checkpoint", metavar="PATH_OR_URI", help="checkpoint directory or file:// URI")
+    score.add_argument("checkpoint", metavar="PATH_OR_URI",
+                       help="checkpoint directory or file:// URI (a transformers save, nanoGPT's out dir, "
+                            "a DCP step dir)")
     score.add_argument("--probe", metavar="FILE", help="probe text, a UTF-8 .txt or .jsonl file (default: built-in)")
     score.add_argument("--max-tokens", type=positive_int, metavar="N",
                        help=f"probe tokens to score (default: max({DEFAULT_MIN_TOKENS}, "
@@ -237,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not score the first token of each sequence (attention sink)")
     score.add_argument("--tokenizer", metavar="DIR",
                        help="tokenizer directory, for a checkpoint saved without one (default: the checkpoint's)")
+    score.add_argument("--format", choices=("hf", "nanogpt", "dcp"),
+                       help="the checkpoint's layout (default: detected): hf (config.json + safetensors), nanogpt "
+                            "(ckpt.pt), dcp (torch.distributed.checkpoint .metadata + .distcp, the model under "
+                            "'model.' in transformers names)")
+    score.add_argument("--model-config", metavar="FILE|DIR",
+                       help="the transformers config.json of the architecture, for a checkpoint that carries none "
+                            "(dcp) or to use instead of the one it carries")
     score.add_argument("--allow-pickle", action="store_true",
                        help="allow pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
     score.add_argument("--seed", type=int, default=0, help="seed of the probe's document order (default: 0)")

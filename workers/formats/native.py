@@ -1,0 +1,249 @@
+"""Checkpoints as training frameworks write them, opened as one thing: a :class:`Native`
+checkpoint knows its format, the files that make it, its identity, its architecture (a
+transformers config), the mapping of its tensors onto that architecture's parameters, and
+reads the model's tensors alone (never the optimizer's, the scheduler's or the data
+loader's).
+
+A directory with ``config.json`` is a Hugging Face checkpoint and does not come here
+(``workers/checkpoint.py`` reads it). Any other directory is recognised by its layout
+(:data:`FORMATS`), or named with ``--format``:
+
+    nanogpt  ``ckpt.pt`` holding ``model`` and ``model_args`` (nanoGPT's train.py)
+    dcp      ``.metadata`` + ``__R_I.distcp`` (torch.distributed.checkpoint) with the model's
+             tensors under ``model.`` named as the transformers model names its parameters
+             (accelerate's FSDP SHARDED_STATE_DICT, FSDP2's ``get_model_state_dict``); the
+             architecture is given with ``--model-config``
+
+Scoring reads them resident (the whole model in memory); a checkpoint whose model does not
+fit the memory budget is refused until streamed execution reads these formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArchitectureMissing, FormatUnsupported, NotAModelDirectory
+from . import dcp, mapping, nanogpt, torchsave
+
+#: format name -> what its directory looks like (for the error that lists them)
+FORMATS = {
+    "hf": "config.json beside model.safetensors (or shards and their index): a transformers save_pretrained",
+    "nanogpt": "ckpt.pt holding 'model' and 'model_args', as nanoGPT's train.py saves it",
+    "dcp": ".metadata beside __0_0.distcp, ... (torch.distributed.checkpoint) with the model under 'model.' in "
+           "transformers names (accelerate FSDP, FSDP2); needs --model-config",
+}
+NANOGPT_FILE = "ckpt.pt"
+IDENTITY = "layertrack native checkpoint identity v1"
+IDENTITY_SAMPLES = 16
+IDENTITY_SAMPLE_BYTES = 4096
+
+
+def known_formats() -> str:
+    return "; ".join(f"{name}: {looks}" for name, looks in FORMATS.items())
+
+
+def detect(path: Path) -> str | None:
+    """The format of the directory ``path`` from its layout, or None."""
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / dcp.METADATA).is_file():
+        return "dcp"
+    if (path / NANOGPT_FILE).is_file():
+        return "nanogpt"
+    return None
+
+
+@dataclass
+class Native:
+    """One framework checkpoint, indexed from its metadata (no weight read yet)."""
+
+    format: str
+    path: Path
+    #: the files that make the checkpoint, relative to ``path`` (the model's and the others')
+    files: tuple[str, ...]
+    #: the transformers config, as config.json would hold it
+    architecture: dict[str, Any]
+    targets: list[mapping.Target]
+    #: checkpoint tensors the mapping leaves out on purpose (buffers, a tied head's second name)
+    ignored: list[str]
+    #: the model's tensors by the mapping's source names: name -> bytes to read
+    tensor_bytes: dict[str, int]
+    _read: Callable[[str], Any] = field(repr=False)
+    #: the model's elements (a storage two names share counted once)
+    n_elements: int = 0
+    #: the file that holds the metadata (its bytes are part of the identity)
+    metadata_file: str = ""
+
+    @property
+    def model_type(self) -> str:
+        return self.architecture["model_type"]
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(self.tensor_bytes.values())
+
+    def read(self, name: str):
+        return self._read(name)
+
+    def fingerprint(self) -> str:
+        """The checkpoint's identity: sha256 over the format, the metadata file's bytes, every
+        file's name, size, inode and modification and status-change times, and 16 ranges of
+        4 KiB spread over each file (as for safetensors checkpoints): rewritten bytes give a new
+        identity, the same files untouched the same one. The architecture given with
+        --model-config is part of it too (the same tensors read as another model score
+        differently)."""
+        h = hashlib.sha256(IDENTITY.encode())
+        h.update(f"\0{self.format}\0".encode())
+        h.update(json.dumps(self.architecture, sort_keys=True, default=str).encode())
+        for name in self.files:
+            file = self.path / name
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                st = os.fstat(fd)
+                h.update(f"\0{name}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0".encode())
+                if name == self.metadata_file:
+                    h.update(os.pread(fd, st.st_size, 0))
+                else:
+                    _add_samples(h, fd, st.st_size)
+            finally:
+                os.close(fd)
+        return h.hexdigest()
+
+    def check(self, parameters) -> None:
+        mapping.check(self.targets, parameters, self.tensor_bytes, ignored=self.ignored,
+                      what=f"the {self.format} checkpoint {str(self.path)!r}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{parameter: tensor}`` of the transformers model (each source read once)."""
+        return mapping.materialize(self.targets, self.read)
+
+
+def _add_samples(h: Any, fd: int, size: int) -> None:
+    if size <= IDENTITY_SAMPLES * IDENTITY_SAMPLE_BYTES:
+        offsets = range(0, size, IDENTITY_SAMPLE_BYTES)
+    else:
+        step = (size - IDENTITY_SAMPLE_BYTES) / (IDENTITY_SAMPLES - 1)
+        offsets = (int(i * step) for i in range(IDENTITY_SAMPLES))
+    for offset in offsets:
+        h.update(os.pread(fd, min(IDENTITY_SAMPLE_BYTES, size - offset), offset))
+
+
+def model_config_dict(source: str | Path) -> dict[str, Any]:
+    """A transformers config from ``--model-config``: a config.json file or a directory with one."""
+    from ..checkpoint import read_small_file
+
+    p = Path(source).expanduser()
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        raise ArchitectureMissing(f"--model-config {str(source)!r}: no such file (give a transformers config.json, "
+                                  "or the directory that holds one)")
+    try:
+        config = json.loads(read_small_file(file))
+    except ValueError as e:
+        raise ArchitectureMissing(f"--model-config {str(file)!r} is not JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ArchitectureMissing(f"--model-config {str(file)!r} is not a transformers config (it has no "
+                                  "\"model_type\")")
+    return config
+
+
+def open_native(path: Path, *, format: str | None = None, model_config: str | Path | None = None) -> Native:
+    """The framework checkpoint in the directory ``path`` (``format`` names it; else it is
+    detected). ``model_config``: the architecture for a format that carries none (or to use
+    instead of the one it carries)."""
+    fmt = format or detect(path)
+    if fmt is None:
+        raise NotAModelDirectory(
+            f"{str(path)!r} is not a model directory: it has no config.json and no layout layertrack reads. "
+            f"The formats known: {known_formats()}. Name one with --format when it is there but not found"
+        )
+    if fmt not in FORMATS:
+        raise FormatUnsupported(f"unknown format {fmt!r}; the formats known: {', '.join(FORMATS)}")
+    given = model_config_dict(model_config) if model_config is not None else None
+    if fmt == "nanogpt":
+        return _open_nanogpt(path, given)
+    if fmt == "dcp":
+        return _open_dcp(path, given)
+    raise FormatUnsupported(f"format {fmt!r} is read by the Hugging Face loader, not here")  # "hf"
+
+
+def _open_nanogpt(path: Path, given: dict[str, Any] | None) -> Native:
+    file = path / NANOGPT_FILE
+    shown = repr(str(file))
+    if not file.is_file():
+        raise FormatUnsupported(f"{str(path)!r} holds no {NANOGPT_FILE}, the file nanoGPT's train.py writes")
+    read_at, size = torchsave.local_reader(file)
+    index = torchsave.read_index(read_at, size, shown)
+    if not nanogpt.is_nanogpt(index):
+        raise FormatUnsupported(f"{shown} is not a nanoGPT checkpoint: it has no 'model' state dict beside "
+                                "'model_args'")
+    arch = given or nanogpt.architecture(index, shown)
+    tensors = nanogpt.model_tensors(index)
+    targets = nanogpt.targets(index, arch)
+
+    def read(name: str):
+        return torchsave.read_tensor(index.tensors[nanogpt.source_name(name, index)], read_at)
+
+    # a storage shared by two names (a tied head) is read once
+    by_storage = {t.storage: t for t in tensors.values()}
+    tensor_bytes = {n: by_storage.pop(t.storage).nbytes if t.storage in by_storage else 0 for n, t in tensors.items()}
+    n_elements = sum(math.prod(t.shape) for t in {t.storage: t for t in tensors.values()}.values())
+    return Native("nanogpt", path, (NANOGPT_FILE,), arch, targets, nanogpt.ignored(index), tensor_bytes, read,
+                  n_elements=n_elements)
+
+
+def _open_dcp(path: Path, given: dict[str, Any] | None) -> Native:
+    index = dcp.read_metadata(path)
+    model = index.under("model.")
+    if not model:
+        raise FormatUnsupported(
+            f"the DCP checkpoint {str(path)!r} has no tensors under 'model.' (it holds "
+            f"{', '.join(sorted({n.split('.')[0] for n in index.tensors})[:8]) or 'no tensors'}); layertrack reads "
+            "DCP checkpoints whose model state dict is saved under the key 'model'")
+    if given is None:
+        raise ArchitectureMissing(
+            f"the DCP checkpoint {str(path)!r} carries no architecture: give the transformers config of the model "
+            "it was trained as with --model-config FILE|DIR (a config.json)")
+    targets = mapping.renamed({n: n for n in model})
+    read_range = dcp.local_ranges(path)
+    shown = repr(str(path))
+
+    def read(name: str):
+        return dcp.read_tensor(model[name], read_range, shown)
+
+    files = (dcp.METADATA, *index.files)
+    return Native("dcp", path, files, given, targets, [], {n: t.stored_bytes for n, t in model.items()}, read,
+                  n_elements=sum(math.prod(t.shape) for t in model.values()), metadata_file=dcp.METADATA)
+
+
+def build_model(native: Native, *, device=None, dtype=None, with_lm_head: bool = False):
+    """The transformers model of ``native``'s architecture with its mapped weights, in eval
+    mode: built without initialising weights (parameters on the meta device, buffers real),
+    checked against the mapping (``mapping_incomplete`` before anything is read), then given
+    the checkpoint's tensors. The base model unless ``with_lm_head``."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    arch = dict(native.architecture)
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    native.check(model.state_dict())
+    state = native.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return model if with_lm_head else model.base_model
