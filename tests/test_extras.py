@@ -140,6 +140,19 @@ def _all_files(*folders: str) -> list[Path]:
     return [p for f in folders for p in sorted((REPO / f).rglob("*.py")) if ".venv" not in p.parts]
 
 
+def test_every_package_of_the_sources_is_in_the_distribution():
+    """A sub-package missing from pyproject's package list installs nowhere but an editable
+    checkout (CI once found layertrack.workers.formats absent from the worker install)."""
+    found = set()
+    for folder, name in ROOTS.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
+            found.add(".".join([name, *rel.parts]))
+    declared = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    assert found - declared == set(), f"add to [tool.setuptools] packages: {sorted(found - declared)}"
+    assert declared - found == set(), f"listed but not in the sources: {sorted(declared - found)}"
+
+
 def test_the_api_side_imports_at_import_time_only_what_the_base_install_has():
     """`pip install -e .` (no extra): every module the API and the CLI import when they start
     (module-level imports, followed through our own modules) comes with the base install."""
