@@ -54,6 +54,10 @@ class Progress:
             for key in CARRIED_STORE_FIELDS:
                 self.state[key] = previous.get(key)
         self._lock = threading.Lock()
+        # held from taking a copy of the state to the end of writing it: writes land in the
+        # order their copies were taken (a periodic write of "fetching" could otherwise land
+        # after the "scoring" written at the phase change, and stay there)
+        self._write_lock = threading.Lock()
         self._dirty = False
         self._t0 = time.monotonic()
         self._stop = threading.Event()
@@ -95,9 +99,11 @@ class Progress:
         self.flush()
 
     def fetched(self, done: int, total: int) -> None:
-        """The fetch's progress callback: bytes of the checkpoint present in the cache so far."""
+        """The fetch's progress callback: bytes of the checkpoint present in the cache so far
+        (a late call, after the fetch has moved on to another phase, changes nothing)."""
         with self._lock:
-            self._show_fetch(done, total)
+            if self.state["phase"] == "fetching":
+                self._show_fetch(done, total)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -107,16 +113,20 @@ class Progress:
             return dict(self.state)
 
     def flush(self) -> None:
-        with self._lock:
-            if not self._dirty:
-                return
-            state, self._dirty = dict(self.state), False
-        try:
-            jobs.set_progress(self.db_url, self.job_id, self.worker, state)
-        except Exception as e:
-            log.warning("progress of job %s not written: %s", self.job_id, e)
+        with self._write_lock:
             with self._lock:
-                self._dirty = True
+                if not self._dirty:
+                    return
+                state, self._dirty = dict(self.state), False
+            try:
+                self._write(state)
+            except Exception as e:
+                log.warning("progress of job %s not written: %s", self.job_id, e)
+                with self._lock:
+                    self._dirty = True
+
+    def _write(self, state: dict[str, Any]) -> None:
+        jobs.set_progress(self.db_url, self.job_id, self.worker, state)
 
     def close(self) -> None:
         self._stop.set()

@@ -143,3 +143,44 @@ def test_the_default_budget_allows_six_attempts_and_slow_attempts_use_it_up_soon
 def test_times_in_messages_name_the_date_only_when_it_is_not_today():
     assert job_runner.clock(T0 + timedelta(seconds=65), T0) == "14:31:05 UTC"
     assert job_runner.clock(T0 + timedelta(hours=10), T0) == "2026-12-04 00:30:00 UTC"
+
+
+class _HeldProgress(Progress):
+    """Progress whose writes are recorded instead of stored; the first write waits until
+    released (a periodic write still on its way to the database)."""
+
+    def __init__(self):
+        super().__init__("sqlite://", "job", "w", 3600.0, None)
+        import threading
+        self.written: list[dict] = []
+        self.first_started, self.release = threading.Event(), threading.Event()
+
+    def _write(self, state):
+        if not self.written and not self.first_started.is_set():
+            self.first_started.set()
+            self.release.wait(30)
+        self.written.append(state)
+
+
+def test_a_slow_progress_write_never_lands_after_the_phase_change_that_followed_it():
+    """CI once showed a succeeded remote job whose progress still said "fetching": a periodic
+    write copied the state, the phase change to "scoring" was written, then the periodic one
+    landed over it. Writes land in the order their copies were taken; a late fetch callback
+    does not change a phase that has moved on."""
+    import threading
+
+    p = _HeldProgress()
+    p.fetched(100, 100)
+    periodic = threading.Thread(target=p.flush)
+    periodic.start()
+    assert p.first_started.wait(30)
+    change = threading.Thread(target=p.phase, args=("scoring", "fetched; scoring"))
+    change.start()
+    change.join(2)  # without ordered writes the change is written now, while the periodic one waits
+    p.release.set()
+    periodic.join(30)
+    change.join(30)
+    p.fetched(100, 100)  # late
+    p.flush()
+    assert [w["phase"] for w in p.written] == ["fetching", "scoring"], p.written
+    assert p.snapshot()["phase"] == "scoring" and p.snapshot()["message"] == "fetched; scoring"
