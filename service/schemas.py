@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from layertrack.workers.vocabulary import (
+    CHECKPOINT_FORMATS,
     DEFAULT_HOLDOUT_TOKENS,
     DEFAULT_PROBE,
     DEFAULT_SEQ_LEN,
@@ -200,7 +201,9 @@ RunName = Annotated[
 
 
 class ScoreOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # ``architecture`` is ``model_config`` in JSON (pydantic keeps that name for itself)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_by_name=False, validate_by_alias=True,
+                              serialize_by_alias=True, protected_namespaces=())
 
     max_tokens: bounded_int(1, 10_000_000) | None = None
     seq_len: bounded_int(2, 131_072) = DEFAULT_SEQ_LEN
@@ -216,6 +219,17 @@ class ScoreOptions(BaseModel):
     #: (default) when that checkpoint is on a local path, True also otherwise (absent, with
     #: the reason, when it cannot be read), False never
     dynamics: bool | None = None
+    #: the checkpoint's layout; None: detected from its files (config.json: hf; ckpt.pt: nanogpt;
+    #: .metadata: dcp)
+    format: Literal[CHECKPOINT_FORMATS] | None = None
+    #: a transformers config.json, or its directory, for a checkpoint that carries no
+    #: architecture (dcp); a local path under the checkpoint roots
+    architecture: text(min_length=1, max_length=4096) | None = Field(
+        default=None, alias="model_config",
+        description="a transformers config.json (or its directory) under the checkpoint roots, for a checkpoint "
+                    "that carries no architecture (format dcp)")
+    #: a tokenizer directory for a checkpoint saved without one, under the checkpoint roots
+    tokenizer: text(min_length=1, max_length=4096) | None = None
 
 
 class CheckpointIn(BaseModel):

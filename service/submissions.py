@@ -17,7 +17,14 @@ from typing import Any
 
 from layertrack.workers import checkpoint as ckpt_files  # stdlib only: no torch
 from layertrack.workers import locations  # stdlib only: no store client
-from layertrack.workers.errors import LayertrackError
+from layertrack.workers.errors import (
+    ArchitectureMissing,
+    CheckpointNotFound,
+    CheckpointOutsideRoots,
+    FormatUnsupported,
+    LayertrackError,
+)
+from layertrack.workers.formats import native  # stdlib only at import: no torch
 from layertrack.workers.probe import default_probe
 from layertrack.workers.vocabulary import DEFAULT_PROBE, REPLACEABILITY_METRICS, JobStatus, Phase
 from sqlalchemy import and_, bindparam, select
@@ -273,17 +280,41 @@ def accept_checkpoint(
     if replaceable and not body.config.replaceability:
         raise Invalid(f"metric(s) {', '.join(replaceable)} need config.replaceability = true")
     config = body.config.model_dump()
+    for key in ("format", "model_config", "tokenizer"):  # not given: left out, so a job's identity (its config's
+        if config[key] is None:                          # hash) is what it was before these options existed
+            del config[key]
     config["metrics"] = body.metrics or job_metrics(config)
     if remote_roots is None:
         settings = session.info.get("settings")
         remote_roots = settings.remote_roots if settings is not None else []
     try:
+        for key in ("model_config", "tokenizer"):  # local files the worker reads beside the checkpoint
+            if key in config:
+                config[key] = str(_local_beside(config[key], roots, key))
+        fmt = config.get("format")
         if is_remote(body.uri):
+            if fmt not in (None, "hf"):
+                raise FormatUnsupported(f"{fmt} checkpoints are read from local paths only, so far; copy it under a "
+                                        "checkpoint root, or convert it to a transformers checkpoint in the store")
             uri, fingerprint = check_remote(body.uri, remote_roots)
         else:
             path = ckpt_files.resolve_checkpoint_path(body.uri, require_roots(roots))
-            info = ckpt_files.inspect_checkpoint(path, allow_pickle=body.config.allow_pickle, check_causal_lm=False)
-            uri, fingerprint = str(path), info.fingerprint
+            if fmt is None and not (path / "config.json").is_file():
+                fmt = native.detect(path)
+            if fmt not in (None, "hf"):  # a training framework's layout: its identity from its files
+                if fmt == "dcp" and config.get("model_config") is None:
+                    raise ArchitectureMissing(
+                        f"the DCP checkpoint {str(path)!r} carries no architecture: give config.model_config, a "
+                        "transformers config.json under the checkpoint roots (--model-config)")
+                fingerprint = native.identity(path, fmt, config.get("model_config"))
+            else:
+                info = ckpt_files.inspect_checkpoint(path, allow_pickle=body.config.allow_pickle,
+                                                     check_causal_lm=False)
+                fingerprint = info.fingerprint
+            uri = str(path)
+    except OSError as e:
+        raise Invalid(f"checkpoint {body.uri!r} cannot be read ({e.strerror or e})", code="checkpoint_unreadable",
+                      title="Invalid checkpoint") from None
     except LayertrackError as e:
         raise Invalid(e.message, code=e.code, title="Invalid checkpoint") from None
     sub = Submission(
@@ -311,6 +342,24 @@ def accept_checkpoint(
             session.rollback()
             raise
     raise AssertionError("unreachable")
+
+
+def _local_beside(value: str, roots: list, what: str):
+    """A local file or directory a job reads beside its checkpoint (``model_config``,
+    ``tokenizer``), resolved, which must lie under the checkpoint roots."""
+    import os
+    from pathlib import Path
+
+    if is_remote(value):
+        raise Invalid(f"config.{what} {value!r} must be a local path under the checkpoint roots", code="invalid_uri")
+    real = Path(os.path.realpath(Path(value.removeprefix("file://")).expanduser().absolute()))
+    real_roots = [Path(os.path.realpath(Path(r).expanduser().absolute())) for r in require_roots(roots)]
+    if not ckpt_files._inside(real, real_roots):
+        raise CheckpointOutsideRoots(f"config.{what} {value!r} resolves to {str(real)!r}, outside the checkpoint roots "
+                                     f"({', '.join(map(str, real_roots))}); put it under one")
+    if not real.exists():
+        raise CheckpointNotFound(f"config.{what} {value!r} does not exist")
+    return real
 
 
 def _receipt_taken(session: Session, receipt: Any) -> bool:

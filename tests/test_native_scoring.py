@@ -170,3 +170,101 @@ def test_tensors_read_are_the_models_not_the_optimizers(dcp_case):
     assert set(ckpt.state_dict()) == set(state)
     for name, t in ckpt.state_dict().items():
         torch.testing.assert_close(t, state[name], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ through the service
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, redis_server):
+    from services import live_service
+
+    with live_service(tmp_path_factory.mktemp("native-live"), redis_server.new_url()) as svc:
+        yield svc
+
+
+def test_framework_checkpoints_are_jobs_like_any_other(live, dcp_case, tokenizer):
+    """A DCP directory (with config.model_config and config.tokenizer) and a nanoGPT out dir
+    (detected) submitted to the real service: the worker scores them as the CLI does; the same
+    submission again is the same job; a DCP checkpoint without its architecture, a model_config
+    outside the roots and a framework checkpoint in a store are refused at submission."""
+    import uuid
+
+    step, _, hf = dcp_case
+    run = f"native-{uuid.uuid4().hex[:6]}"
+    base = live.roots / run
+    shutil.copytree(step, base / "step-3")
+    shutil.copy(hf / "config.json", base / "llama.json")
+    tokenizer.save_pretrained(base / "tok")
+    (base / "nano").mkdir()
+    write_ckpt(base / "nano" / "ckpt.pt", bias=True, compiled=False)
+    cfg = {"max_tokens": 384, "seq_len": 64, "model_config": str(base / "llama.json"), "tokenizer": str(base / "tok")}
+    with live.client() as c:
+        job, created = c.submit_checked(run=run, step=3, uri=str(base / "step-3"), config=cfg)
+        assert created
+        done = c.wait(job["id"], timeout=300, poll=0.3)
+        assert done["status"] == "succeeded", (done, live.logs())
+        again, created = c.submit_checked(run=run, step=3, uri=str(base / "step-3"), config=cfg)
+        assert not created and again["id"] == job["id"]
+        cli = score(str(base / "step-3"), "--model-config", str(base / "llama.json"), "--tokenizer",
+                    str(base / "tok"))
+        got = {s["layer"]: s["values"][0] for s in c.scores(run, metric="linearity")["series"]}
+        assert got == pytest.approx({p["layer"]: p["linearity"] for p in cli["pairs"]}, rel=1e-9, abs=1e-12)
+
+        nano = c.wait(c.submit(run=run + "-nano", step=1, uri=str(base / "nano"),
+                               config={"max_tokens": 384, "seq_len": 64, "tokenizer": str(base / "tok")})["id"],
+                      timeout=300, poll=0.3)
+        assert nano["status"] == "succeeded", (nano, live.logs())
+        assert c.job(nano["id"])["config"].get("format") is None  # detected by the worker, not asked for
+
+        from layertrack.service.client import ApiError
+
+        with pytest.raises(ApiError) as e:
+            c.submit(run=run, step=4, uri=str(base / "step-3"), config={"tokenizer": str(base / "tok")})
+        assert e.value.code == "architecture_missing" and "model_config" in str(e.value), e.value
+        with pytest.raises(ApiError) as e:
+            c.submit(run=run, step=5, uri=str(base / "step-3"), config={**cfg, "model_config": "/etc/hostname"})
+        assert e.value.code == "checkpoint_outside_roots", e.value
+        with pytest.raises(ApiError) as e:
+            c.submit(run=run, step=6, uri="s3://bucket/run/step-3", config={"format": "dcp"})
+        assert e.value.code == "format_unsupported", e.value
+
+
+def test_watch_submits_a_framework_checkpoint_once_its_framework_finished_writing_it(live, tokenizer, tmp_path):
+    """`layertrack watch --once` over nanoGPT out dirs: a whole ckpt.pt is submitted (format
+    detected, tokenizer given once on the command line for the series), one still being written
+    (its zip archive cut) waits and is submitted when whole."""
+    import subprocess
+    import uuid
+
+    run = f"watch-nano-{uuid.uuid4().hex[:6]}"
+    watched = live.roots / run
+    tokenizer.save_pretrained(live.roots / f"{run}-tok")
+    (watched / "step-1").mkdir(parents=True)
+    write_ckpt(watched / "step-1" / "ckpt.pt", bias=True, compiled=False)
+    write_ckpt(tmp_path / "whole.pt", bias=False, compiled=True)
+    data = (tmp_path / "whole.pt").read_bytes()
+    (watched / "step-2").mkdir()
+    (watched / "step-2" / "ckpt.pt").write_bytes(data[: len(data) - 200])  # the central directory not written yet
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERTRACK_")}
+    env.update(LAYERTRACK_URL=live.url, LAYERTRACK_TOKEN=live.token, LAYERTRACK_DATA_DIR=str(tmp_path / "cli"))
+    args = [EXE, "watch", str(watched), "--run", run, "--once", "--settle", "0.2", "--tokenizer",
+            str(live.roots / f"{run}-tok"), "--max-tokens", "384", "--seq-len", "64"]
+
+    def watch() -> str:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+        return r.stdout
+
+    out = watch()
+    lines = out.splitlines()
+    assert [ln.split()[4] for ln in lines if ln.startswith("submitted ")] == ["1"], out
+    assert any(ln.startswith("waiting  step 2") and "not a whole torch.save archive" in ln for ln in lines), out
+    (watched / "step-2" / "ckpt.pt").write_bytes(data)
+    out = watch()
+    assert [ln.split()[4] for ln in out.splitlines() if ln.startswith("submitted ")] == ["2"], out
+    with live.client() as c:
+        jobs = sorted(c.jobs(run=run), key=lambda j: j["step"])
+        assert [j["step"] for j in jobs] == [1, 2]
+        for j in jobs:
+            assert j["config"]["tokenizer"] == os.path.realpath(live.roots / f"{run}-tok")
+            done = c.wait(j["id"], timeout=300, poll=0.3)
+            assert done["status"] == "succeeded", (done, live.logs())

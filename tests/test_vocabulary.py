@@ -21,10 +21,8 @@ from layertrack.workers.vocabulary import SCORE_OPTION_DEFAULTS, SCORE_OPTIONS
 WORKER_ONLY = {"batch_size", "device", "stats_memory_budget", "seed", "max_memory", "execution", "engine",
                "compare_to"}
 #: the local ``score`` command's options that are not job options
-SCORE_LOCAL_ONLY = {"checkpoint", "probe", "batch_size", "device", "tokenizer", "seed", "max_memory", "plan", "json",
-                    "compare_to", "quiet",
-                    # the checkpoint's layout and architecture (local only until submissions carry them)
-                    "format", "model_config"}
+SCORE_LOCAL_ONLY = {"checkpoint", "probe", "batch_size", "device", "seed", "max_memory", "plan", "json",
+                    "compare_to", "quiet"}
 #: what a submission carries besides its scoring options
 SUBMISSION_ONLY = {"phase", "parent_run", "parent_step", "probe"}
 
@@ -44,7 +42,7 @@ def test_the_service_takes_the_vocabularys_options():
 
 
 def test_the_api_body_has_exactly_the_options_and_their_defaults():
-    fields = ScoreOptions.model_fields
+    fields = {f.alias or k: f for k, f in ScoreOptions.model_fields.items()}  # JSON's names
     assert tuple(fields) == SCORE_OPTIONS
     assert {k: f.default for k, f in fields.items()} == SCORE_OPTION_DEFAULTS
     assert ScoreOptions().model_dump() == SCORE_OPTION_DEFAULTS
@@ -73,7 +71,8 @@ def test_the_submitting_commands_have_every_option_and_leave_defaults_to_the_ser
     assert {k: options[k].default for k in SCORE_OPTIONS} == {k: False if isinstance(v, bool) else None
                                                             for k, v in SCORE_OPTION_DEFAULTS.items()}
     given = {"max_tokens": 700, "seq_len": 64, "drop_first_token": True, "dtype": "float32", "replaceability": True,
-             "holdout_tokens": 32, "allow_pickle": True, "dynamics": False}
+             "holdout_tokens": 32, "allow_pickle": True, "dynamics": False, "format": "dcp",
+             "model_config": "/ckpts/llama/config.json", "tokenizer": "/ckpts/tok"}
     assert set(given) == set(SCORE_OPTIONS)
     argv = ["r", "1", "/c"] if command == "submit" else ["/c", "--run", "r"]
     flags = [f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}"

@@ -90,6 +90,12 @@ class ScoreConfig:
     #: an earlier checkpoint of the same architecture (a path under the roots) to measure
     #: weight_update against; the service sets it to the run's previous scored checkpoint
     compare_to: str | None = None
+    #: the checkpoint's layout (workers/formats/native.py); None: detected
+    format: str | None = None
+    #: a transformers config.json (or its directory) for a checkpoint that carries no architecture
+    model_config: str | None = None
+    #: a tokenizer directory for a checkpoint saved without one
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -603,12 +609,17 @@ def prepare(
 ) -> Prepared:
     """Check the checkpoint, tokenise the probe and plan the job's memory (nothing loaded).
     ``headers``: the safetensors headers when the weight files are still being fetched.
-    ``format`` names the checkpoint's layout (default: detected; workers/formats/native.py),
-    ``model_config`` gives the architecture of a framework checkpoint that carries none."""
+    ``format`` names the checkpoint's layout (default: ``config.format``, else detected;
+    workers/formats/native.py), ``model_config`` gives the architecture of a framework
+    checkpoint that carries none (default: ``config.model_config``), ``tokenizer_path`` the
+    tokenizer (default: ``config.tokenizer``, else the checkpoint's own)."""
     from transformers import AutoConfig
 
     from .formats import native as formats
 
+    format = format or config.format
+    model_config = model_config or config.model_config
+    tokenizer_path = tokenizer_path or config.tokenizer
     path = ckpt.resolve_checkpoint_path(uri, roots)
     pending = {f: start + max((t["data_offsets"][1] for n, t in h.items() if n != "__metadata__"), default=0)
                for f, (h, start) in (headers or {}).items()}
@@ -746,9 +757,6 @@ def score_checkpoint(
     t0 = time.perf_counter()
     prep = prepare(uri, probe=probe, config=config, roots=roots, tokenizer_path=tokenizer_path, headers=headers,
                    format=format, model_config=model_config)
-    if prep.native is not None and (config.dynamics or config.compare_to is not None):
-        raise FormatUnsupported(f"weight updates between {prep.native.format} checkpoints are not measured yet; "
-                                "score it without --compare-to / --dynamics")
     plan, tokens, device, dtype, info = prep.plan, prep.tokens, prep.device, prep.dtype, prep.info
     if expect_fingerprint is not None and info.fingerprint != expect_fingerprint:
         raise CheckpointChanged(f"checkpoint {uri} changed after it was submitted (its files were written again): "
@@ -819,8 +827,13 @@ def score_checkpoint(
         if again != info.fingerprint:
             raise CheckpointChanged(f"checkpoint {uri} changed while it was being scored (its files were written "
                                     "again): its scores would mix two versions; submit it again once written")
-    dynamics = _weight_updates(prep.path, scores, config, roots) if config.dynamics is not False and (
-        config.compare_to is not None or config.dynamics) else None
+    wanted = config.dynamics is not False and (config.compare_to is not None or config.dynamics)
+    if wanted and prep.native is not None:  # absent with its reason, never a failed job
+        reason = f"weight_update between {prep.native.format} checkpoints is not measured yet"
+        dynamics = {"absent": reason}
+        warnings.append(reason)
+    else:
+        dynamics = _weight_updates(prep.path, scores, config, roots) if wanted else None
     t_done = time.perf_counter()
     scores.warnings = warnings + scores.warnings
     return ScoreResult(

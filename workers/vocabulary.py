@@ -140,5 +140,14 @@ SCORE_OPTION_DEFAULTS: dict[str, object] = {
     #: measure weight_update against the run's previous scored checkpoint: None (default)
     #: when that checkpoint is on a local path, True to ask for it, False never
     "dynamics": None,
+    #: the checkpoint's layout (workers/formats/native.py: hf, nanogpt, dcp); None: detected
+    "format": None,
+    #: a transformers config.json (or its directory) for a checkpoint that carries no
+    #: architecture (dcp), under the checkpoint roots
+    "model_config": None,
+    #: a tokenizer directory for a checkpoint saved without one, under the checkpoint roots
+    "tokenizer": None,
 }
 SCORE_OPTIONS = tuple(SCORE_OPTION_DEFAULTS)
+#: the formats a checkpoint may be named as (``format``)
+CHECKPOINT_FORMATS = ("hf", "nanogpt", "dcp")

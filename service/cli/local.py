@@ -120,8 +120,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         if args.device:  # before the checkpoint is read: a device this machine lacks is one line, at once
             pick_device(args.device)
         if args.plan:
-            prep = prepare(args.checkpoint, probe=args.probe, config=config, tokenizer_path=args.tokenizer,
-                           format=args.format, model_config=args.model_config)
+            prep = prepare(args.checkpoint, probe=args.probe, config=config)
             if args.json:
                 print(json.dumps(prep.plan.to_dict(), indent=2))
             else:
@@ -135,9 +134,6 @@ def cmd_score(args: argparse.Namespace) -> int:
             args.checkpoint,
             probe=args.probe,
             config=config,
-            tokenizer_path=args.tokenizer,
-            format=args.format,
-            model_config=args.model_config,
             progress=not args.quiet and sys.stderr.isatty(),
         )
     except DeviceUnavailable as e:

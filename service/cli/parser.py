@@ -7,10 +7,12 @@ The names of metrics, webhook events, phases and the scoring defaults come from
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from layertrack.workers.checkpoint import DTYPES  # stdlib only: no torch
 from layertrack.workers.vocabulary import (
+    CHECKPOINT_FORMATS,
     DEFAULT_HOLDOUT_TOKENS,
     DEFAULT_METRIC,
     DEFAULT_MIN_TOKENS,
@@ -172,6 +174,11 @@ def _add_series(sub) -> None:
     backfill.set_defaults(func=series.cmd_backfill)
 
 
+def _absolute(value: str) -> str:
+    """A local path as an absolute one (the service resolves it, not this directory)."""
+    return os.path.abspath(os.path.expanduser(value)) if "://" not in value else value
+
+
 def add_submission_options(p: argparse.ArgumentParser) -> None:
     """The options of a submission: submit, watch and backfill take the same."""
     p.add_argument("--phase", choices=tuple(ph.value for ph in Phase),
@@ -195,6 +202,14 @@ def add_submission_options(p: argparse.ArgumentParser) -> None:
                    help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
+    p.add_argument("--format", choices=CHECKPOINT_FORMATS,
+                   help="the checkpoint's layout (default: detected by the service): hf, nanogpt (ckpt.pt), dcp "
+                        "(.metadata + .distcp)")
+    p.add_argument("--model-config", metavar="FILE|DIR", type=_absolute,
+                   help="a transformers config.json (or its directory) under the service's checkpoint roots, for "
+                        "a checkpoint that carries no architecture (dcp)")
+    p.add_argument("--tokenizer", metavar="DIR", type=_absolute,
+                   help="a tokenizer directory under the checkpoint roots, for a checkpoint saved without one")
     p.add_argument("--dynamics", action=argparse.BooleanOptionalAction, default=None,
                    help="measure weight_update per block against the run's previous scored checkpoint "
                         "(default: when that checkpoint is on a local path; --no-dynamics: never)")
@@ -239,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not score the first token of each sequence (attention sink)")
     score.add_argument("--tokenizer", metavar="DIR",
                        help="tokenizer directory, for a checkpoint saved without one (default: the checkpoint's)")
-    score.add_argument("--format", choices=("hf", "nanogpt", "dcp"),
+    score.add_argument("--format", choices=CHECKPOINT_FORMATS,
                        help="the checkpoint's layout (default: detected): hf (config.json + safetensors), nanogpt "
                             "(ckpt.pt), dcp (torch.distributed.checkpoint .metadata + .distcp, the model under "
                             "'model.' in transformers names)")

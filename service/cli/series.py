@@ -12,6 +12,8 @@ name carries its step (``checkpoint-1000/``, ``step_2000/``, ``global_step3000/`
   once: complete as the workers judge it (``checkpoint_files``: config.json, the weights, every
   shard the index names), and, for a local directory, every safetensors file whole (its header
   and tensors within the file) and the directory's files unchanged over ``--settle`` seconds.
+  A local training-framework checkpoint (``--format``, or detected: no config.json) is complete
+  by its framework's commit (DCP's ``.metadata``, a whole ``ckpt.pt`` archive), then settled.
   What it submitted is kept in a small state file (``--state``), so a restarted watch does not
   even resubmit; the service's idempotency (the same run, step, checkpoint, probe and config
   is the same job: a 200 with that job) covers a lost state file.
@@ -149,6 +151,7 @@ class Finder:
         self.command = command
         self.revisions = args.revisions
         self.allow_pickle = bool(args.allow_pickle)
+        self.format = getattr(args, "format", None)
         default = DEFAULT_REVISION_PATTERN if args.revisions is not None else DEFAULT_STEP_PATTERN
         self.pattern: re.Pattern = args.step_pattern or re.compile(default)
         self._open = open_store
@@ -194,6 +197,13 @@ class Finder:
 
         if cand.revision:
             return ()
+        if self.local:
+            from layertrack.workers.formats import native
+
+            path = Path(cand.location.path)
+            fmt = self.format or (None if (path / "config.json").exists() else native.detect(path))
+            if fmt not in (None, "hf"):  # a training framework's layout: complete by its own commit marker
+                return native.complete_files(path, fmt)
         store = self._open(cand.location)
         listing = store.list()
         files = checkpoint_files(listing, store, allow_pickle=self.allow_pickle)

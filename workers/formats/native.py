@@ -80,6 +80,8 @@ class Native:
     n_elements: int = 0
     #: the file that holds the metadata (its bytes are part of the identity)
     metadata_file: str = ""
+    #: the --model-config file the architecture came from, if any
+    model_config: Path | None = None
 
     @property
     def model_type(self) -> str:
@@ -93,28 +95,7 @@ class Native:
         return self._read(name)
 
     def fingerprint(self) -> str:
-        """The checkpoint's identity: sha256 over the format, the metadata file's bytes, every
-        file's name, size, inode and modification and status-change times, and 16 ranges of
-        4 KiB spread over each file (as for safetensors checkpoints): rewritten bytes give a new
-        identity, the same files untouched the same one. The architecture given with
-        --model-config is part of it too (the same tensors read as another model score
-        differently)."""
-        h = hashlib.sha256(IDENTITY.encode())
-        h.update(f"\0{self.format}\0".encode())
-        h.update(json.dumps(self.architecture, sort_keys=True, default=str).encode())
-        for name in self.files:
-            file = self.path / name
-            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
-            try:
-                st = os.fstat(fd)
-                h.update(f"\0{name}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0".encode())
-                if name == self.metadata_file:
-                    h.update(os.pread(fd, st.st_size, 0))
-                else:
-                    _add_samples(h, fd, st.st_size)
-            finally:
-                os.close(fd)
-        return h.hexdigest()
+        return identity(self.path, self.format, self.model_config)
 
     def check(self, parameters) -> None:
         mapping.check(self.targets, parameters, self.tensor_bytes, ignored=self.ignored,
@@ -123,6 +104,74 @@ class Native:
     def state_dict(self) -> dict[str, Any]:
         """``{parameter: tensor}`` of the transformers model (each source read once)."""
         return mapping.materialize(self.targets, self.read)
+
+
+def checkpoint_files(path: Path, fmt: str) -> tuple[str, ...]:
+    """The files that make the ``fmt`` checkpoint in ``path``, from the listing alone."""
+    if fmt == "nanogpt":
+        return (NANOGPT_FILE,)
+    if fmt == "dcp":
+        return (dcp.METADATA, *sorted(p.name for p in path.iterdir() if p.name.endswith(".distcp")))
+    raise FormatUnsupported(f"unknown format {fmt!r}; the formats known: {', '.join(FORMATS)}")
+
+
+def complete_files(path: Path, fmt: str) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime_ns) of each file of the ``fmt`` checkpoint in ``path`` when it is
+    completely written; CheckpointIncomplete saying what is missing when not (yet). What marks
+    it complete is the framework's own commit: DCP writes ``.metadata`` after every rank's data
+    files; ``torch.save`` writes a zip archive whose central directory comes last."""
+    import zipfile
+
+    from ..errors import CheckpointIncomplete
+
+    if fmt == "dcp" and not (path / dcp.METADATA).is_file():
+        raise CheckpointIncomplete(f"{str(path)!r} has no {dcp.METADATA} yet (DCP writes it last)")
+    if fmt == "nanogpt":
+        f = path / NANOGPT_FILE
+        if not f.is_file():
+            raise CheckpointIncomplete(f"{str(path)!r} has no {NANOGPT_FILE} yet")
+        if not zipfile.is_zipfile(f):
+            raise CheckpointIncomplete(f"{str(f)!r} is not a whole torch.save archive yet (still being written?)")
+    out = []
+    for name in checkpoint_files(path, fmt):
+        st = (path / name).stat()
+        out.append((name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def config_file(source: str | Path) -> Path:
+    """The config.json a ``--model-config`` value names (the file, or the one in a directory)."""
+    p = Path(source).expanduser()
+    return p / "config.json" if p.is_dir() else p
+
+
+def identity(path: Path, fmt: str, model_config: str | Path | None = None) -> str:
+    """The identity of a framework checkpoint (``CheckpointInfo.fingerprint``), from its files
+    alone (no pickle is read, no torch imported: the API computes it too): sha256 over the
+    format, the --model-config file's bytes, the metadata file's bytes (``.metadata``), and
+    for every file of the checkpoint its name, size, inode, modification and status-change
+    times and 16 ranges of 4 KiB spread over it. Rewritten bytes give a new identity (a write
+    changes the status-change time, which no tool sets back), the same files untouched the
+    same one; so does another architecture for the same tensors."""
+    from ..checkpoint import read_small_file
+
+    h = hashlib.sha256(IDENTITY.encode())
+    h.update(f"\0{fmt}\0".encode())
+    if model_config is not None:
+        h.update(read_small_file(config_file(model_config)))
+    for name in checkpoint_files(path, fmt):
+        file = path / name
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            h.update(f"\0{name}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0".encode())
+            if name == dcp.METADATA:
+                h.update(os.pread(fd, min(st.st_size, dcp.MAX_METADATA_BYTES), 0))
+            else:
+                _add_samples(h, fd, st.st_size)
+        finally:
+            os.close(fd)
+    return h.hexdigest()
 
 
 def _add_samples(h: Any, fd: int, size: int) -> None:
@@ -139,8 +188,7 @@ def model_config_dict(source: str | Path) -> dict[str, Any]:
     """A transformers config from ``--model-config``: a config.json file or a directory with one."""
     from ..checkpoint import read_small_file
 
-    p = Path(source).expanduser()
-    file = p / "config.json" if p.is_dir() else p
+    file = config_file(source)
     if not file.is_file():
         raise ArchitectureMissing(f"--model-config {str(source)!r}: no such file (give a transformers config.json, "
                                   "or the directory that holds one)")
@@ -168,10 +216,13 @@ def open_native(path: Path, *, format: str | None = None, model_config: str | Pa
         raise FormatUnsupported(f"unknown format {fmt!r}; the formats known: {', '.join(FORMATS)}")
     given = model_config_dict(model_config) if model_config is not None else None
     if fmt == "nanogpt":
-        return _open_nanogpt(path, given)
-    if fmt == "dcp":
-        return _open_dcp(path, given)
-    raise FormatUnsupported(f"format {fmt!r} is read by the Hugging Face loader, not here")  # "hf"
+        out = _open_nanogpt(path, given)
+    elif fmt == "dcp":
+        out = _open_dcp(path, given)
+    else:
+        raise FormatUnsupported(f"format {fmt!r} is read by the Hugging Face loader, not here")  # "hf"
+    out.model_config = config_file(model_config) if model_config is not None else None
+    return out
 
 
 def _open_nanogpt(path: Path, given: dict[str, Any] | None) -> Native:
