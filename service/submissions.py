@@ -302,7 +302,7 @@ def accept_checkpoint(
             if fmt is None and not (path / "config.json").is_file():
                 fmt = native.detect(path)
             if fmt not in (None, "hf"):  # a training framework's layout: its identity from its files
-                if fmt == "dcp" and config.get("model_config") is None:
+                if fmt in native.DCP_FORMATS and config.get("model_config") is None:
                     raise ArchitectureMissing(
                         f"the DCP checkpoint {str(path)!r} carries no architecture: give config.model_config, a "
                         "transformers config.json under the checkpoint roots (--model-config)")

@@ -12,6 +12,35 @@ import pytest
 
 WRITERS = Path(__file__).parent / "writers"
 
+# torchtitan cannot live in the project's environment (its `datasets<4.8` pins huggingface-hub<2, while
+# transformers 5 needs >=2.4), so its writers run with these installed, without dependencies, into a
+# private directory on PYTHONPATH: torchtitan plus what its import path needs that the project's
+# environment lacks (triton, which it imports without declaring it; tyro and docstring-parser for its
+# config; torchdata for its dataloader; spmd-types). Its other declared dependencies that the project
+# lacks (datasets, torch_checkpointing, tensorboard, wandb, einops) are not imported on the writers' path.
+TORCHTITAN_PACKAGES = ("torchtitan==0.3.0", "triton==3.9.0", "tyro==1.0.17", "docstring-parser==0.18.0",
+                       "torchdata==0.11.0", "spmd-types==0.2.3")
+_torchtitan_site: list[Path] = []
+
+
+def torchtitan_site(tmp_path_factory) -> Path:
+    """The private directory torchtitan is installed into, installed on first use in this process
+    (so every torchtitan fixture of a pytest-xdist worker shares one install)."""
+    if not _torchtitan_site:
+        site = tmp_path_factory.mktemp("torchtitan-pkgs")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+                            "--target", str(site), *TORCHTITAN_PACKAGES], capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stderr[-4000:]
+        _torchtitan_site.append(site)
+    return _torchtitan_site[0]
+
+
+def torchtitan_env(site: Path) -> dict[str, str]:
+    """The environment of a torchtitan writer: ``site`` first on PYTHONPATH, one thread per rank."""
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
 
 @pytest.fixture(scope="session")
 def fsdp2(tmp_path_factory) -> Path:
@@ -23,5 +52,21 @@ def fsdp2(tmp_path_factory) -> Path:
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(WRITERS / "dcp_fsdp2.py"), str(out)], env=env, capture_output=True, text=True,
                        timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def titan(tmp_path_factory) -> Path:
+    """``OUT`` with ``step-3/`` (the whole training state torchtitan 0.3.0's CheckpointManager wrote
+    for a tiny Llama-3 after three steps of FSDP2 on 2 gloo ranks, tests/writers/titan_llama.py),
+    ``config.json`` (the equivalent transformers LlamaConfig), ``oracle.safetensors`` (the full model
+    state dict in torchtitan's names) and ``oracle_forward.safetensors`` (``tokens`` and torchtitan's
+    ``logits`` on them), built once."""
+    site = torchtitan_site(tmp_path_factory)
+    out = tmp_path_factory.mktemp("titan-llama")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(WRITERS / "titan_llama.py"), str(out)], env=torchtitan_env(site),
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return out

@@ -150,4 +150,4 @@ SCORE_OPTION_DEFAULTS: dict[str, object] = {
 }
 SCORE_OPTIONS = tuple(SCORE_OPTION_DEFAULTS)
 #: the formats a checkpoint may be named as (``format``)
-CHECKPOINT_FORMATS = ("hf", "nanogpt", "dcp")
+CHECKPOINT_FORMATS = ("hf", "nanogpt", "dcp", "torchtitan")

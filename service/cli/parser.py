@@ -204,10 +204,10 @@ def add_submission_options(p: argparse.ArgumentParser) -> None:
                    help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
     p.add_argument("--format", choices=CHECKPOINT_FORMATS,
                    help="the checkpoint's layout (default: detected by the service): hf, nanogpt (ckpt.pt), dcp "
-                        "(.metadata + .distcp)")
+                        "(.metadata + .distcp), torchtitan (its step-N/ DCP directory)")
     p.add_argument("--model-config", metavar="FILE|DIR", type=_absolute,
                    help="a transformers config.json (or its directory) under the service's checkpoint roots, for "
-                        "a checkpoint that carries no architecture (dcp)")
+                        "a checkpoint that carries no architecture (dcp, torchtitan)")
     p.add_argument("--tokenizer", metavar="DIR", type=_absolute,
                    help="a tokenizer directory under the checkpoint roots, for a checkpoint saved without one")
     p.add_argument("--dynamics", action=argparse.BooleanOptionalAction, default=None,
@@ -256,11 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokenizer directory, for a checkpoint saved without one (default: the checkpoint's)")
     score.add_argument("--format", choices=CHECKPOINT_FORMATS,
                        help="the checkpoint's layout (default: detected): hf (config.json + safetensors), nanogpt "
-                            "(ckpt.pt), dcp (torch.distributed.checkpoint .metadata + .distcp, the model under "
-                            "'model.' in transformers names)")
+                            "(ckpt.pt), dcp (torch.distributed.checkpoint .metadata + .distcp: the model under "
+                            "'model.' in transformers names, or torchtitan's names), torchtitan (its step-N/)")
     score.add_argument("--model-config", metavar="FILE|DIR",
                        help="the transformers config.json of the architecture, for a checkpoint that carries none "
-                            "(dcp) or to use instead of the one it carries")
+                            "(dcp, torchtitan) or to use instead of the one it carries")
     score.add_argument("--allow-pickle", action="store_true",
                        help="allow pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
     score.add_argument("--seed", type=int, default=0, help="seed of the probe's document order (default: 0)")

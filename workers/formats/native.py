@@ -30,15 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureMissing, FormatUnsupported, NotAModelDirectory
-from . import dcp, mapping, nanogpt, torchsave
+from . import dcp, mapping, nanogpt, torchsave, torchtitan
 
 #: format name -> what its directory looks like (for the error that lists them)
 FORMATS = {
     "hf": "config.json beside model.safetensors (or shards and their index): a transformers save_pretrained",
     "nanogpt": "ckpt.pt holding 'model' and 'model_args', as nanoGPT's train.py saves it",
-    "dcp": ".metadata beside __0_0.distcp, ... (torch.distributed.checkpoint) with the model under 'model.' in "
-           "transformers names (accelerate FSDP, FSDP2); needs --model-config",
+    "dcp": ".metadata beside __0_0.distcp, ... (torch.distributed.checkpoint): the model under 'model.' in "
+           "transformers names (accelerate FSDP, FSDP2) or torchtitan's step-N/ (found by its names); needs "
+           "--model-config",
+    "torchtitan": "a DCP directory (step-N/) as torchtitan's CheckpointManager writes it: tok_embeddings, "
+                  "layers.N.attention..., beside optimizer and train_state; needs --model-config (llama, qwen3)",
 }
+#: formats laid out as DCP directories (the same files, identity and commit marker)
+DCP_FORMATS = ("dcp", "torchtitan")
 NANOGPT_FILE = "ckpt.pt"
 IDENTITY = "layertrack native checkpoint identity v1"
 IDENTITY_SAMPLES = 16
@@ -110,7 +115,7 @@ def checkpoint_files(path: Path, fmt: str) -> tuple[str, ...]:
     """The files that make the ``fmt`` checkpoint in ``path``, from the listing alone."""
     if fmt == "nanogpt":
         return (NANOGPT_FILE,)
-    if fmt == "dcp":
+    if fmt in DCP_FORMATS:
         return (dcp.METADATA, *sorted(p.name for p in path.iterdir() if p.name.endswith(".distcp")))
     raise FormatUnsupported(f"unknown format {fmt!r}; the formats known: {', '.join(FORMATS)}")
 
@@ -124,7 +129,7 @@ def complete_files(path: Path, fmt: str) -> tuple[tuple[str, int, int], ...]:
 
     from ..errors import CheckpointIncomplete
 
-    if fmt == "dcp" and not (path / dcp.METADATA).is_file():
+    if fmt in DCP_FORMATS and not (path / dcp.METADATA).is_file():
         raise CheckpointIncomplete(f"{str(path)!r} has no {dcp.METADATA} yet (DCP writes it last)")
     if fmt == "nanogpt":
         f = path / NANOGPT_FILE
@@ -148,15 +153,17 @@ def config_file(source: str | Path) -> Path:
 def identity(path: Path, fmt: str, model_config: str | Path | None = None) -> str:
     """The identity of a framework checkpoint (``CheckpointInfo.fingerprint``), from its files
     alone (no pickle is read, no torch imported: the API computes it too): sha256 over the
-    format, the --model-config file's bytes, the metadata file's bytes (``.metadata``), and
-    for every file of the checkpoint its name, size, inode, modification and status-change
-    times and 16 ranges of 4 KiB spread over it. Rewritten bytes give a new identity (a write
-    changes the status-change time, which no tool sets back), the same files untouched the
-    same one; so does another architecture for the same tensors."""
+    layout (dcp for every DCP-based format), the --model-config file's bytes, the metadata
+    file's bytes (``.metadata``), and for every file of the checkpoint its name, size, inode,
+    modification and status-change times and 16 ranges of 4 KiB spread over it. Rewritten
+    bytes give a new identity (a write changes the status-change time, which no tool sets
+    back), the same files untouched the same one; so does another architecture for the same
+    tensors."""
     from ..checkpoint import read_small_file
 
     h = hashlib.sha256(IDENTITY.encode())
-    h.update(f"\0{fmt}\0".encode())
+    # the layout, not the naming found in it: the API says "dcp" of a torchtitan directory
+    h.update(f"\0{'dcp' if fmt in DCP_FORMATS else fmt}\0".encode())
     if model_config is not None:
         h.update(read_small_file(config_file(model_config)))
     for name in checkpoint_files(path, fmt):
@@ -217,8 +224,8 @@ def open_native(path: Path, *, format: str | None = None, model_config: str | Pa
     given = model_config_dict(model_config) if model_config is not None else None
     if fmt == "nanogpt":
         out = _open_nanogpt(path, given)
-    elif fmt == "dcp":
-        out = _open_dcp(path, given)
+    elif fmt in DCP_FORMATS:
+        out = _open_dcp(path, given, fmt)
     else:
         raise FormatUnsupported(f"format {fmt!r} is read by the Hugging Face loader, not here")  # "hf"
     out.model_config = config_file(model_config) if model_config is not None else None
@@ -250,19 +257,33 @@ def _open_nanogpt(path: Path, given: dict[str, Any] | None) -> Native:
                   n_elements=n_elements)
 
 
-def _open_dcp(path: Path, given: dict[str, Any] | None) -> Native:
+def _open_dcp(path: Path, given: dict[str, Any] | None, fmt: str) -> Native:
+    """A DCP directory: the model under ``model.`` in transformers names (accelerate, FSDP2),
+    or torchtitan's top-level names (``fmt`` "torchtitan", or found by its names)."""
+    if not (path / dcp.METADATA).is_file():
+        from ..errors import CheckpointIncomplete
+
+        raise CheckpointIncomplete(f"{str(path)!r} has no {dcp.METADATA}: DCP writes it after every rank's files, so "
+                                   "the save has not finished (or this is not a DCP directory)")
     index = dcp.read_metadata(path)
-    model = index.under("model.")
+    titan = fmt == "torchtitan" or (not index.under("model.") and torchtitan.looks_like(index.tensors))
+    model = ({n: index.tensors[n] for n in torchtitan.model_tensors(index.tensors)} if titan
+             else index.under("model."))
     if not model:
+        held = ", ".join(sorted({n.split(".")[0] for n in index.tensors})[:8]) or "no tensors"
         raise FormatUnsupported(
-            f"the DCP checkpoint {str(path)!r} has no tensors under 'model.' (it holds "
-            f"{', '.join(sorted({n.split('.')[0] for n in index.tensors})[:8]) or 'no tensors'}); layertrack reads "
-            "DCP checkpoints whose model state dict is saved under the key 'model'")
+            f"the DCP checkpoint {str(path)!r} has no model tensors layertrack knows (it holds {held}); it reads "
+            "DCP checkpoints whose model state dict is saved under the key 'model' in transformers names, and "
+            f"torchtitan's (top-level {', '.join(torchtitan.MODEL_ROOTS)}). The formats known: {known_formats()}")
+    what = "torchtitan" if titan else "DCP"
     if given is None:
         raise ArchitectureMissing(
-            f"the DCP checkpoint {str(path)!r} carries no architecture: give the transformers config of the model "
+            f"the {what} checkpoint {str(path)!r} carries no architecture: give the transformers config of the model "
             "it was trained as with --model-config FILE|DIR (a config.json)")
-    targets = mapping.renamed({n: n for n in model})
+    if titan:
+        targets, ignored = torchtitan.targets(model, given)
+    else:
+        targets, ignored = mapping.renamed({n: n for n in model}), []
     read_range = dcp.local_ranges(path)
     shown = repr(str(path))
 
@@ -270,8 +291,10 @@ def _open_dcp(path: Path, given: dict[str, Any] | None) -> Native:
         return dcp.read_tensor(model[name], read_range, shown)
 
     files = (dcp.METADATA, *index.files)
-    return Native("dcp", path, files, given, targets, [], {n: t.stored_bytes for n, t in model.items()}, read,
-                  n_elements=sum(math.prod(t.shape) for t in model.values()), metadata_file=dcp.METADATA)
+    counted = {n: t for n, t in model.items() if n not in ignored}
+    return Native("torchtitan" if titan else "dcp", path, files, given, targets, ignored,
+                  {n: t.stored_bytes for n, t in counted.items()}, read,
+                  n_elements=sum(math.prod(t.shape) for t in counted.values()), metadata_file=dcp.METADATA)
 
 
 def build_model(native: Native, *, device=None, dtype=None, with_lm_head: bool = False):
