@@ -56,6 +56,18 @@ def fsdp2(tmp_path_factory) -> Path:
     return out
 
 
+def run_torchtitan_writer(tmp_path_factory, writer: str, name: str) -> Path:
+    """``OUT``, a new directory, after tests/writers/``writer`` has run on 2 gloo ranks with torchtitan
+    installed (torchtitan_site)."""
+    site = torchtitan_site(tmp_path_factory)
+    out = tmp_path_factory.mktemp(name)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(WRITERS / writer), str(out)], env=torchtitan_env(site),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
 @pytest.fixture(scope="session")
 def titan(tmp_path_factory) -> Path:
     """``OUT`` with ``step-3/`` (the whole training state torchtitan 0.3.0's CheckpointManager wrote
@@ -63,10 +75,12 @@ def titan(tmp_path_factory) -> Path:
     ``config.json`` (the equivalent transformers LlamaConfig), ``oracle.safetensors`` (the full model
     state dict in torchtitan's names) and ``oracle_forward.safetensors`` (``tokens`` and torchtitan's
     ``logits`` on them), built once."""
-    site = torchtitan_site(tmp_path_factory)
-    out = tmp_path_factory.mktemp("titan-llama")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(WRITERS / "titan_llama.py"), str(out)], env=torchtitan_env(site),
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return out
+    return run_torchtitan_writer(tmp_path_factory, "titan_llama.py", "titan-llama")
+
+
+@pytest.fixture(scope="session")
+def titan_qwen3(tmp_path_factory) -> Path:
+    """As ``titan``, for a tiny dense Qwen-3 (tests/writers/titan_qwen3.py: q_norm/k_norm, cos/sin
+    RoPE, head_dim 64 with dim 128 and 4 heads); ``config.json`` is the equivalent transformers
+    Qwen3Config."""
+    return run_torchtitan_writer(tmp_path_factory, "titan_qwen3.py", "titan-qwen3")

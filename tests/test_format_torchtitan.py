@@ -1,9 +1,10 @@
 """torchtitan's checkpoints (workers/formats/torchtitan.py): the ``step-N/`` DCP directory
 torchtitan's own CheckpointManager wrote after three FSDP2 training steps on 2 gloo ranks
-(tests/writers/titan_llama.py, the ``titan`` fixture), read without conversion. The oracle is
-torchtitan's own forward: the transformers Llama built from the checkpoint gives its logits.
-Then the names of the release before (``attention.wq``, ``output``), the bytes read (the
-model's, not the optimizer's), and what a user gets wrong."""
+(tests/writers/titan_llama.py, the ``titan`` fixture; tests/writers/titan_qwen3.py, the
+``titan_qwen3`` fixture), read without conversion. The oracle is torchtitan's own forward: the
+transformers Llama (Qwen-3) built from the checkpoint gives its logits. Then the names of the
+release before (``attention.wq``, ``output``), the bytes read (the model's, not the optimizer's),
+and what a user gets wrong."""
 
 from __future__ import annotations
 
@@ -33,13 +34,30 @@ def logits_of(model, tokens):
         return model(input_ids=tokens).logits.float()
 
 
-def test_the_checkpoint_gives_torchtitans_own_logits(titan, titan_case):
-    step, config, _ = titan_case
-    ckpt = native.open_native(step, model_config=config)
+@pytest.mark.parametrize("written, architecture", [("titan", "LlamaForCausalLM"),
+                                                   ("titan_qwen3", "Qwen3ForCausalLM")])
+def test_the_checkpoint_gives_torchtitans_own_logits(written, architecture, request):
+    """Llama's query/key rows permuted (complex RoPE), Qwen-3's not (cos/sin RoPE) and its
+    q_norm/k_norm taken as they are: swapping those two, or permuting Qwen-3's rows as Llama's,
+    moves its logits by 3e-3 and 0.2 (at most), far outside the tolerance."""
+    out = request.getfixturevalue(written)
+    step = out / "step-3"
+    ckpt = native.open_native(step, model_config=out / "config.json")
     assert ckpt.format == "torchtitan" and native.detect(step) == "dcp"
     model = native.build_model(ckpt, dtype=torch.float32, with_lm_head=True)
-    oracle = load_file(titan / "oracle_forward.safetensors")
+    assert type(model).__name__ == architecture
+    oracle = load_file(out / "oracle_forward.safetensors")
     torch.testing.assert_close(logits_of(model, oracle["tokens"]), oracle["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_qwen3_checkpoint_read_as_llama_is_refused(titan_qwen3, tmp_path):
+    """Given a LlamaConfig of the same sizes, q_norm/k_norm would be dropped: it is said instead."""
+    cfg = json.loads((titan_qwen3 / "config.json").read_text())
+    llama = cfg | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (tmp_path / "llama.json").write_text(json.dumps(llama))
+    ckpt = native.open_native(titan_qwen3 / "step-3", model_config=tmp_path / "llama.json")
+    with pytest.raises(MappingIncomplete, match=r"nothing uses: layers\.0\.attention\.k_norm\.weight"):
+        native.build_model(ckpt)
 
 
 def test_only_the_models_tensors_are_read(titan, titan_case):

@@ -20,7 +20,8 @@ Rank 0 also writes
   [2, 32, vocab]) from an unsharded torchtitan model loaded with that state dict, in eval mode.
 
 torchtitan is not a dependency of the project: tests/framework_fixtures.py installs it into a private
-directory and runs this with that directory on PYTHONPATH.
+directory and runs this with that directory on PYTHONPATH. ``write`` (the training, the save and the
+oracles) is shared with tests/writers/titan_qwen3.py, which builds a tiny Qwen-3 instead.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/writers/titan_llama.py OUT
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
 from torchtitan.models.common.attention import ScaledDotProductAttention
+from torchtitan.models.common.decoder import Decoder
 from torchtitan.models.llama3 import (
     _EMBEDDING_INIT,
     _NORM_INIT,
@@ -119,7 +122,7 @@ class TrainState(Stateful):
         self.step, self.ntokens_seen = state_dict["step"], state_dict["ntokens_seen"]
 
 
-def build_unsharded(state: dict[str, torch.Tensor]) -> Llama3Model:
+def build_unsharded(model_config: Callable[[], Decoder.Config], state: dict[str, torch.Tensor]) -> Decoder:
     with torch.device("meta"):
         model = model_config().build()
     model.to_empty(device="cpu")
@@ -129,7 +132,9 @@ def build_unsharded(state: dict[str, torch.Tensor]) -> Llama3Model:
     return model.eval()
 
 
-def main(out: Path) -> None:
+def write(out: Path, model_config: Callable[[], Decoder.Config], hf_config: dict[str, Any]) -> None:
+    """Train the model ``model_config`` builds (torchtitan's ``Decoder``) and save it, as the module
+    says, with ``hf_config`` as ``OUT/config.json``."""
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
@@ -190,15 +195,15 @@ def main(out: Path) -> None:
         for k, v in full.items():
             assert torch.equal(reread[k], v), f"checkpoint's {k} differs from the gathered state"
         with torch.no_grad():
-            logits = build_unsharded(full)(tokens).float()
+            logits = build_unsharded(model_config, full)(tokens).float()
         assert torch.isfinite(logits).all()
         torch.testing.assert_close(logits, sharded_logits.float(), rtol=1e-4, atol=1e-5)
         save_file({k: v.float() for k, v in full.items()}, str(out / "oracle.safetensors"))
         save_file({"tokens": tokens, "logits": logits.contiguous()}, str(out / "oracle_forward.safetensors"))
-        (out / "config.json").write_text(json.dumps(hf_config(), indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    write(Path(sys.argv[1]), model_config, hf_config())
