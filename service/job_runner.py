@@ -218,7 +218,8 @@ def run(job_id: str, *, worker: str, retries: int, settings: Settings | None = N
     metrics = jobs.job_metrics(job.config)
     if result.dynamics is not None and "absent" not in result.dynamics:
         stored["dynamics"] = {**result.dynamics, "step": earlier.step, "same_run": earlier.run_id == job.run_id}
-        metrics += list(DYNAMICS_METRICS)
+        drift = result.dynamics.get("drift_cka") or {}
+        metrics += [m for m in DYNAMICS_METRICS if m != "drift_cka" or "absent" not in drift]
     elif absent is not None or result.dynamics is not None:
         stored["dynamics"] = {"absent": absent or result.dynamics["absent"]}
     done = jobs.complete(db_url, job_id, worker, stored, metrics)

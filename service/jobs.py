@@ -23,7 +23,7 @@ from layertrack.workers import locations  # stdlib only: no store client
 from layertrack.workers.errors import CheckpointOutsideRoots, InvalidCheckpointURI
 from layertrack.workers.vocabulary import (
     BASE_METRICS,
-    LAYER_METRICS,
+    PER_LAYER_METRICS,
     PER_PAIR_METRICS,
     REPLACEABILITY_METRICS,
     SCORE_OPTIONS,
@@ -283,7 +283,7 @@ def complete(db_url: str, job_id: str, worker: str, result: dict[str, Any], metr
                                      value=_finite(p[m]), final_norm=bool(p.get("final_norm"))))
         for layer in result["layers"]:
             for m in metrics:
-                if m in LAYER_METRICS and m in layer:
+                if m in PER_LAYER_METRICS and m in layer:
                     rows.append(dict(job_id=job_id, run_id=job.run_id, step=step, layer=layer["layer"],
                                      metric=m, value=_finite(layer[m]), final_norm=False))
         if rows:

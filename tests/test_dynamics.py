@@ -112,3 +112,48 @@ def test_layertrack_score_compare_to_prints_weight_update_per_block(tmp_path, to
     off = subprocess.run([*args, "--compare-to", str(a), "--no-dynamics", "--json"], capture_output=True, text=True,
                          timeout=300)
     assert all(p["weight_update"] is None for p in json.loads(off.stdout)["pairs"])
+
+
+def _oracle_drift(current, earlier, tokens) -> list[float]:
+    """drift_cka of every hidden state from the definition: both models' hidden states over all
+    the scored tokens kept (float64), reference.drift_cka of each pair."""
+    from layertrack.workers import checkpoint as ckpt
+    from layertrack.workers import reference
+
+    models = [ckpt.load_model(ckpt.inspect_checkpoint(p, check_causal_lm=False), dtype=torch.float32)
+              for p in (current, earlier)]
+    ids = torch.tensor(tokens.input_ids)
+    keep = torch.tensor(tokens.score_mask, dtype=torch.bool).reshape(-1)
+    with torch.no_grad():
+        hs = [m(input_ids=ids, attention_mask=torch.tensor(tokens.attention_mask), output_hidden_states=True)
+              .hidden_states for m in models]
+    d = hs[0][0].shape[-1]
+    return [reference.drift_cka(x.reshape(-1, d)[keep], y.reshape(-1, d)[keep]) for x, y in zip(*hs, strict=True)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_drift_cka_of_a_scored_checkpoint_matches_the_oracle_in_one_group_and_several(tmp_path, tokenizer, family):
+    from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+
+    a = build_checkpoint(tmp_path / "a", family, tokenizer, seed=0, hidden=128)
+    b = build_checkpoint(tmp_path / "b", family, tokenizer, seed=1, hidden=128)
+    config = ScoreConfig(max_tokens=1024, seq_len=64, batch_size=4, compare_to=str(a), dtype="float32")
+    result = score_checkpoint(str(b), config=config)
+    got = [s.drift_cka for s in result.scores.layers]
+    want = _oracle_drift(b, a, __import__("layertrack.workers.scoring", fromlist=["prepare"]).prepare(
+        str(b), config=config).tokens)
+    assert got == pytest.approx(want, abs=1e-9)
+    assert all(0.0 < v < 1.0 for v in got), got
+    assert "seconds" in result.dynamics["drift_cka"]
+    # Grams for one hidden state at a time: one pass over both models per hidden state, the same values
+    from layertrack.workers.dynamics import DriftStats
+    from layertrack.workers.engine import stats_bytes
+
+    d, n_hidden = result.scores.d, len(got)
+    budget = max(stats_bytes(2, d), DriftStats.bytes(d, 1))  # the engine's least: one pair
+    assert budget // DriftStats.bytes(d, 1) < n_hidden  # so drift takes several groups
+    tight = score_checkpoint(str(b), config=ScoreConfig(**{**vars(config), "stats_memory_budget": budget}))
+    assert [s.drift_cka for s in tight.scores.layers] == pytest.approx(got, abs=1e-12)
+    itself = score_checkpoint(str(b), config=ScoreConfig(**{**vars(config), "compare_to": str(b)}))
+    assert all(abs(s.drift_cka) < 1e-12 for s in itself.scores.layers), [s.drift_cka for s in itself.scores.layers]
+    assert all(p.weight_update == 0.0 for p in itself.scores.pairs)

@@ -80,3 +80,14 @@ def test_weight_update_is_measured_against_the_previous_scored_step_stored_and_s
         assert "step 3" in absent and "cannot be read" in absent, absent
         trend = c.trend(run, metric="weight_update")
         assert trend["steps"] == [2]
+        # drift_cka: both checkpoints run on the probe in the job, stored per hidden state
+        from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+
+        drift = by_layer(c.scores(run, metric="drift_cka"))
+        assert set(drift) == {2}
+        local = score_checkpoint(str(s2), config=ScoreConfig(**CFG, compare_to=str(s1)))
+        assert drift[2] == pytest.approx({s.layer: s.drift_cka for s in local.scores.layers}, rel=1e-9, abs=1e-12)
+        assert len(drift[2]) == len(local.scores.layers) and all(0 < v < 1 for v in drift[2].values())
+        assert result["dynamics"]["drift_cka"]["seconds"] >= 0
+        heat = c.heatmap(run, metric="drift_cka")
+        assert heat["steps"] == [2] and len(heat["layers"]) == len(drift[2])

@@ -102,6 +102,8 @@ class LayerScores:
     massive_activation: float = float("nan")
     #: the dimension of the largest |h| (of ``massive_activation``)
     massive_dim: int | None = None
+    #: 1 − linear CKA against the same hidden state of an earlier checkpoint (None: not measured)
+    drift_cka: float | None = None
 
 
 @dataclass

@@ -834,6 +834,11 @@ def score_checkpoint(
         warnings.append(reason)
     else:
         dynamics = _weight_updates(prep.path, scores, config, roots) if wanted else None
+        if dynamics is not None and "absent" not in dynamics:
+            t_drift = time.perf_counter()
+            why = _drift(model if not (streamed and not keep) else None, prep, config, roots, scores, device, dtype)
+            dynamics["drift_cka"] = ({"absent": why} if why else
+                                     {"seconds": round(time.perf_counter() - t_drift, 3)})
     t_done = time.perf_counter()
     scores.warnings = warnings + scores.warnings
     return ScoreResult(
@@ -860,6 +865,71 @@ def score_checkpoint(
             "total_s": t_done - t0,
         },
     )
+
+
+def _drift(model, prep: Prepared, config: ScoreConfig, roots, scores: Scores, device, dtype) -> str | None:
+    """drift_cka of every hidden state against ``config.compare_to``, set on ``scores.layers``;
+    None, or why it is absent (the job's other scores stand).
+
+    Both models run resident on the same batches of the probe (the earlier one loaded beside
+    this one, in the same dtype): per batch, each model's hidden states (``output_hidden_states``,
+    h_0 … h_L as the engine defines them) over the scored tokens go into
+    :class:`~.dynamics.DriftStats` (float64 cross- and auto-Grams), so no hidden state is kept
+    past its batch. When the Grams of every hidden state do not fit the statistics budget, the
+    hidden states are taken in groups, one pass over both models each."""
+    from .dynamics import DriftStats
+
+    if model is None:
+        return "drift_cka runs both checkpoints resident; this job's model was streamed (it exceeds the memory budget)"
+    earlier_path = ckpt.resolve_checkpoint_path(config.compare_to, roots)
+    earlier_info = ckpt.inspect_checkpoint(earlier_path, allow_pickle=config.allow_pickle, check_causal_lm=False)
+    tokens = prep.tokens
+    d = model.config.hidden_size
+    n_hidden = len(scores.layers)
+    bs = _sequences_per_batch(tokens, config.batch_size, device)
+    # this job's peak, the earlier model's weights (the same architecture: the same bytes in
+    # this dtype), and a batch's hidden states of both models, kept whole for the batch
+    hidden = 2 * n_hidden * bs * prep.seq_len * d * torch.empty((), dtype=dtype).element_size()
+    need = prep.plan.peak_bytes + prep.plan.weight_bytes + hidden
+    if need > prep.plan.budget:
+        return (f"drift_cka runs both checkpoints resident: with the earlier one beside this one the job needs about "
+                f"{need / 2**30:.2f} GiB, over the budget of {prep.plan.budget / 2**30:.2f} GiB")
+    with ckpt.translate_oom(f"loading the earlier checkpoint {str(earlier_path)!r} for drift_cka",
+                            "Use a smaller --dtype (bfloat16), or measure dynamics on a machine with more memory."):
+        earlier = ckpt.load_model(earlier_info, device=device, dtype=dtype)
+    try:
+        if earlier.config.hidden_size != d:
+            return (f"the earlier checkpoint's hidden size is {earlier.config.hidden_size}, this one's {d}: drift_cka "
+                    "compares checkpoints of one architecture")
+        budget = config.stats_memory_budget or _auto_stats_budget(device)
+        per_group = max(1, min(n_hidden, budget // DriftStats.bytes(d, 1)))
+        ids = torch.tensor(tokens.input_ids, dtype=torch.long)
+        attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
+        keep = torch.tensor(tokens.score_mask, dtype=torch.bool)
+        drift: list[float] = []
+        for first in range(0, n_hidden, per_group):
+            last = min(first + per_group, n_hidden)
+            stats = DriftStats(d, last - first, device=device)
+            for start in range(0, ids.shape[0], bs):
+                b = slice(start, start + bs)
+                kept = keep[b].to(device).reshape(-1)
+                inputs = {"input_ids": ids[b].to(device), "attention_mask": _mask_or_none(attn[b], device),
+                          "use_cache": False, "output_hidden_states": True}
+                with ckpt.translate_oom("running both checkpoints for drift_cka",
+                                        "Lower --batch-size or --seq-len."), torch.inference_mode():
+                    hx = model(**inputs).hidden_states
+                    hy = earlier(**inputs).hidden_states
+                    if len(hx) != n_hidden or len(hy) != n_hidden:
+                        return (f"the checkpoints have {len(hx)} and {len(hy)} hidden states: drift_cka compares "
+                                "checkpoints of one architecture")
+                    for i in range(first, last):
+                        stats.add(i - first, hx[i].reshape(-1, d)[kept], hy[i].reshape(-1, d)[kept])
+            drift += stats.drift()
+    finally:
+        del earlier
+    for layer, value in zip(scores.layers, drift, strict=True):
+        layer.drift_cka = value
+    return None
 
 
 def _weight_updates(path: Path, scores: Scores, config: ScoreConfig, roots) -> dict[str, Any]:

@@ -25,11 +25,16 @@ REPLACEABILITY_METRICS = ("loss_delta_linear", "loss_delta_drop")
 #: between checkpoints, per block (stored under the pair's index): the block's weights against
 #: the same block of the run's previous scored checkpoint; only measured when there is one
 #: (the job option ``dynamics``). Definitions: docs/engine.md, "Between checkpoints"
-DYNAMICS_METRICS = ("weight_update",)
+#: weight_update per block (stored under the pair's index), drift_cka per hidden state: 1 −
+#: linear CKA of the hidden state against the same one of the earlier checkpoint, both models
+#: run on the same probe tokens
+DYNAMICS_METRICS = ("weight_update", "drift_cka")
 #: every metric a score row can hold
 KNOWN_METRICS = BASE_METRICS + REPLACEABILITY_METRICS + DYNAMICS_METRICS
 #: stored per pair (layer index i means the block i → i+1)
-PER_PAIR_METRICS = PAIR_METRICS + REPLACEABILITY_METRICS + DYNAMICS_METRICS
+PER_PAIR_METRICS = (*PAIR_METRICS, *REPLACEABILITY_METRICS, "weight_update")
+#: stored per hidden state (layer index i means h_i)
+PER_LAYER_METRICS = (*LAYER_METRICS, "drift_cka")
 
 #: the metric pages, plots and the CLI show when none is named
 DEFAULT_METRIC = "linearity_nores"
@@ -46,6 +51,7 @@ METRIC_LABELS = {
     "loss_delta_linear": "Δ loss, block → linear map (nats/token)",
     "loss_delta_drop": "Δ loss, block dropped (nats/token)",
     "weight_update": "weight update ‖W − W_prev‖ / ‖W_prev‖",
+    "drift_cka": "drift since the earlier checkpoint (1 − linear CKA)",
 }
 
 #: the values a metric can take, (low, high); None where it is unbounded on that side.
@@ -61,6 +67,7 @@ METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
     "loss_delta_linear": (None, None),
     "loss_delta_drop": (None, None),
     "weight_update": (0.0, None),
+    "drift_cka": (0.0, 1.0),
 }
 
 

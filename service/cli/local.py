@@ -27,6 +27,7 @@ def render_table(result: dict[str, Any]) -> str:
     layers = {s["layer"]: s for s in result["layers"]}
     holdout = result.get("holdout")
     moved = any(p.get("weight_update") is not None for p in result["pairs"])
+    drifted = any(s.get("drift_cka") is not None for s in result["layers"])
     lines = [
         f"model {result['model_type']}  blocks {result['n_layers']}  d {result['d']}  "
         f"dtype {result['dtype']}  device {result['device']}",
@@ -36,7 +37,8 @@ def render_table(result: dict[str, Any]) -> str:
         f"{'layer':>7} {'linearity':>10} {'lin_nores':>10} {'cosine':>10} {'norm_ratio':>10} {'anisotropy':>10} "
         f"{'eff_rank':>10} {'massive':>10}"
         + (f" {'Δloss_lin':>10} {'Δloss_drop':>10}" if holdout else "")
-        + (f" {'w_update':>10}" if moved else ""),
+        + (f" {'w_update':>10}" if moved else "")
+        + (f" {'drift_cka':>10}" if drifted else ""),
     ]
     flagged = False
     for i in sorted(layers):
@@ -51,6 +53,7 @@ def render_table(result: dict[str, Any]) -> str:
             f"{fmt(layers[i].get('effective_rank'))} {fmt(layers[i].get('massive_activation'))}"
             + (f" {fmt(p and p['loss_delta_linear'])} {fmt(p and p['loss_delta_drop'])}" if holdout else "")
             + (f" {fmt(p and p.get('weight_update'))}" if moved else "")
+            + (f" {fmt(layers[i].get('drift_cka'))}" if drifted else "")
             + mark
         )
     if flagged:
@@ -65,6 +68,11 @@ def render_table(result: dict[str, Any]) -> str:
     if moved:
         lines.append("")
         lines.append(f"w_update: ‖W − W_prev‖ / ‖W_prev‖ of the block's weights against {dynamics['compared_to']}")
+        if drifted:
+            lines.append("drift_cka: 1 − linear CKA of hidden state i against the same hidden state of the earlier "
+                         "checkpoint, on the same probe tokens")
+        elif (dynamics.get("drift_cka") or {}).get("absent"):
+            lines.append(f"drift_cka not measured: {dynamics['drift_cka']['absent']}")
     elif dynamics.get("absent"):
         lines.append("")
         lines.append(f"weight_update not measured: {dynamics['absent']}")

@@ -23,7 +23,7 @@ def meta(caller: CurrentCaller) -> dict[str, Any]:
         "token": {"name": caller.name, "scopes": [s for s in SCOPES if caller.has(s)],
                   "runs": list(caller.run_patterns) or None},
         "metrics": [
-            {"name": m, "label": v.METRIC_LABELS[m], "kind": "layer" if m in v.LAYER_METRICS else "pair",
+            {"name": m, "label": v.METRIC_LABELS[m], "kind": "layer" if m in v.PER_LAYER_METRICS else "pair",
              "range": list(v.METRIC_RANGES[m]), "default": m in v.BASE_METRICS}
             for m in v.KNOWN_METRICS
         ],
