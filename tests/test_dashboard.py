@@ -212,6 +212,33 @@ def test_run_page_charts_heatmap_alert_and_profile_click(page, live):
     shot(page, "run-compare-steps")
 
 
+def test_the_run_page_shows_the_dynamics_of_its_steps(page, live):
+    """The dynamics view: drift_cka per hidden state and weight_update per block, step × layer,
+    for the steps that had a previous checkpoint (200 and 300, not 100), every block kept; the
+    values are the stored ones; a run without dynamics says so."""
+    pre = live.runs["pre"]
+    with live.client() as c:
+        drift, update = c.heatmap(pre, metric="drift_cka"), c.heatmap(pre, metric="weight_update")
+    assert drift["steps"] == update["steps"] == [200, 300]
+    page.click(f"a[href='/runs/{pre}']")
+    d = wait_chart(page, "dyn-drift_cka", 1)
+    w = wait_chart(page, "dyn-weight_update", 1)
+    assert d["series"][0]["n"] == 2 * len(drift["layers"]) and w["series"][0]["n"] == 2 * len(update["layers"])
+    assert d["series"][0]["first"] == [0, 0, drift["values"][0][0]]
+    labels = page.evaluate("""() => ['dyn-drift_cka', 'dyn-weight_update'].map((id) =>
+        echarts.getInstanceByDom(document.getElementById(id)).getOption().yAxis[0].data)""")
+    assert labels[0] == [f"h{h}" for h in drift["layers"]]
+    assert labels[1] == [f"{b}→{b + 1}" for b in update["layers"]]
+    page.locator("#dynamics").scroll_into_view_if_needed()
+    shot(page, "run-dynamics")
+    assert "drift_cka" in page.eval_on_selector_all("#metric option", "els => els.map(e => e.value)")
+    page.goto(live.url + f"/runs/{live.runs['flat']}")
+    wait_chart(page, "dyn-drift_cka", 1)
+    title = page.evaluate("() => echarts.getInstanceByDom(document.getElementById('dyn-drift_cka'))"
+                          ".getOption().title[0].text")
+    assert title == "drift_cka: not measured for this run yet", title
+
+
 def test_fine_tune_continues_from_its_parent(page, live):
     page.goto(f"{live.url}/runs/{live.runs['ft']}")
     info = wait_chart(page, "trend-linearity", 2)

@@ -10,6 +10,7 @@ const meta = {
   shown: () => META.metrics.filter((m) => m.default).map((m) => m.name),  // the ones every job measures
   label: (name) => (META.metrics.find((m) => m.name === name) || {}).label || name,
   range: (name) => (META.metrics.find((m) => m.name === name) || {}).range || [null, null],
+  kind: (name) => (META.metrics.find((m) => m.name === name) || {}).kind || "pair",  // "pair": block i → i+1; "layer": h_i
   statuses: () => META.job_statuses,
   defaultMetric: () => META.default_metric,
   // what the signed-in token may do (scopes read, submit, admin): Retry and Cancel need submit
@@ -174,6 +175,32 @@ function lineOption(title, yName, series, { logX = false, xName = "training step
   };
 }
 
+// the metrics between checkpoints, shown in the run page's dynamics view
+const DYNAMICS = ["drift_cka", "weight_update"];
+
+// A step × layer heatmap of one metric (GET /heatmap's answer): rows are blocks i → i+1 for a
+// per-pair metric, hidden states h_i for a per-layer one; the final-norm pair is left out
+// unless keepFinalNorm (its linearity is another kind of map; its weights are not).
+function heatmapOption(h, metric, offset, { keepFinalNorm = false } = {}) {
+  const perLayer = meta.kind(metric) === "layer";
+  const keep = h.layers.map((l, j) => [l, j]).filter(([l]) => keepFinalNorm || !h.final_norm_layers.includes(l));
+  const rowName = (l) => perLayer ? `h${l}` : `${l}→${l + 1}`;
+  const data = [];
+  h.steps.forEach((s, i) => keep.forEach(([, j], k) => data.push([i, k, h.values[i][j]])));
+  const vals = data.map((d) => d[2]).filter((v) => v !== null);
+  const lo = vals.length ? Math.min(...vals) : 0, hi = vals.length ? Math.max(...vals) : 1;
+  return {
+    animation: false,
+    title: { text: `${metric} per ${perLayer ? "hidden state" : "block"} and step`, left: 8, top: 4, textStyle: { fontSize: 13 } },
+    tooltip: { formatter: (p) => `step ${h.steps[p.data[0]] + offset}<br>${perLayer ? "hidden state" : "block"} ${rowName(keep[p.data[1]][0])}<br>${metric} ${fmt(p.data[2], 5)}` },
+    grid: { left: 72, right: 90, top: 40, bottom: 56 },
+    xAxis: { type: "category", data: h.steps.map((s) => String(s + offset)), name: "training step", nameLocation: "middle", nameGap: 34 },
+    yAxis: { type: "category", data: keep.map(([l]) => rowName(l)), name: perLayer ? "hidden state" : "block", nameLocation: "middle", nameGap: 52 },
+    visualMap: { min: lo, max: hi, calculable: false, orient: "vertical", right: 10, top: "middle", itemHeight: 220, inRange: { color: VIRIDIS }, text: [fmt(hi, 3), fmt(lo, 3)] },
+    series: [{ type: "heatmap", name: metric, data, emphasis: { itemStyle: { borderColor: "#000", borderWidth: 1 } } }],
+  };
+}
+
 async function runPage(name) {
   const run = await api(runApi(name));
   const METRICS = meta.shown();
@@ -198,6 +225,9 @@ async function runPage(name) {
     <h2>Layer mean per step</h2>
     <div class="grid" id="trends">${METRICS.map((m) => `<div class="chart" id="trend-${m}" data-metric="${m}"></div>`).join("")}</div>
     <h2>Step × layer</h2><div class="chart tall" id="heatmap"></div>
+    <h2>Dynamics: change since the previous checkpoint</h2>
+    <p class="muted" id="dynamics-note">Each step against the run's previous scored checkpoint (a fine-tune's first step against its parent): drift_cka per hidden state (1 − linear CKA of its representation on the probe), weight_update per block (‖W − W_prev‖ / ‖W_prev‖). Layers that have settled stay dark.</p>
+    <div class="grid" id="dynamics">${DYNAMICS.map((m) => `<div class="chart tall" id="dyn-${m}" data-metric="${m}"></div>`).join("")}</div>
     <h2>Per-layer profile</h2>
     <div class="controls"><label for="profile-step">step</label><select id="profile-step"></select>
       <label for="compare-step">compare with</label><select id="compare-step"><option value="">(none)</option></select>
@@ -233,23 +263,27 @@ async function runPage(name) {
 
   const drawHeatmap = async () => {
     const h = await api(runApi(name, `/heatmap?metric=${state.metric}&max_steps=300`));
-    const keep = h.layers.map((l, j) => [l, j]).filter(([l]) => !h.final_norm_layers.includes(l));
-    const data = [];
-    h.steps.forEach((s, i) => keep.forEach(([, j], k) => data.push([i, k, h.values[i][j]])));
-    const vals = data.map((d) => d[2]).filter((v) => v !== null);
     const c = chart("heatmap", "heatmap");
-    c.setOption({
-      animation: false,
-      title: { text: `${state.metric} per block and step`, left: 8, top: 4, textStyle: { fontSize: 13 } },
-      tooltip: { formatter: (p) => `step ${h.steps[p.data[0]] + offset}<br>block ${keep[p.data[1]][0]}→${keep[p.data[1]][0] + 1}<br>${state.metric} ${fmt(p.data[2], 5)}` },
-      grid: { left: 72, right: 90, top: 40, bottom: 56 },
-      xAxis: { type: "category", data: h.steps.map((s) => String(s + offset)), name: "training step", nameLocation: "middle", nameGap: 34 },
-      yAxis: { type: "category", data: keep.map(([l]) => `${l}→${l + 1}`), name: "block", nameLocation: "middle", nameGap: 52 },
-      visualMap: { min: vals.length ? Math.min(...vals) : 0, max: vals.length ? Math.max(...vals) : 1, calculable: false, orient: "vertical", right: 10, top: "middle", itemHeight: 220, inRange: { color: VIRIDIS }, text: [fmt(vals.length ? Math.max(...vals) : 1, 3), fmt(vals.length ? Math.min(...vals) : 0, 3)] },
-      series: [{ type: "heatmap", name: state.metric, data, emphasis: { itemStyle: { borderColor: "#000", borderWidth: 1 } } }],
-    }, { notMerge: true });
+    c.setOption(heatmapOption(h, state.metric, offset), { notMerge: true });
     c.off("click");
     c.on("click", (p) => pickStep(h.steps[p.data[0]]));
+  };
+
+  // the dynamics view: step × layer of drift_cka and weight_update (every block kept: the
+  // final-norm flag is about the linearity of the last map, not about its weights)
+  const drawDynamics = async () => {
+    let measured = 0;
+    await Promise.all(DYNAMICS.map(async (m) => {
+      const h = await api(runApi(name, `/heatmap?metric=${m}&max_steps=300`));
+      measured += h.steps.length;
+      const c = chart(`dyn-${m}`, `dyn-${m}`);
+      const opt = heatmapOption(h, m, offset, { keepFinalNorm: true });
+      if (!h.steps.length) opt.title.text = `${m}: not measured for this run yet`;
+      c.setOption(opt, { notMerge: true });
+      c.off("click");
+      c.on("click", (p) => pickStep(h.steps[p.data[0]]));
+    }));
+    document.getElementById("dynamics").dataset.steps = String(measured);
   };
 
   const drawProfile = async () => {
@@ -288,7 +322,7 @@ async function runPage(name) {
     });
   }
   wireDelete(name);
-  const all = async () => { await drawTrends(); await drawHeatmap(); await drawProfile(); };
+  const all = async () => { await drawTrends(); await drawHeatmap(); await drawDynamics(); await drawProfile(); };
   await all();
   every(all);
 }
