@@ -23,6 +23,7 @@ from layertrack.workers import locations  # stdlib only: no store client
 from layertrack.workers.errors import CheckpointOutsideRoots, InvalidCheckpointURI
 from layertrack.workers.vocabulary import (
     BASE_METRICS,
+    LENS_METRICS,
     PER_LAYER_METRICS,
     PER_PAIR_METRICS,
     REPLACEABILITY_METRICS,
@@ -47,7 +48,8 @@ def job_metrics(config: dict[str, Any]) -> list[str]:
     """The metrics a job's config asks for (what a submission without ``metrics`` gets)."""
     if config.get("metrics"):
         return list(config["metrics"])
-    return list(BASE_METRICS) + (list(REPLACEABILITY_METRICS) if config.get("replaceability") else [])
+    return (list(BASE_METRICS) + (list(REPLACEABILITY_METRICS) if config.get("replaceability") else [])
+            + (list(LENS_METRICS) if config.get("logit_lens") else []))
 
 
 def score_options(config: dict[str, Any]) -> dict[str, Any]:

@@ -212,6 +212,9 @@ class ScoreOptions(BaseModel):
     #: also measure linear replaceability per block (metrics loss_delta_linear, loss_delta_drop)
     replaceability: bool = False
     holdout_tokens: bounded_int(16, 1_000_000) = DEFAULT_HOLDOUT_TOKENS
+    #: also measure logit_lens_loss per hidden state (the LM head loaded; one decode through
+    #: the final norm and the LM head per hidden state and batch)
+    logit_lens: bool = False
     #: read pickle ``pytorch_model.bin`` weights (loaded with ``weights_only=True``) when the
     #: checkpoint has no safetensors
     allow_pickle: bool = False

@@ -280,8 +280,10 @@ def accept_checkpoint(
     if replaceable and not body.config.replaceability:
         raise Invalid(f"metric(s) {', '.join(replaceable)} need config.replaceability = true")
     config = body.config.model_dump()
-    for key in ("format", "model_config", "tokenizer"):  # not given: left out, so a job's identity (its config's
-        if config[key] is None:                          # hash) is what it was before these options existed
+    # not given: left out, so a job's identity (its config's hash) is what it was before these
+    # options existed
+    for key, absent in (("format", None), ("model_config", None), ("tokenizer", None), ("logit_lens", False)):
+        if config[key] is absent:
             del config[key]
     config["metrics"] = body.metrics or job_metrics(config)
     if remote_roots is None:

@@ -206,14 +206,14 @@ def test_meta_is_the_vocabulary_clients_use(api_service):
     metrics = {m["name"]: m for m in meta["metrics"]}
     layer = ("anisotropy", "effective_rank", "massive_activation")
     assert list(metrics) == ["linearity", "linearity_nores", "cosine", "norm_ratio", *layer,
-                             "loss_delta_linear", "loss_delta_drop", "weight_update", "drift_cka"]
+                             "loss_delta_linear", "loss_delta_drop", "weight_update", "drift_cka", "logit_lens_loss"]
     assert {n: m["kind"] for n, m in metrics.items()} == {
-        n: "layer" if n in (*layer, "drift_cka") else "pair" for n in metrics}
+        n: "layer" if n in (*layer, "drift_cka", "logit_lens_loss") else "pair" for n in metrics}
     assert {n: m["range"] for n, m in metrics.items()} == {
         "linearity": [0, 1], "linearity_nores": [0, 1], "cosine": [-1, 1], "norm_ratio": [0, None],
         "anisotropy": [0, 1], "effective_rank": [1, None], "massive_activation": [1, None],
         "loss_delta_linear": [None, None], "loss_delta_drop": [None, None], "weight_update": [0, None],
-        "drift_cka": [0, 1]}
+        "drift_cka": [0, 1], "logit_lens_loss": [0, None]}
     assert [n for n, m in metrics.items() if m["default"]] == [
         "linearity", "linearity_nores", "cosine", "norm_ratio", *layer]
     assert all(isinstance(m["label"], str) and m["label"] for m in metrics.values())

@@ -91,3 +91,21 @@ def test_weight_update_is_measured_against_the_previous_scored_step_stored_and_s
         assert result["dynamics"]["drift_cka"]["seconds"] >= 0
         heat = c.heatmap(run, metric="drift_cka")
         assert heat["steps"] == [2] and len(heat["layers"]) == len(drift[2])
+
+
+def test_a_job_asked_for_the_logit_lens_stores_it_per_hidden_state(live, tokenizer):
+    from layertrack.workers.scoring import ScoreConfig, score_checkpoint
+
+    run = f"lens-{uuid.uuid4().hex[:6]}"
+    s1 = build_checkpoint(live.roots / run / "step-1", "llama", tokenizer, seed=4)
+    with live.client() as c:
+        plain = c.submit(run=run, step=1, uri=str(s1), config=CFG)
+        lens = c.submit(run=run, step=1, uri=str(s1), config={**CFG, "logit_lens": True})
+        assert lens["id"] != plain["id"]  # another config: another job
+        again = c.submit(run=run, step=1, uri=str(s1), config={**CFG, "logit_lens": False})
+        assert again["id"] == plain["id"]  # false is the default: the same job as without it
+        for j in (plain, lens):
+            assert c.wait(j["id"], timeout=240, poll=0.3)["status"] == "succeeded", live.logs()
+        got = by_layer(c.scores(run, metric="logit_lens_loss"))
+    local = score_checkpoint(str(s1), config=ScoreConfig(**CFG, logit_lens=True))
+    assert got[1] == pytest.approx({s.layer: s.logit_lens_loss for s in local.scores.layers}, rel=1e-9)

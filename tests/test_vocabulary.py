@@ -71,7 +71,7 @@ def test_the_submitting_commands_have_every_option_and_leave_defaults_to_the_ser
     assert {k: options[k].default for k in SCORE_OPTIONS} == {k: False if isinstance(v, bool) else None
                                                             for k, v in SCORE_OPTION_DEFAULTS.items()}
     given = {"max_tokens": 700, "seq_len": 64, "drop_first_token": True, "dtype": "float32", "replaceability": True,
-             "holdout_tokens": 32, "allow_pickle": True, "dynamics": False, "format": "dcp",
+             "holdout_tokens": 32, "logit_lens": True, "allow_pickle": True, "dynamics": False, "format": "dcp",
              "model_config": "/ckpts/llama/config.json", "tokenizer": "/ckpts/tok"}
     assert set(given) == set(SCORE_OPTIONS)
     argv = ["r", "1", "/c"] if command == "submit" else ["/c", "--run", "r"]

@@ -104,6 +104,9 @@ class LayerScores:
     massive_dim: int | None = None
     #: 1 − linear CKA against the same hidden state of an earlier checkpoint (None: not measured)
     drift_cka: float | None = None
+    #: next-token cross-entropy of this hidden state through the final norm and the LM head
+    #: (nats/token; None: not measured)
+    logit_lens_loss: float | None = None
 
 
 @dataclass

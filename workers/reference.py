@@ -84,6 +84,25 @@ def drift_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - cka)
 
 
+def logit_lens_loss(lm: torch.nn.Module, final_norm: torch.nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, score_mask: torch.Tensor) -> list[float]:
+    """The logit lens from its definition: the model's hidden states (``output_hidden_states``,
+    all kept), each h_i for i < L through ``final_norm`` then the LM head (h_L has the final norm
+    already: the head alone), and the mean cross-entropy of the next token, in float64, over
+    the scored positions t whose token t + 1 is in the sequence."""
+    with torch.no_grad():
+        out = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        head = lm.get_output_embeddings()
+        hs = out.hidden_states
+        scored = score_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+        target = input_ids[:, 1:][scored]
+        losses = []
+        for i, h in enumerate(hs):
+            logits = head(h if i == len(hs) - 1 else final_norm(h)).to(torch.float64)
+            losses.append(float(torch.nn.functional.cross_entropy(logits[:, :-1][scored], target)))
+    return losses
+
+
 #: the metrics the engine computes from a sketch rather than exactly, and the relative error
 #: the sketch allows against this oracle
 SKETCH_RTOL = {"massive_activation": MASSIVE_MEDIAN_RTOL}

@@ -78,6 +78,8 @@ class ScoreConfig:
     replaceability: bool = False
     #: held-out probe tokens for the replaceability losses (taken after the scored ones)
     holdout_tokens: int = DEFAULT_HOLDOUT_TOKENS
+    #: also measure logit_lens_loss per hidden state (the model loaded with its LM head)
+    logit_lens: bool = False
     #: bytes for weights and activations on the device(s) (LAYERTRACK_MAX_MEMORY); None:
     #: DEFAULT_BUDGET_SHARE of the free memory. The memory plan keeps within it.
     max_memory: int | None = None
@@ -676,7 +678,7 @@ def prepare(
             headers = {f: read_header(path / f) for f in info.weight_files}
         tensors = {n: (t["dtype"], t["shape"]) for h, _ in headers.values() for n, t in h.items()
                    if n != "__metadata__"}
-        skip = () if config.replaceability else _head_names(tensors, hf_config)
+        skip = () if config.replaceability or config.logit_lens else _head_names(tensors, hf_config)
         try:
             shape = model_shape(tensors, hf_config.to_dict(), dtype_bytes=db, skip=skip)
         except ValueError:  # tensor names not numbered by block: transformers maps (or refuses) them
@@ -768,15 +770,16 @@ def score_checkpoint(
             ready(f)
     runner: BlockRunner | None = None
     lm = None
+    head = config.replaceability or config.logit_lens  # the LM head is loaded
     if streamed:
         # a resident plan for weights still arriving: each module reads its weights when it
         # first runs and keeps them, and the job runs batch by batch as resident ones do
         keep = plan.mode == "resident"
         source = WeightSource(prep.path, prep.headers or {}, ready=ready)
-        streamed_model = build_streamed(prep.path, source, with_lm_head=config.replaceability, device=device,
+        streamed_model = build_streamed(prep.path, source, with_lm_head=head, device=device,
                                         dtype=dtype, prefetch=plan.prefetch, find_blocks=find_blocks, keep=keep)
         runner = streamed_model
-        base = streamed_model.model.base_model if config.replaceability else streamed_model.model
+        base = streamed_model.model.base_model if head else streamed_model.model
         base_runner = runner.view(base)
         if keep:
             model = base
@@ -785,13 +788,13 @@ def score_checkpoint(
 
         with ckpt.translate_oom(f"loading {str(prep.path)!r}",
                                 "Use a smaller --dtype (bfloat16), a machine with more memory, or free memory first."):
-            lm = build_model(prep.native, device=device, dtype=dtype, with_lm_head=True) if config.replaceability \
+            lm = build_model(prep.native, device=device, dtype=dtype, with_lm_head=True) if head \
                 else None
             model = lm.base_model if lm is not None else build_model(prep.native, device=device, dtype=dtype)
     else:
         placement = _device_map(prep)
         lm = ckpt.load_model(info, device=device, dtype=dtype, with_lm_head=True,
-                             placement=placement) if config.replaceability else None
+                             placement=placement) if head else None
         model = lm.base_model if lm is not None else ckpt.load_model(info, device=device, dtype=dtype,
                                                                      placement=placement)
     t_load = time.perf_counter()
@@ -818,6 +821,20 @@ def score_checkpoint(
             for p in scores.pairs:
                 p.loss_delta_linear, p.loss_delta_drop = deltas[p.layer]
             holdout = {"n_tokens": held.n_tokens, "intact_loss": base_loss}
+        t_lens = time.perf_counter()
+        if config.logit_lens:
+            if streamed and not keep:
+                lens_absent = ("logit_lens_loss is measured on resident models; this one was streamed (it exceeds the "
+                               "memory budget)")
+                warnings.append(lens_absent)
+            else:
+                if runner is None:
+                    runner = BlockRunner(lm, find_blocks(lm), device)
+                with ckpt.translate_oom("measuring the logit lens", "Lower --batch-size or --seq-len."):
+                    for layer, loss in zip(scores.layers, logit_lens(runner, tokens, batch_size=config.batch_size,
+                                                                     device=device), strict=True):
+                        layer.logit_lens_loss = loss
+        t_lens = time.perf_counter() - t_lens
     finally:
         if streamed:
             streamed_model.close()
@@ -861,10 +878,53 @@ def score_checkpoint(
         timings={
             "load_s": t_load - t0,
             "score_s": t_scored - t_load,
-            **({"replaceability_s": t_done - t_scored} if config.replaceability else {}),
+            **({"replaceability_s": t_done - t_scored - (t_lens if config.logit_lens else 0.0)}
+               if config.replaceability else {}),
+            **({"logit_lens_s": t_lens} if config.logit_lens else {}),
             "total_s": t_done - t0,
         },
     )
+
+
+def logit_lens(runner: BlockRunner, tokens: ProbeTokens, *, batch_size: int | None = None,
+               device: torch.device | None = None) -> list[float]:
+    """logit_lens_loss of every hidden state h_0 … h_L: the mean next-token cross-entropy
+    (nats/token, float64 sums) when h_i is decoded through the model's final norm and LM head,
+    over the scored tokens whose next token is in the same sequence (a scored position t
+    predicts token t + 1). h_i for i < L is the input of block i (h_0 the embeddings); it is
+    given to the model's tail as if the last block had returned it (``BlockRunner.tail``: the
+    final norm, then the head), so the decoding is the model's own. h_L is decoded as the
+    model decodes its last block's output: its logits. The runner's model has the LM head."""
+    device = device or runner.device
+    ids = torch.tensor(tokens.input_ids, dtype=torch.long)
+    attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
+    keep = torch.tensor(tokens.score_mask, dtype=torch.bool)
+    # a scored position whose next token exists: its target is that token
+    scored = keep[:, :-1] & attn[:, 1:].bool()
+    bs = _sequences_per_batch(tokens, batch_size, device)
+    n_hidden = runner.n_blocks + 1
+    sums, count = [0.0] * n_hidden, 0
+    for start in range(0, ids.shape[0], bs):
+        b = slice(start, start + bs)
+        mask = scored[b]
+        if not bool(mask.any()):
+            continue
+        input_ids, am = ids[b].to(device), _mask_or_none(attn[b], device)
+        target = ids[b][:, 1:][mask].to(device)
+        with torch.inference_mode():
+            h, call = runner.embed(input_ids, am)
+            states = [h]
+            for i in range(runner.n_blocks):
+                with runner.weights(i):
+                    h = runner.block(i, h, call)
+                states.append(h)
+            for i, state in enumerate(states):
+                logits = runner.tail(state, input_ids, am, call).logits
+                picked = logits[:, :-1][mask.to(logits.device)].to(torch.float64)
+                sums[i] += float(torch.nn.functional.cross_entropy(picked, target.to(logits.device),
+                                                                   reduction="sum"))
+        count += int(mask.sum())
+    return [s / count if count else float("nan") for s in sums]
 
 
 def _drift(model, prep: Prepared, config: ScoreConfig, roots, scores: Scores, device, dtype) -> str | None:

@@ -29,12 +29,15 @@ REPLACEABILITY_METRICS = ("loss_delta_linear", "loss_delta_drop")
 #: linear CKA of the hidden state against the same one of the earlier checkpoint, both models
 #: run on the same probe tokens
 DYNAMICS_METRICS = ("weight_update", "drift_cka")
+#: the logit lens, per hidden state: next-token cross-entropy of h_i decoded through the final
+#: norm and the LM head; only measured when the job's config asks for it (``logit_lens``)
+LENS_METRICS = ("logit_lens_loss",)
 #: every metric a score row can hold
-KNOWN_METRICS = BASE_METRICS + REPLACEABILITY_METRICS + DYNAMICS_METRICS
+KNOWN_METRICS = BASE_METRICS + REPLACEABILITY_METRICS + DYNAMICS_METRICS + LENS_METRICS
 #: stored per pair (layer index i means the block i → i+1)
 PER_PAIR_METRICS = (*PAIR_METRICS, *REPLACEABILITY_METRICS, "weight_update")
 #: stored per hidden state (layer index i means h_i)
-PER_LAYER_METRICS = (*LAYER_METRICS, "drift_cka")
+PER_LAYER_METRICS = (*LAYER_METRICS, "drift_cka", *LENS_METRICS)
 
 #: the metric pages, plots and the CLI show when none is named
 DEFAULT_METRIC = "linearity_nores"
@@ -52,6 +55,7 @@ METRIC_LABELS = {
     "loss_delta_drop": "Δ loss, block dropped (nats/token)",
     "weight_update": "weight update ‖W − W_prev‖ / ‖W_prev‖",
     "drift_cka": "drift since the earlier checkpoint (1 − linear CKA)",
+    "logit_lens_loss": "logit-lens loss of h_i (nats/token)",
 }
 
 #: the values a metric can take, (low, high); None where it is unbounded on that side.
@@ -68,6 +72,7 @@ METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
     "loss_delta_drop": (None, None),
     "weight_update": (0.0, None),
     "drift_cka": (0.0, 1.0),
+    "logit_lens_loss": (0.0, None),
 }
 
 
@@ -143,6 +148,8 @@ SCORE_OPTION_DEFAULTS: dict[str, object] = {
     "dtype": None,
     "replaceability": False,
     "holdout_tokens": DEFAULT_HOLDOUT_TOKENS,
+    #: also measure logit_lens_loss per hidden state (loads the LM head; resident only)
+    "logit_lens": False,
     "allow_pickle": False,
     #: measure weight_update against the run's previous scored checkpoint: None (default)
     #: when that checkpoint is on a local path, True to ask for it, False never

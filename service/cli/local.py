@@ -28,6 +28,7 @@ def render_table(result: dict[str, Any]) -> str:
     holdout = result.get("holdout")
     moved = any(p.get("weight_update") is not None for p in result["pairs"])
     drifted = any(s.get("drift_cka") is not None for s in result["layers"])
+    lens = any(s.get("logit_lens_loss") is not None for s in result["layers"])
     lines = [
         f"model {result['model_type']}  blocks {result['n_layers']}  d {result['d']}  "
         f"dtype {result['dtype']}  device {result['device']}",
@@ -38,7 +39,8 @@ def render_table(result: dict[str, Any]) -> str:
         f"{'eff_rank':>10} {'massive':>10}"
         + (f" {'Δloss_lin':>10} {'Δloss_drop':>10}" if holdout else "")
         + (f" {'w_update':>10}" if moved else "")
-        + (f" {'drift_cka':>10}" if drifted else ""),
+        + (f" {'drift_cka':>10}" if drifted else "")
+        + (f" {'lens_loss':>10}" if lens else ""),
     ]
     flagged = False
     for i in sorted(layers):
@@ -54,6 +56,7 @@ def render_table(result: dict[str, Any]) -> str:
             + (f" {fmt(p and p['loss_delta_linear'])} {fmt(p and p['loss_delta_drop'])}" if holdout else "")
             + (f" {fmt(p and p.get('weight_update'))}" if moved else "")
             + (f" {fmt(layers[i].get('drift_cka'))}" if drifted else "")
+            + (f" {fmt(layers[i].get('logit_lens_loss'))}" if lens else "")
             + mark
         )
     if flagged:
@@ -64,6 +67,10 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append(f"Δloss: held-out LM loss (nats/token, {holdout['n_tokens']} tokens; intact "
                      f"{holdout['intact_loss']:.4f}) with the block replaced by its fitted linear map (lin) or "
                      "dropped (drop), minus intact")
+    if lens:
+        lines.append("")
+        lines.append("lens_loss: next-token cross-entropy (nats/token) of hidden state i decoded through the final "
+                     "norm and the LM head (the logit lens)")
     dynamics = result.get("dynamics") or {}
     if moved:
         lines.append("")

@@ -200,6 +200,9 @@ def add_submission_options(p: argparse.ArgumentParser) -> None:
                         "passes over the held-out tokens per block)")
     p.add_argument("--holdout-tokens", type=positive_int, metavar="N",
                    help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
+    p.add_argument("--logit-lens", action="store_true",
+                   help="also store logit_lens_loss per hidden state (nats/token; one decode through the final "
+                        "norm and the LM head per hidden state and batch; resident models only)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
     p.add_argument("--format", choices=CHECKPOINT_FORMATS,
@@ -269,9 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "replaced by its fitted linear map and when it is dropped (2 extra passes per block)")
     score.add_argument("--holdout-tokens", type=positive_int, default=DEFAULT_HOLDOUT_TOKENS, metavar="N",
                        help=f"held-out probe tokens for --replaceability (default: {DEFAULT_HOLDOUT_TOKENS})")
+    score.add_argument("--logit-lens", action="store_true",
+                       help="also measure logit_lens_loss per hidden state: the next-token cross-entropy (nats/token) "
+                            "of h_i decoded through the final norm and the LM head (resident models only)")
     score.add_argument("--compare-to", metavar="DIR",
                        help="an earlier checkpoint of the same model: also measure weight_update per block, "
-                            "‖W − W_prev‖ / ‖W_prev‖ (default: none)")
+                            "‖W − W_prev‖ / ‖W_prev‖, and drift_cka per hidden state (default: none)")
     score.add_argument("--dynamics", action=argparse.BooleanOptionalAction, default=None,
                        help="with --compare-to: measure weight_update (default: yes); --no-dynamics: do not")
     score.add_argument("--max-memory", type=local.size, metavar="SIZE",
