@@ -217,7 +217,8 @@ def run(job_id: str, *, worker: str, retries: int, settings: Settings | None = N
     stored.pop("dynamics", None)  # recorded below when asked for, with the earlier step
     metrics = jobs.job_metrics(job.config)
     if result.dynamics is not None and "absent" not in result.dynamics:
-        stored["dynamics"] = {**result.dynamics, "step": earlier.step, "same_run": earlier.run_id == job.run_id}
+        stored["dynamics"] = {**result.dynamics, "step": earlier.step, "same_run": earlier.run_id == job.run_id,
+                              **({"named": job.config["compare_to"]} if "compare_to" in job.config else {})}
         drift = result.dynamics.get("drift_cka") or {}
         metrics += [m for m in DYNAMICS_METRICS if m != "drift_cka" or "absent" not in drift]
     elif absent is not None or result.dynamics is not None:
@@ -233,12 +234,22 @@ def _earlier(settings: Settings, job: jobs.ClaimedJob) -> tuple[jobs.Earlier | N
     wanted = job.config.get("dynamics")
     if wanted is False:
         return None, None
-    earlier = jobs.previous_checkpoint(settings.db_url, job)
+    named = job.config.get("compare_to")
+    if isinstance(named, int) and not isinstance(named, bool):  # a step of the run
+        earlier = jobs.checkpoint_at(settings.db_url, job.run_id, named)
+        if earlier is None:
+            return None, f"config.compare_to names step {named}, which the run has no checkpoint at"
+        wanted = True
+    elif isinstance(named, str):  # a location under the checkpoint roots
+        earlier, wanted = jobs.Earlier(None, None, named, None), True
+    else:
+        earlier = jobs.previous_checkpoint(settings.db_url, job)
     if earlier is None:
         return None, ("no earlier checkpoint to compare with: the run has no scored step before this one"
                       if wanted else None)
+    what = f"step {earlier.step}" if earlier.step is not None else "config.compare_to"
     if jobs.is_remote(earlier.uri):
-        return None, (f"the earlier checkpoint (step {earlier.step}) is remote ({earlier.uri}); weight_update reads "
+        return None, (f"the earlier checkpoint ({what}) is remote ({earlier.uri}); weight_update reads "
                       "earlier checkpoints from local paths only" if wanted else None)
     from layertrack.workers.checkpoint import inspect_checkpoint, resolve_checkpoint_path
     from layertrack.workers.errors import CheckpointError
@@ -247,10 +258,10 @@ def _earlier(settings: Settings, job: jobs.ClaimedJob) -> tuple[jobs.Earlier | N
         info = inspect_checkpoint(resolve_checkpoint_path(earlier.uri, jobs.require_roots(settings.roots)),
                                   check_causal_lm=False)
     except CheckpointError as e:
-        return None, (f"the earlier checkpoint (step {earlier.step}, {earlier.uri}) cannot be read ({e.code}): "
+        return None, (f"the earlier checkpoint ({what}, {earlier.uri}) cannot be read ({e.code}): "
                       f"{e.message}")
-    if info.fingerprint != earlier.fingerprint:
-        return None, (f"the earlier checkpoint (step {earlier.step}, {earlier.uri}) was written again since it was "
+    if earlier.fingerprint is not None and info.fingerprint != earlier.fingerprint:
+        return None, (f"the earlier checkpoint ({what}, {earlier.uri}) was written again since it was "
                       "scored: its weights are no longer the ones its scores describe")
     return earlier, None
 

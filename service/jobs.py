@@ -235,10 +235,23 @@ class Earlier:
     """The checkpoint a job's ``weight_update`` is measured against: the run's previous scored
     step or, for a fine-tune's first, its parent's checkpoint at ``parent_step``."""
 
-    run_id: int
-    step: int
+    run_id: int | None  # None: a checkpoint named by its location (config.compare_to), of no run
+    step: int | None
     uri: str
-    fingerprint: str
+    fingerprint: str | None  # None: named by its location, its identity taken when the job runs
+
+
+def checkpoint_at(db_url: str, run_id: int, step: int) -> Earlier | None:
+    """The run's checkpoint at ``step`` (``config.compare_to``: a step of the run), the one
+    scored most recently when it was submitted more than once; else its latest submitted."""
+    with session_scope(db_url) as s:
+        scored = (Job.status == JobStatus.succeeded).desc()
+        row = s.execute(
+            select(Checkpoint.run_id, Checkpoint.step, Checkpoint.uri, Checkpoint.fingerprint)
+            .outerjoin(Job, Job.checkpoint_id == Checkpoint.id)
+            .where(Checkpoint.run_id == run_id, Checkpoint.step == step)
+            .order_by(scored, Job.finished_at.desc().nulls_last(), Checkpoint.id.desc()).limit(1)).first()
+    return None if row is None else Earlier(*row)
 
 
 def previous_checkpoint(db_url: str, job: ClaimedJob) -> Earlier | None:

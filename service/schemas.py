@@ -233,6 +233,12 @@ class ScoreOptions(BaseModel):
                     "that carries no architecture (format dcp)")
     #: a tokenizer directory for a checkpoint saved without one, under the checkpoint roots
     tokenizer: text(min_length=1, max_length=4096) | None = None
+    #: what weight_update and drift_cka compare with instead of the run's previous scored step:
+    #: a step of the run (an integer) or a checkpoint's local path under the checkpoint roots
+    compare_to: bounded_int(0, 2**63 - 1) | text(min_length=1, max_length=4096) | None = Field(
+        default=None,
+        description="compare with this step of the run, or with the checkpoint at this local path (under the "
+                    "checkpoint roots), instead of the run's previous scored step (weight_update, drift_cka)")
 
 
 class CheckpointIn(BaseModel):

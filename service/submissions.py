@@ -282,7 +282,8 @@ def accept_checkpoint(
     config = body.config.model_dump()
     # not given: left out, so a job's identity (its config's hash) is what it was before these
     # options existed
-    for key, absent in (("format", None), ("model_config", None), ("tokenizer", None), ("logit_lens", False)):
+    for key, absent in (("format", None), ("model_config", None), ("tokenizer", None), ("logit_lens", False),
+                        ("compare_to", None)):
         if config[key] is absent:
             del config[key]
     config["metrics"] = body.metrics or job_metrics(config)
@@ -293,6 +294,8 @@ def accept_checkpoint(
         for key in ("model_config", "tokenizer"):  # local files the worker reads beside the checkpoint
             if key in config:
                 config[key] = str(_local_beside(config[key], roots, key))
+        if isinstance(config.get("compare_to"), str):  # a checkpoint named by its path
+            config["compare_to"] = str(_local_beside(config["compare_to"], roots, "compare_to"))
         fmt = config.get("format")
         if is_remote(body.uri):
             if fmt not in (None, "hf"):

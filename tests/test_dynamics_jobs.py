@@ -109,3 +109,39 @@ def test_a_job_asked_for_the_logit_lens_stores_it_per_hidden_state(live, tokeniz
         got = by_layer(c.scores(run, metric="logit_lens_loss"))
     local = score_checkpoint(str(s1), config=ScoreConfig(**CFG, logit_lens=True))
     assert got[1] == pytest.approx({s.layer: s.logit_lens_loss for s in local.scores.layers}, rel=1e-9)
+
+
+def test_config_compare_to_names_a_step_of_the_run_or_a_checkpoint_by_its_path(live, tokenizer):
+    from layertrack.service.client import ApiError
+
+    run = f"cmp-{uuid.uuid4().hex[:6]}"
+    base = live.roots / run
+    s1 = build_checkpoint(base / "step-1", "llama", tokenizer, seed=3)
+    s2 = trained(base / "step-2", s1, 0.05, seed=1)
+    s3 = trained(base / "step-3", s2, 0.05, seed=2)
+    with live.client() as c:
+        for step, path in ((1, s1), (2, s2)):
+            assert c.wait(c.submit(run=run, step=step, uri=str(path), config=CFG)["id"], timeout=240,
+                          poll=0.3)["status"] == "succeeded"
+        by_step = c.wait(c.submit(run=run, step=3, uri=str(s3), config={**CFG, "compare_to": 1})["id"],
+                         timeout=240, poll=0.3)
+        assert by_step["status"] == "succeeded", live.logs()
+        dyn = c.job(by_step["id"])["result"]["dynamics"]
+        assert dyn["step"] == 1 and dyn["named"] == 1 and dyn["compared_to"] == str(s1)
+        want = oracle(s3, s1, "model.layers.", LLAMA_KINDS)
+        assert by_layer(c.scores(run, metric="weight_update"))[3] == pytest.approx(
+            {i: w["total"] for i, w in want.items()}, rel=1e-9)
+        # by its path (another run's checkpoint would do as well): the same comparison, no step
+        by_path = c.wait(c.submit(run=run + "-p", step=3, uri=str(s3), config={**CFG, "compare_to": str(s1)})["id"],
+                         timeout=240, poll=0.3)
+        dyn = c.job(by_path["id"])["result"]["dynamics"]
+        assert dyn["step"] is None and dyn["compared_to"] == str(s1)
+        assert by_layer(c.scores(run + "-p", metric="weight_update"))[3] == pytest.approx(
+            {i: w["total"] for i, w in want.items()}, rel=1e-9)
+        nowhere = c.wait(c.submit(run=run + "-n", step=3, uri=str(s3), config={**CFG, "compare_to": 7})["id"],
+                         timeout=240, poll=0.3)
+        assert nowhere["status"] == "succeeded"
+        assert "step 7" in c.job(nowhere["id"])["result"]["dynamics"]["absent"]
+        with pytest.raises(ApiError) as e:
+            c.submit(run=run, step=4, uri=str(s3), config={**CFG, "compare_to": "/etc"})
+        assert e.value.code == "checkpoint_outside_roots", e.value

@@ -24,7 +24,7 @@ WORKER_ONLY = {"batch_size", "device", "stats_memory_budget", "seed", "max_memor
 SCORE_LOCAL_ONLY = {"checkpoint", "probe", "batch_size", "device", "seed", "max_memory", "plan", "json",
                     "compare_to", "quiet"}
 #: what a submission carries besides its scoring options
-SUBMISSION_ONLY = {"phase", "parent_run", "parent_step", "probe"}
+SUBMISSION_ONLY = {"phase", "parent_run", "parent_step", "probe", "compare_to"}
 
 
 def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -41,11 +41,16 @@ def test_the_service_takes_the_vocabularys_options():
     assert jobs.SCORE_OPTIONS == SCORE_OPTIONS == tuple(SCORE_OPTION_DEFAULTS)
 
 
+#: in a job's config but not a scoring option: the worker resolves it to the checkpoint it
+#: compares with (a step of the run or a path) and hands the scoring that checkpoint
+API_ONLY = {"compare_to": None}
+
+
 def test_the_api_body_has_exactly_the_options_and_their_defaults():
     fields = {f.alias or k: f for k, f in ScoreOptions.model_fields.items()}  # JSON's names
-    assert tuple(fields) == SCORE_OPTIONS
-    assert {k: f.default for k, f in fields.items()} == SCORE_OPTION_DEFAULTS
-    assert ScoreOptions().model_dump() == SCORE_OPTION_DEFAULTS
+    assert tuple(fields) == SCORE_OPTIONS + tuple(API_ONLY)
+    assert {k: f.default for k, f in fields.items()} == SCORE_OPTION_DEFAULTS | API_ONLY
+    assert ScoreOptions().model_dump() == SCORE_OPTION_DEFAULTS | API_ONLY
 
 
 def test_the_worker_config_has_every_option_with_its_default():

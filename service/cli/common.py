@@ -33,10 +33,12 @@ def score_options(args: Any) -> dict[str, Any]:
     """The job config of a submission's options (``--max-tokens`` ... one per SCORE_OPTIONS
     name): only the options given, so the service's defaults apply to the rest."""
     values = {k: getattr(args, k) for k in SCORE_OPTIONS}
+    if getattr(args, "compare_to", None) is not None:  # a submission's: not a scoring option of its own
+        values["compare_to"] = args.compare_to
     # a switch off by default is given only when on; one whose default is None (dynamics:
     # automatic) is given when set either way
     return {k: v for k, v in values.items()
-            if v is not None and not (v is False and SCORE_OPTION_DEFAULTS[k] is False)}
+            if v is not None and not (v is False and SCORE_OPTION_DEFAULTS.get(k) is False)}
 
 
 def _interrupt(_signum, _frame) -> None:

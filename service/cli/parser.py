@@ -214,8 +214,16 @@ def add_submission_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="DIR", type=_absolute,
                    help="a tokenizer directory under the checkpoint roots, for a checkpoint saved without one")
     p.add_argument("--dynamics", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure weight_update per block against the run's previous scored checkpoint "
-                        "(default: when that checkpoint is on a local path; --no-dynamics: never)")
+                   help="measure weight_update per block and drift_cka per hidden state against the run's previous "
+                        "scored checkpoint (default: when that checkpoint is on a local path; --no-dynamics: never)")
+    p.add_argument("--compare-to", metavar="STEP|PATH", type=_step_or_path,
+                   help="compare with this step of the run, or the checkpoint at this path (under the service's "
+                        "checkpoint roots), instead of the run's previous scored step")
+
+
+def _step_or_path(text: str) -> int | str:
+    """``--compare-to`` of a submission: a step (digits) or a local path (made absolute here)."""
+    return int(text) if text.isdigit() else _absolute(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
