@@ -51,6 +51,19 @@ def spearman_cells(table: str) -> list[str]:
     return [cell for row in rows for cell in row[1:]]
 
 
+def test_the_dynamics_summary_says_whether_drift_falls_and_lower_layers_settle_first():
+    heat = {"steps": [2, 4, 8, 16], "layers": [0, 1, 2],
+            "values": [[0.30, 0.50, 0.70], [0.10, 0.40, 0.60], [0.05, 0.20, 0.50], [0.01, 0.10, 0.40]]}
+    d = report.dynamics(heat)
+    assert d["mean_per_step"] == pytest.approx([0.5, 1.1 / 3, 0.25, 0.17])
+    assert d["late_mean_per_layer"] == pytest.approx([0.03, 0.15, 0.45])
+    assert d["spearman"] == {"step~mean_drift": pytest.approx(-1.0), "layer~late_drift": pytest.approx(1.0)}
+    table = report.dynamics_table("r", d)
+    assert "ρ(step, mean drift) -1.000" in table and "drift over the later half) +1.000" in table
+    assert "no drift_cka measured" in report.dynamics_table("r", report.dynamics(
+        {"steps": [], "layers": [], "values": []}))
+
+
 def test_the_replaceability_table_prints_spearman_numbers():
     table = report.replaceability_table("pretrain", report.replaceability(8, blocks(4)))
     assert "Spearman ρ over 4 blocks" in table
@@ -240,6 +253,15 @@ def test_demo_short_through_the_embedded_service(short_demo):
     assert len(cells) == 8 and all(re.fullmatch(r"[+-]\d\.\d{3}", c) for c in cells), done.stdout
     for phase in ("pretrain", "finetune"):
         assert all(v is not None for v in summary["replaceability"][phase]["spearman"].values())
+    # drift per hidden state against each step's previous checkpoint: not at the first step of
+    # pretraining (nothing before it), at the fine-tune's first (against its parent)
+    drift = summary["dynamics"]
+    assert drift["pretrain"]["steps"] == [2, 4, 8] and drift["finetune"]["steps"] == [1, 2, 4]
+    for phase in ("pretrain", "finetune"):
+        assert all(0 <= v <= 1 for row in drift[phase]["values"] for v in row), drift[phase]
+        assert len(drift[phase]["layers"]) == 6  # 5 blocks: h0 ... h5
+    assert done.stdout.count("drift_cka (1 − linear CKA against the previous checkpoint)") == 2
+    assert done.stdout.count("Spearman ρ(step, mean drift)") == 2
     for name in ("trend.png", "trend_finetune.png", "heatmap_pretrain.png", "heatmap_finetune.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 

@@ -91,6 +91,47 @@ def replaceability(step: int, per_block: dict[int, dict[str, float | None]]) -> 
             "spearman": {f"{a}~{b}": spearman(col[a], col[b]) for a in METRICS for b in LOSSES}}
 
 
+#: the metrics between checkpoints the demo reports (each step against the previous one)
+DYNAMICS = ("drift_cka", "weight_update")
+
+
+def dynamics(heat: dict[str, Any]) -> dict[str, Any]:
+    """The summary of one run's ``drift_cka`` (a heatmap answer: steps × hidden states): per
+    step the mean over the hidden states, whether it falls with training (Spearman's ρ of the
+    mean against the step), and whether lower layers settle earlier (Spearman's ρ of the
+    hidden state's index against its mean drift over the later half of the steps: positive
+    when the upper layers still move more)."""
+    steps, layers, values = heat["steps"], heat["layers"], heat["values"]
+    means = [(sum(v for v in row if _known(v)) / max(1, sum(_known(v) for v in row))) if row else None
+             for row in values]
+    late = values[len(values) // 2:]
+    per_layer = [(sum(row[j] for row in late if _known(row[j])) / max(1, sum(_known(row[j]) for row in late)))
+                 if late else None for j in range(len(layers))]
+    return {"steps": steps, "layers": layers, "values": values, "mean_per_step": means,
+            "late_mean_per_layer": per_layer,
+            "spearman": {"step~mean_drift": spearman(steps, means), "layer~late_drift": spearman(layers, per_layer)}}
+
+
+def dynamics_table(run: str, d: dict[str, Any]) -> str:
+    """drift_cka per hidden state (columns) at each measured step (rows), the mean, then the
+    two correlations."""
+    if not d["steps"]:
+        return f"{run}: no drift_cka measured (no step had a previous checkpoint to compare with)"
+    lines = [f"drift_cka (1 − linear CKA against the previous checkpoint) of run {run}",
+             f"{'step':>6} " + " ".join(f"{'h' + str(h):>7}" for h in d["layers"]) + f" {'mean':>7}"]
+    for step, row, mean in zip(d["steps"], d["values"], d["mean_per_step"], strict=True):
+        lines.append(f"{step:>6} " + " ".join(_num(v, 7, 4) for v in row) + f" {_num(mean, 7, 4)}")
+
+    def rho(key: str) -> str:
+        v = d["spearman"][key]
+        return "n/a" if v is None else f"{v:+.3f}"
+
+    lines.append(f"Spearman ρ(step, mean drift) {rho('step~mean_drift')} (negative: drift falls with training); "
+                 f"ρ(layer, drift over the later half) {rho('layer~late_drift')} (positive: upper layers still move "
+                 "more, lower ones settled)")
+    return "\n".join(lines)
+
+
 def figures(out: Path, *, runs: dict[str, str], trends: dict[str, dict], heatmaps: dict[str, dict],
             parent_step: int, fmt: str = "png") -> list[Path]:
     """trend.FMT (pretraining, log-scaled steps), trend_finetune.FMT (the fine-tune continuing

@@ -217,6 +217,12 @@ def collect(client, runs: dict[str, str], last_steps: dict[str, int]) -> tuple[d
     return trends, heatmaps, replace
 
 
+def collect_dynamics(client, runs: dict[str, str]) -> dict[str, dict]:
+    """phase → the drift_cka summary of its run (report.dynamics)."""
+    return {phase: report.dynamics(client.heatmap(run, metric="drift_cka", max_steps=1000))
+            for phase, run in runs.items()}
+
+
 def open_command(out: Path) -> str:
     """The command that serves the embedded service's data under ``out`` again, with the
     dashboard: its database, broker and saved token are in ``out/service``."""
@@ -317,6 +323,7 @@ def _run(args, plan, out: Path, name: str, url: str, token: str, embedded: bool)
         expected = len(steps["pretrain"]) + len(steps["finetune"]) + 2
         jobs = wait_for(c, list(runs.values()), expected)
         trends, heatmaps, replace = collect(c, runs, last)
+        drift = collect_dynamics(c, runs)
     failed = [j for j in jobs if j["status"] != "succeeded"]
     for j in failed:
         print(f"warning: job {j['id']} (run {j['run']} step {j['step']}) {j['status']}: {j['error']}",
@@ -330,11 +337,14 @@ def _run(args, plan, out: Path, name: str, url: str, token: str, embedded: bool)
     for phase in runs:
         print()
         print(report.replaceability_table(phase, replace[phase]))
+    for phase in runs:
+        print()
+        print(report.dynamics_table(runs[phase], drift[phase]))
     files = report.figures(out, runs=runs, trends=trends, heatmaps=heatmaps, parent_step=plan.pretrain_steps)
     summary = {
         "name": name, "runs": runs, "plan": vars(plan),
         "regularizer": args.regularizer, "lambda": args.reg_lambda if args.regularizer else 0.0,
-        "posted_steps": steps, "trends": trends, "replaceability": replace,
+        "posted_steps": steps, "trends": trends, "replaceability": replace, "dynamics": drift,
         "failed_jobs": [j["id"] for j in failed], "wall_time_s": time.monotonic() - t0,
     }
     files.append(report.write_summary(out, summary))
