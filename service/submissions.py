@@ -304,13 +304,18 @@ def accept_checkpoint(
             uri, fingerprint = check_remote(body.uri, remote_roots)
         else:
             path = ckpt_files.resolve_checkpoint_path(body.uri, require_roots(roots))
-            if fmt is None and not (path / "config.json").is_file():
+            if fmt is None:  # a few stat()s: litgpt copies a config.json beside its own files
                 fmt = native.detect(path)
             if fmt not in (None, "hf"):  # a training framework's layout: its identity from its files
                 if fmt in native.DCP_FORMATS and config.get("model_config") is None:
                     raise ArchitectureMissing(
                         f"the DCP checkpoint {str(path)!r} carries no architecture: give config.model_config, a "
                         "transformers config.json under the checkpoint roots (--model-config)")
+                if (fmt == "litgpt" and config.get("model_config") is None
+                        and not (path / native.litgpt.MODEL_CONFIG).is_file()):
+                    raise ArchitectureMissing(
+                        f"the litgpt checkpoint {str(path)!r} has no {native.litgpt.MODEL_CONFIG} (litgpt writes it "
+                        "last: is the save finished?); give config.model_config (--model-config) otherwise")
                 fingerprint = native.identity(path, fmt, config.get("model_config"))
             else:
                 info = ckpt_files.inspect_checkpoint(path, allow_pickle=body.config.allow_pickle,

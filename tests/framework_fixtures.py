@@ -20,20 +20,30 @@ WRITERS = Path(__file__).parent / "writers"
 # lacks (datasets, torch_checkpointing, tensorboard, wandb, einops) are not imported on the writers' path.
 TORCHTITAN_PACKAGES = ("torchtitan==0.3.0", "triton==3.9.0", "tyro==1.0.17", "docstring-parser==0.18.0",
                        "torchdata==0.11.0", "spmd-types==0.2.3")
-_torchtitan_site: list[Path] = []
+# litgpt neither (it pins huggingface-hub<1.4): litgpt plus what its CLI's import path needs that the
+# project's environment lacks (jsonargparse, and docstring-parser for the docstring options litgpt's
+# CLI sets). Its other dependencies (lightning, torch, tokenizers, safetensors, psutil, tqdm) are the
+# environment's; huggingface-hub is the environment's 2.x, which litgpt's import path accepts.
+LITGPT_PACKAGES = ("litgpt==0.5.13", "jsonargparse==4.41.0", "docstring-parser==0.18.0")
+_sites: dict[str, Path] = {}
+
+
+def private_site(tmp_path_factory, name: str, packages: tuple[str, ...]) -> Path:
+    """A private directory with ``packages`` installed into it without their dependencies, installed
+    on first use in this process (so every fixture of a pytest-xdist worker that needs it shares one
+    install)."""
+    if name not in _sites:
+        site = tmp_path_factory.mktemp(f"{name}-pkgs")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+                            "--target", str(site), *packages], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-4000:]
+        _sites[name] = site
+    return _sites[name]
 
 
 def torchtitan_site(tmp_path_factory) -> Path:
-    """The private directory torchtitan is installed into, installed on first use in this process
-    (so every torchtitan fixture of a pytest-xdist worker shares one install)."""
-    if not _torchtitan_site:
-        site = tmp_path_factory.mktemp("torchtitan-pkgs")
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
-                            "--target", str(site), *TORCHTITAN_PACKAGES], capture_output=True, text=True,
-                           timeout=900)
-        assert r.returncode == 0, r.stderr[-4000:]
-        _torchtitan_site.append(site)
-    return _torchtitan_site[0]
+    """The private directory torchtitan is installed into."""
+    return private_site(tmp_path_factory, "torchtitan", TORCHTITAN_PACKAGES)
 
 
 def torchtitan_env(site: Path) -> dict[str, str]:
@@ -84,3 +94,24 @@ def titan_qwen3(tmp_path_factory) -> Path:
     RoPE, head_dim 64 with dim 128 and 4 heads); ``config.json`` is the equivalent transformers
     Qwen3Config."""
     return run_torchtitan_writer(tmp_path_factory, "titan_qwen3.py", "titan-qwen3")
+
+
+@pytest.fixture(scope="session")
+def litgpt_ckpt(tmp_path_factory) -> Path:
+    """``OUT`` after ``litgpt pretrain`` (litgpt 0.5.13, installed into a private directory) trained a
+    tiny Llama with grouped-query attention three steps on CPU (tests/writers/litgpt_llama.py):
+    ``step-00000001/`` to ``step-00000003/`` and ``final/`` (``lit_model.pth`` with the model,
+    AdamW's state, the data loader's state and the counters; ``model_config.yaml``;
+    ``hyperparameters.yaml``), ``oracle_forward.safetensors`` (``tokens`` and litgpt's own
+    ``logits`` for step 3), and the untrained variants ``pythia/`` and ``llama3/`` beside
+    ``pythia.forward.safetensors`` and ``llama3.forward.safetensors``, built once."""
+    site = private_site(tmp_path_factory, "litgpt", LITGPT_PACKAGES)
+    out = tmp_path_factory.mktemp("litgpt")
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    # torch.compile (pretrain compiles the model) compiles in this process, not in a pool of workers
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
+           "JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
+    r = subprocess.run([sys.executable, str(WRITERS / "litgpt_llama.py"), str(out)], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return out

@@ -164,4 +164,4 @@ SCORE_OPTION_DEFAULTS: dict[str, object] = {
 }
 SCORE_OPTIONS = tuple(SCORE_OPTION_DEFAULTS)
 #: the formats a checkpoint may be named as (``format``)
-CHECKPOINT_FORMATS = ("hf", "nanogpt", "dcp", "torchtitan")
+CHECKPOINT_FORMATS = ("hf", "nanogpt", "dcp", "torchtitan", "litgpt")

@@ -207,7 +207,8 @@ def add_submission_options(p: argparse.ArgumentParser) -> None:
                    help="accept pytorch_model.bin weights (loaded with weights_only=True; default: refused)")
     p.add_argument("--format", choices=CHECKPOINT_FORMATS,
                    help="the checkpoint's layout (default: detected by the service): hf, nanogpt (ckpt.pt), dcp "
-                        "(.metadata + .distcp), torchtitan (its step-N/ DCP directory)")
+                        "(.metadata + .distcp), torchtitan (its step-N/ DCP directory), litgpt (lit_model.pth + "
+                        "model_config.yaml)")
     p.add_argument("--model-config", metavar="FILE|DIR", type=_absolute,
                    help="a transformers config.json (or its directory) under the service's checkpoint roots, for "
                         "a checkpoint that carries no architecture (dcp, torchtitan)")
@@ -268,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--format", choices=CHECKPOINT_FORMATS,
                        help="the checkpoint's layout (default: detected): hf (config.json + safetensors), nanogpt "
                             "(ckpt.pt), dcp (torch.distributed.checkpoint .metadata + .distcp: the model under "
-                            "'model.' in transformers names, or torchtitan's names), torchtitan (its step-N/)")
+                            "'model.' in transformers names, or torchtitan's names), torchtitan (its step-N/), litgpt "
+                            "(lit_model.pth + model_config.yaml)")
     score.add_argument("--model-config", metavar="FILE|DIR",
                        help="the transformers config.json of the architecture, for a checkpoint that carries none "
                             "(dcp, torchtitan) or to use instead of the one it carries")

@@ -201,7 +201,7 @@ class Finder:
             from layertrack.workers.formats import native
 
             path = Path(cand.location.path)
-            fmt = self.format or (None if (path / "config.json").exists() else native.detect(path))
+            fmt = self.format or native.detect(path)  # litgpt copies a config.json beside its own files
             if fmt not in (None, "hf"):  # a training framework's layout: complete by its own commit marker
                 return native.complete_files(path, fmt)
         store = self._open(cand.location)

@@ -13,6 +13,8 @@ A directory with ``config.json`` is a Hugging Face checkpoint and does not come 
              tensors under ``model.`` named as the transformers model names its parameters
              (accelerate's FSDP SHARDED_STATE_DICT, FSDP2's ``get_model_state_dict``); the
              architecture is given with ``--model-config``
+    litgpt   ``lit_model.pth`` beside ``model_config.yaml`` (``litgpt pretrain``/``finetune``'s
+             ``step-N/``, also when a copied ``config.json`` sits beside them)
 
 Scoring reads them resident (the whole model in memory); a checkpoint whose model does not
 fit the memory budget is refused until streamed execution reads these formats.
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureMissing, FormatUnsupported, NotAModelDirectory
-from . import dcp, mapping, nanogpt, torchsave, torchtitan
+from . import dcp, litgpt, mapping, nanogpt, torchsave, torchtitan
 
 #: format name -> what its directory looks like (for the error that lists them)
 FORMATS = {
@@ -41,10 +43,14 @@ FORMATS = {
            "--model-config",
     "torchtitan": "a DCP directory (step-N/) as torchtitan's CheckpointManager writes it: tok_embeddings, "
                   "layers.N.attention..., beside optimizer and train_state; needs --model-config (llama, qwen3)",
+    "litgpt": "lit_model.pth beside model_config.yaml, as litgpt's pretrain and finetune save a step (Llama and "
+              "GPT-NeoX configs)",
 }
 #: formats laid out as DCP directories (the same files, identity and commit marker)
 DCP_FORMATS = ("dcp", "torchtitan")
 NANOGPT_FILE = "ckpt.pt"
+#: a transformers checkpoint's weights (a litgpt directory holds config.json copied beside lit_model.pth, not these)
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 IDENTITY = "layertrack native checkpoint identity v1"
 IDENTITY_SAMPLES = 16
 IDENTITY_SAMPLE_BYTES = 4096
@@ -56,6 +62,8 @@ def known_formats() -> str:
 
 def detect(path: Path) -> str | None:
     """The format of the directory ``path`` from its layout, or None."""
+    if (path / litgpt.LIT_MODEL).is_file() and not any((path / f).is_file() for f in HF_WEIGHTS):
+        return "litgpt"
     if (path / "config.json").is_file():
         return "hf"
     if (path / dcp.METADATA).is_file():
@@ -115,6 +123,8 @@ def checkpoint_files(path: Path, fmt: str) -> tuple[str, ...]:
     """The files that make the ``fmt`` checkpoint in ``path``, from the listing alone."""
     if fmt == "nanogpt":
         return (NANOGPT_FILE,)
+    if fmt == "litgpt":
+        return (litgpt.LIT_MODEL, *((litgpt.MODEL_CONFIG,) if (path / litgpt.MODEL_CONFIG).is_file() else ()))
     if fmt in DCP_FORMATS:
         return (dcp.METADATA, *sorted(p.name for p in path.iterdir() if p.name.endswith(".distcp")))
     raise FormatUnsupported(f"unknown format {fmt!r}; the formats known: {', '.join(FORMATS)}")
@@ -124,7 +134,8 @@ def complete_files(path: Path, fmt: str) -> tuple[tuple[str, int, int], ...]:
     """(name, size, mtime_ns) of each file of the ``fmt`` checkpoint in ``path`` when it is
     completely written; CheckpointIncomplete saying what is missing when not (yet). What marks
     it complete is the framework's own commit: DCP writes ``.metadata`` after every rank's data
-    files; ``torch.save`` writes a zip archive whose central directory comes last."""
+    files; ``torch.save`` writes a zip archive whose central directory comes last; litgpt
+    writes ``model_config.yaml`` after ``lit_model.pth``."""
     import zipfile
 
     from ..errors import CheckpointIncomplete
@@ -137,6 +148,15 @@ def complete_files(path: Path, fmt: str) -> tuple[tuple[str, int, int], ...]:
             raise CheckpointIncomplete(f"{str(path)!r} has no {NANOGPT_FILE} yet")
         if not zipfile.is_zipfile(f):
             raise CheckpointIncomplete(f"{str(f)!r} is not a whole torch.save archive yet (still being written?)")
+    if fmt == "litgpt":
+        f = path / litgpt.LIT_MODEL
+        if not f.is_file():
+            raise CheckpointIncomplete(f"{str(path)!r} has no {litgpt.LIT_MODEL} yet")
+        if not zipfile.is_zipfile(f):
+            raise CheckpointIncomplete(f"{str(f)!r} is not a whole torch.save archive yet (still being written?)")
+        if not (path / litgpt.MODEL_CONFIG).is_file():
+            raise CheckpointIncomplete(f"{str(path)!r} has no {litgpt.MODEL_CONFIG} yet (litgpt writes it after "
+                                       f"{litgpt.LIT_MODEL})")
     out = []
     for name in checkpoint_files(path, fmt):
         st = (path / name).stat()
@@ -172,7 +192,7 @@ def identity(path: Path, fmt: str, model_config: str | Path | None = None) -> st
         try:
             st = os.fstat(fd)
             h.update(f"\0{name}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0".encode())
-            if name == dcp.METADATA:
+            if name in (dcp.METADATA, litgpt.MODEL_CONFIG):  # metadata: every byte
                 h.update(os.pread(fd, min(st.st_size, dcp.MAX_METADATA_BYTES), 0))
             else:
                 _add_samples(h, fd, st.st_size)
@@ -224,6 +244,8 @@ def open_native(path: Path, *, format: str | None = None, model_config: str | Pa
     given = model_config_dict(model_config) if model_config is not None else None
     if fmt == "nanogpt":
         out = _open_nanogpt(path, given)
+    elif fmt == "litgpt":
+        out = _open_litgpt(path, given)
     elif fmt in DCP_FORMATS:
         out = _open_dcp(path, given, fmt)
     else:
@@ -255,6 +277,39 @@ def _open_nanogpt(path: Path, given: dict[str, Any] | None) -> Native:
     n_elements = sum(math.prod(t.shape) for t in {t.storage: t for t in tensors.values()}.values())
     return Native("nanogpt", path, (NANOGPT_FILE,), arch, targets, nanogpt.ignored(index), tensor_bytes, read,
                   n_elements=n_elements)
+
+
+def _open_litgpt(path: Path, given: dict[str, Any] | None) -> Native:
+    file = path / litgpt.LIT_MODEL
+    shown = repr(str(file))
+    if not file.is_file():
+        raise FormatUnsupported(f"{str(path)!r} holds no {litgpt.LIT_MODEL}, the file litgpt's pretrain and finetune "
+                                "write")
+    read_at, size = torchsave.local_reader(file)
+    index = torchsave.read_index(read_at, size, shown)
+    tensors = litgpt.model_tensors(index)
+    if "transformer.wte.weight" not in tensors:
+        held = ", ".join(sorted({n.split(".")[0] for n in index.tensors})[:8]) or "no tensors"
+        raise FormatUnsupported(f"{shown} is not a litgpt checkpoint: it has no transformer.wte.weight under 'model' "
+                                f"or at the top level (it holds {held})")
+    config_file = path / litgpt.MODEL_CONFIG
+    arch = given or litgpt.architecture(litgpt.read_config(config_file), tensors, repr(str(config_file)))
+    targets, ignored = litgpt.targets(tensors, arch)
+
+    def read(name: str):
+        return torchsave.read_tensor(index.tensors[litgpt.source_name(name, index)], read_at)
+
+    # a storage shared by two names (a tied head) is read once, by the name not ignored
+    tensor_bytes: dict[str, int] = {}
+    storages: set[str] = set()
+    for name in sorted(tensors, key=lambda name: name in ignored):
+        t = tensors[name]
+        tensor_bytes[name] = 0 if t.storage in storages else t.nbytes
+        storages.add(t.storage)
+    n_elements = sum(math.prod(t.shape) for t in {t.storage: t for t in tensors.values()}.values())
+    files = checkpoint_files(path, "litgpt")
+    return Native("litgpt", path, files, arch, targets, ignored, tensor_bytes, read, n_elements=n_elements,
+                  metadata_file=litgpt.MODEL_CONFIG if litgpt.MODEL_CONFIG in files else "")
 
 
 def _open_dcp(path: Path, given: dict[str, Any] | None, fmt: str) -> Native:
