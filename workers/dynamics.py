@@ -155,5 +155,7 @@ class DriftStats:
             cyy = self.gram_y[i] - torch.outer(sy, sy) / n
             cxy = self.cross[i] - torch.outer(sx, sy) / n
             denom = float(torch.linalg.matrix_norm(cxx) * torch.linalg.matrix_norm(cyy))
-            out.append(1.0 - float(cxy.square().sum()) / denom if denom > 0 else float("nan"))
+            # CKA is within [0, 1]; rounding can put it a few ulps outside (an unchanged layer's
+            # drift at -1e-17): the drift is clamped into [0, 1]
+            out.append(min(1.0, max(0.0, 1.0 - float(cxy.square().sum()) / denom)) if denom > 0 else float("nan"))
         return out
