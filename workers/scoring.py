@@ -889,12 +889,13 @@ def score_checkpoint(
 def logit_lens(runner: BlockRunner, tokens: ProbeTokens, *, batch_size: int | None = None,
                device: torch.device | None = None) -> list[float]:
     """logit_lens_loss of every hidden state h_0 … h_L: the mean next-token cross-entropy
-    (nats/token, float64 sums) when h_i is decoded through the model's final norm and LM head,
-    over the scored tokens whose next token is in the same sequence (a scored position t
-    predicts token t + 1). h_i for i < L is the input of block i (h_0 the embeddings); it is
-    given to the model's tail as if the last block had returned it (``BlockRunner.tail``: the
-    final norm, then the head), so the decoding is the model's own. h_L is decoded as the
-    model decodes its last block's output: its logits. The runner's model has the LM head."""
+    (nats/token; per token in float32 or the logits' wider dtype, summed in float64) when
+    h_i is decoded through the model's final norm and LM head, over the scored tokens whose
+    next token is in the same sequence (a scored position t predicts token t + 1). h_i for
+    i < L is the input of block i (h_0 the embeddings); it is given to the model's tail as
+    if the last block had returned it (``BlockRunner.tail``: the final norm, then the head),
+    so the decoding is the model's own. h_L is decoded as the model decodes its last block's
+    output: its logits. The runner's model has the LM head."""
     device = device or runner.device
     ids = torch.tensor(tokens.input_ids, dtype=torch.long)
     attn = torch.tensor(tokens.attention_mask, dtype=torch.long)
@@ -920,9 +921,13 @@ def logit_lens(runner: BlockRunner, tokens: ProbeTokens, *, batch_size: int | No
                 states.append(h)
             for i, state in enumerate(states):
                 logits = runner.tail(state, input_ids, am, call).logits
-                picked = logits[:, :-1][mask.to(logits.device)].to(torch.float64)
-                sums[i] += float(torch.nn.functional.cross_entropy(picked, target.to(logits.device),
-                                                                   reduction="sum"))
+                picked = logits[:, :-1][mask.to(logits.device)]
+                # each token's loss in the logits' precision (at least float32: log-softmax is
+                # stable there), summed in float64; a float64 copy of n × V logits is not made
+                if picked.dtype in (torch.float16, torch.bfloat16):
+                    picked = picked.float()
+                per_token = torch.nn.functional.cross_entropy(picked, target.to(logits.device), reduction="none")
+                sums[i] += float(per_token.to(torch.float64).sum())
         count += int(mask.sum())
     return [s / count if count else float("nan") for s in sums]
 
