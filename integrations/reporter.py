@@ -49,14 +49,30 @@ def default_spool_dir() -> Path:
     return get_settings().data_dir / "spool"
 
 
-def checkpoint_snapshot(path: Path) -> dict[str, tuple[int, int, int, int]] | None:
+def checkpoint_snapshot(path: Path, fmt: str | None = None) -> dict[str, tuple[int, int, int, int]] | None:
     """{file: (size, mtime_ns, ctime_ns, inode)} of a checkpoint directory that looks complete,
     else None (the stat part of the service's checkpoint identity: any rewrite changes it).
 
     Complete: config.json and the weights (model.safetensors, or an index and every shard
-    it names; pytorch_model.bin likewise) are present.
+    it names; pytorch_model.bin likewise) are present. A training framework's checkpoint
+    (``fmt``, else its layout: workers/formats/native.py) is complete when its framework's
+    commit is there (DCP's ``.metadata``, a whole ``ckpt.pt`` or ``lit_model.pth`` archive and
+    litgpt's ``model_config.yaml``).
     """
-    if not path.is_dir() or not (path / "config.json").is_file():
+    if not path.is_dir():
+        return None
+    from layertrack.workers.errors import CheckpointError
+    from layertrack.workers.formats import native  # stdlib only: no torch
+
+    fmt = fmt or native.detect(path)
+    if fmt not in (None, "hf"):
+        try:
+            files = native.complete_files(path, fmt)
+            stats = {name: (path / name).stat() for name, _size, _mtime in files}
+        except (CheckpointError, FileNotFoundError):
+            return None
+        return {name: (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for name, st in stats.items()}
+    if not (path / "config.json").is_file():
         return None
     files = {p.name: p for p in path.iterdir() if p.is_file()}
     weights = None
@@ -80,12 +96,13 @@ def checkpoint_snapshot(path: Path) -> dict[str, tuple[int, int, int, int]] | No
         return None
 
 
-def wait_complete(path: Path, *, timeout: float, settle: float = 0.5) -> dict[str, tuple[int, int, int, int]] | None:
+def wait_complete(path: Path, *, timeout: float, settle: float = 0.5,
+                  fmt: str | None = None) -> dict[str, tuple[int, int, int, int]] | None:
     """Wait until the directory is complete and unchanged over ``settle`` seconds."""
     deadline = time.monotonic() + timeout
     before = None
     while True:
-        now = checkpoint_snapshot(path)
+        now = checkpoint_snapshot(path, fmt)
         if now is not None and now == before:
             return now
         if time.monotonic() > deadline:
@@ -267,7 +284,8 @@ class Reporter:
         return text
 
     def _post(self, item: _Item) -> None:
-        snap = wait_complete(item.path, timeout=self.complete_timeout_s)
+        fmt = ((self.defaults.get("config") or {}) | (item.body.get("config") or {})).get("format")
+        snap = wait_complete(item.path, timeout=self.complete_timeout_s, fmt=fmt)
         if snap is None:
             log.warning("layertrack: checkpoint %s still looks incomplete after %g s; posting it anyway",
                         item.path, self.complete_timeout_s)

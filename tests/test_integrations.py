@@ -253,6 +253,60 @@ def test_reporter_waits_for_a_checkpoint_being_written(tmp_path):
     assert checkpoint_snapshot(ckpt) != snap  # a new Idempotency-Key: the service sees a new checkpoint
 
 
+def test_reporter_knows_when_a_framework_checkpoint_is_written(tmp_path):
+    """nanoGPT's ckpt.pt is complete when its zip archive is whole; a DCP directory when its
+    .metadata is there (DCP writes it after every rank's files)."""
+    from layertrack.integrations.reporter import checkpoint_snapshot
+    from test_format_nanogpt import write_ckpt
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write_ckpt(tmp_path / "whole.pt", bias=False, compiled=False)
+    data = (tmp_path / "whole.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    assert checkpoint_snapshot(out) is None  # still being written
+    (out / "ckpt.pt").write_bytes(data)
+    assert set(checkpoint_snapshot(out)) == {"ckpt.pt"}
+    dcp = tmp_path / "step-3"
+    dcp.mkdir()
+    (dcp / "__0_0.distcp").write_bytes(b"x")
+    assert checkpoint_snapshot(dcp) is None  # no .metadata: detected as nothing yet
+    assert checkpoint_snapshot(dcp, "dcp") is None  # named: still incomplete
+    (dcp / ".metadata").write_bytes(b"m")
+    assert set(checkpoint_snapshot(dcp)) == {".metadata", "__0_0.distcp"}
+
+
+def test_the_reporter_posts_a_nanogpt_checkpoint_once_it_is_whole(live, tokenizer, tmp_path):
+    """The plain-loop Reporter given a tokenizer once (its config) posts nanoGPT's out dir
+    when ckpt.pt is whole, and the job scores it."""
+    import threading
+
+    from layertrack.integrations import Reporter
+    from test_format_nanogpt import write_ckpt
+
+    run = f"nano-{uuid.uuid4().hex[:6]}"
+    tok = live.roots / f"{run}-tok"
+    tokenizer.save_pretrained(tok)
+    write_ckpt(tmp_path / "whole.pt", bias=True, compiled=False)
+    data = (tmp_path / "whole.pt").read_bytes()
+    out = live.roots / run / "out"
+    out.mkdir(parents=True)
+    (out / "ckpt.pt").write_bytes(data[:1000])  # being written when it is reported
+    reporter = Reporter(run, url=live.url, token=live.token, config={**CFG, "tokenizer": str(tok)},
+                        spool_dir=tmp_path / "spool")
+    reporter.report(1, out)
+    finish = threading.Timer(1.5, lambda: (out / "ckpt.pt").write_bytes(data))
+    finish.start()
+    try:
+        assert reporter.close(timeout=120) == 0
+    finally:
+        finish.cancel()
+    assert sorted(reporter.submitted) == [1]
+    with live.client() as c:
+        [job] = finished_jobs(c, run, 1).values()
+        assert job["status"] == "succeeded", (job, live.logs())
+
+
 def test_demo_short_mode_end_to_end(live, tmp_path):
     """``layertrack demo --short`` against the live service: trains both phases, every posted
     step is scored, the table has one row per posted step, the plots are valid PNGs."""
