@@ -47,6 +47,9 @@ def architecture(index: TorchSaveIndex, shown: str) -> dict[str, Any]:
         "n_positions": args["block_size"], "vocab_size": args["vocab_size"], "n_inner": 4 * args["n_embd"],
         "activation_function": "gelu", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        # GPT-2's end-of-text token (50256) where the vocabulary has it; none in a smaller one
+        # (transformers warns of an id outside the vocabulary otherwise)
+        **({} if args["vocab_size"] > 50256 else {"bos_token_id": None, "eos_token_id": None}),
     }
 
 
