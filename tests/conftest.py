@@ -72,5 +72,5 @@ def api_service(request, tmp_path_factory):
 
 
 # the servers and checkpoints of the store and fetch tests (tests/stores_fixtures.py)
-from framework_fixtures import fsdp2, litgpt_ckpt, titan, titan_qwen3  # noqa: E402, F401
+from framework_fixtures import fsdp2, litgpt_ckpt, titan, titan_qwen3, titan_v02  # noqa: E402, F401
 from stores_fixtures import hub, s3_env, s3_server, tiny_sharded, tiny_single  # noqa: E402, F401

@@ -20,6 +20,15 @@ WRITERS = Path(__file__).parent / "writers"
 # lacks (datasets, torch_checkpointing, tensorboard, wandb, einops) are not imported on the writers' path.
 TORCHTITAN_PACKAGES = ("torchtitan==0.3.0", "triton==3.9.0", "tyro==1.0.17", "docstring-parser==0.18.0",
                        "torchdata==0.11.0", "spmd-types==0.2.3")
+# torchtitan 0.2.2 (the release before, whose names are ``attention.wq`` and ``output``) the same way:
+# its import path needs triton, tyro and docstring-parser, torchdata, and also datasets (its llama3
+# package imports its text dataloader; 5.2.0 accepts the environment's huggingface-hub 2.x) with what
+# datasets imports that the environment lacks (dill, multiprocess, xxhash), and tensorboard (its
+# metrics). Its other declared dependencies (tokenizers, tomli, fsspec, einops, pillow) are the
+# environment's or not imported on the writer's path.
+TORCHTITAN_V02_PACKAGES = ("torchtitan==0.2.2", "triton==3.9.0", "tyro==1.0.17", "docstring-parser==0.18.0",
+                           "torchdata==0.11.0", "datasets==5.2.0", "dill==0.4.0", "multiprocess==0.70.18",
+                           "xxhash==3.6.0", "tensorboard==2.20.0")
 # litgpt neither (it pins huggingface-hub<1.4): litgpt plus what its CLI's import path needs that the
 # project's environment lacks (jsonargparse, and docstring-parser for the docstring options litgpt's
 # CLI sets). Its other dependencies (lightning, torch, tokenizers, safetensors, psutil, tqdm) are the
@@ -66,10 +75,10 @@ def fsdp2(tmp_path_factory) -> Path:
     return out
 
 
-def run_torchtitan_writer(tmp_path_factory, writer: str, name: str) -> Path:
+def run_torchtitan_writer(tmp_path_factory, writer: str, name: str, site: Path | None = None) -> Path:
     """``OUT``, a new directory, after tests/writers/``writer`` has run on 2 gloo ranks with torchtitan
-    installed (torchtitan_site)."""
-    site = torchtitan_site(tmp_path_factory)
+    installed (``site``; torchtitan_site unless given)."""
+    site = site or torchtitan_site(tmp_path_factory)
     out = tmp_path_factory.mktemp(name)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(WRITERS / writer), str(out)], env=torchtitan_env(site),
@@ -94,6 +103,17 @@ def titan_qwen3(tmp_path_factory) -> Path:
     RoPE, head_dim 64 with dim 128 and 4 heads); ``config.json`` is the equivalent transformers
     Qwen3Config."""
     return run_torchtitan_writer(tmp_path_factory, "titan_qwen3.py", "titan-qwen3")
+
+
+@pytest.fixture(scope="session")
+def titan_v02(tmp_path_factory) -> Path:
+    """``OUT`` with ``step-3/`` (the whole training state torchtitan 0.2.2's CheckpointManager wrote
+    for a tiny Llama-3 after three steps of FSDP2 on 2 gloo ranks, tests/writers/titan_llama_v02.py:
+    the names of the release before 0.3), ``config.json`` (the equivalent transformers LlamaConfig,
+    with 0.2.2's llama3 RoPE scaling) and ``oracle_forward.safetensors`` (``tokens`` and torchtitan
+    0.2.2's ``logits`` on them), built once."""
+    site = private_site(tmp_path_factory, "torchtitan-v02", TORCHTITAN_V02_PACKAGES)
+    return run_torchtitan_writer(tmp_path_factory, "titan_llama_v02.py", "titan-llama-v02", site)
 
 
 @pytest.fixture(scope="session")

@@ -213,9 +213,10 @@ def test_the_test_extra_installs_what_the_tests_and_benches_import():
         imported |= _third_party(_imports(path), local)
     # what the framework fixtures install for their writers alone, at test time, off the
     # project's environment (tests/framework_fixtures.py says why)
-    from framework_fixtures import LITGPT_PACKAGES, TORCHTITAN_PACKAGES
+    from framework_fixtures import LITGPT_PACKAGES, TORCHTITAN_PACKAGES, TORCHTITAN_V02_PACKAGES
 
-    at_test_time = {re.split(r"[=<>!~]", p)[0].replace("-", "_") for p in TORCHTITAN_PACKAGES + LITGPT_PACKAGES}
+    at_test_time = {re.split(r"[=<>!~]", p)[0].replace("-", "_")
+                    for p in TORCHTITAN_PACKAGES + TORCHTITAN_V02_PACKAGES + LITGPT_PACKAGES}
     assert {"torchtitan", "litgpt"} <= imported & at_test_time
     assert _missing(imported - at_test_time, closure("test")) == {}
 

@@ -3,8 +3,9 @@ torchtitan's own CheckpointManager wrote after three FSDP2 training steps on 2 g
 (tests/writers/titan_llama.py, the ``titan`` fixture; tests/writers/titan_qwen3.py, the
 ``titan_qwen3`` fixture), read without conversion. The oracle is torchtitan's own forward: the
 transformers Llama (Qwen-3) built from the checkpoint gives its logits. Then the names of the
-release before (``attention.wq``, ``output``), the bytes read (the model's, not the optimizer's),
-and what a user gets wrong."""
+release before (``attention.wq``, ``output``), in a checkpoint torchtitan 0.2.2 wrote itself
+(tests/writers/titan_llama_v02.py, the ``titan_v02`` fixture) and in 0.3.0's tensors renamed, the
+bytes read (the model's, not the optimizer's), and what a user gets wrong."""
 
 from __future__ import annotations
 
@@ -80,6 +81,25 @@ def test_only_the_models_tensors_are_read(titan, titan_case):
     assert set(state) == set(oracle)
     for name, t in state.items():
         torch.testing.assert_close(t, oracle[name], rtol=0, atol=0)
+
+
+def test_a_checkpoint_the_release_before_wrote_gives_its_own_logits(titan_v02):
+    """torchtitan 0.2.2's own training checkpoint (separate ``wq``/``wk``/``wv``, ``output``, llama3
+    RoPE scaling recorded in config.json) gives 0.2.2's own forward."""
+    step = titan_v02 / "step-3"
+    names = set(dcp.read_metadata(step).tensors)
+    assert {"layers.0.attention.wq.weight", "layers.1.attention.wv.weight", "output.weight"} <= names
+    assert not any("qkv_linear" in n or n.startswith("lm_head.") for n in names), sorted(names)
+    assert any(n.startswith("optimizer.") for n in names)
+    ckpt = native.open_native(step, model_config=titan_v02 / "config.json")
+    assert ckpt.format == "torchtitan"
+    model = native.build_model(ckpt, dtype=torch.float32, with_lm_head=True)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    oracle = load_file(titan_v02 / "oracle_forward.safetensors")
+    assert oracle["tokens"].shape == (2, 32) and oracle["tokens"].dtype == torch.int64
+    # tight: without the llama3 RoPE scaling 0.2.2 always applies (in config.json) the logits
+    # differ by 7e-5; with it, by 1e-6
+    torch.testing.assert_close(logits_of(model, oracle["tokens"]), oracle["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_the_release_befores_names_map_the_same(titan, titan_case, tmp_path):
