@@ -1,9 +1,9 @@
-"""Trend and series queries over ~4 M stored scores, and submission latency under load.
+"""Trend and series queries over ~6 M stored scores, and submission latency under load.
 
     python bench/api_bench.py            # needs PostgreSQL and Redis (as for the tests)
 
 1. Creates a fresh PostgreSQL database, migrates it, and loads 10 runs × 2,000 steps ×
-   32 layers × 6 metrics = 3,840,000 scores (COPY), with a checkpoint and a job per step.
+   32 layers × 9 metrics = 5,760,000 scores (COPY), with a checkpoint and a job per step.
    Then VACUUM ANALYZE and CHECKPOINT, so the figures are a steady database's.
 2. Starts the API server (uvicorn, one process) on that database and a Redis broker.
 3. Over HTTP, 50 times each on random runs: the layer-mean trend and one layer's series,
@@ -18,8 +18,8 @@
 
     python bench/api_bench.py --only-submit   # 4 and 5 only, on an empty database (~40 s)
 
-The six stored metrics are the five the engine computes plus ``intrinsic_dim`` (planned;
-stored here only to give the table its full size); queries read ``linearity``.
+The nine stored metrics are what a job with dynamics stores (the engine's seven base
+metrics, ``weight_update`` and ``drift_cka``): 5,760,000 scores; queries read ``linearity``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ import uuid
 from pathlib import Path
 
 RUNS, STEPS, LAYERS = 10, 2000, 32
-METRICS = ["linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy", "intrinsic_dim"]
+#: what a job with dynamics stores: the engine's seven base metrics, weight_update and drift_cka
+METRICS = ["linearity", "linearity_nores", "cosine", "norm_ratio", "anisotropy", "effective_rank",
+           "massive_activation", "weight_update", "drift_cka"]
 
 
 def log(msg: str) -> None:
