@@ -23,12 +23,14 @@ TORCHTITAN_PACKAGES = ("torchtitan==0.3.0", "triton==3.9.0", "tyro==1.0.17", "do
 # torchtitan 0.2.2 (the release before, whose names are ``attention.wq`` and ``output``) the same way:
 # its import path needs triton, tyro and docstring-parser, torchdata, and also datasets (its llama3
 # package imports its text dataloader; 5.2.0 accepts the environment's huggingface-hub 2.x) with what
-# datasets imports that the environment lacks (dill, multiprocess, xxhash), and tensorboard (its
-# metrics). Its other declared dependencies (tokenizers, tomli, fsspec, einops, pillow) are the
-# environment's or not imported on the writer's path.
+# datasets imports that the environment lacks (dill, multiprocess, xxhash, pandas), and tensorboard
+# (its metrics) with protobuf and absl-py (its event protos and summary writer). Its other declared
+# dependencies (tokenizers, tomli, fsspec, einops, pillow) are the environment's or not imported on
+# the writer's path.
 TORCHTITAN_V02_PACKAGES = ("torchtitan==0.2.2", "triton==3.9.0", "tyro==1.0.17", "docstring-parser==0.18.0",
                            "torchdata==0.11.0", "datasets==5.2.0", "dill==0.4.0", "multiprocess==0.70.18",
-                           "xxhash==3.6.0", "tensorboard==2.20.0")
+                           "xxhash==3.6.0", "pandas==3.1.1", "tensorboard==2.20.0", "protobuf==7.36.2",
+                           "absl-py==2.5.1")
 # litgpt neither (it pins huggingface-hub<1.4): litgpt plus what its CLI's import path needs that the
 # project's environment lacks (jsonargparse, and docstring-parser for the docstring options litgpt's
 # CLI sets). Its other dependencies (lightning, torch, tokenizers, safetensors, psutil, tqdm) are the
