@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from rank_exit import exit_now
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import init_device_mesh
@@ -207,3 +208,4 @@ def write(out: Path, model_config: Callable[[], Decoder.Config], hf_config: dict
 
 if __name__ == "__main__":
     write(Path(sys.argv[1]), model_config, hf_config())
+    exit_now()

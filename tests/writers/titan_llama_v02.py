@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from rank_exit import exit_now
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule
@@ -197,3 +198,4 @@ def write(out: Path) -> None:
 
 if __name__ == "__main__":
     write(Path(sys.argv[1]))
+    exit_now()

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rank_exit import exit_now
 from titan_llama import DIM, LAYERS, MAX_SEQ_LEN, N_HEADS, N_KV_HEADS, VOCAB, write
 from torchtitan.models.common import CosSinRoPE, Embedding, Linear
 from torchtitan.models.common.attention import ScaledDotProductAttention
@@ -64,3 +65,4 @@ def hf_config() -> dict[str, Any]:
 
 if __name__ == "__main__":
     write(Path(sys.argv[1]), model_config, hf_config())
+    exit_now()
