@@ -37,13 +37,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from rank_exit import exit_now
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.stateful import Stateful
+from titan_common import RandomTokens, TrainState, exit_now
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torch.utils.data import IterableDataset
 from torchtitan.components.checkpoint import MODEL, CheckpointManager
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.loss import IGNORE_INDEX, CrossEntropyLoss
@@ -97,32 +95,6 @@ def hf_config() -> dict[str, Any]:
     }
 
 
-class RandomTokens(IterableDataset):
-    """(``{"input": tokens[:-1]}``, ``tokens[1:]``) samples, as torchtitan's text datasets yield them."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed)
-        while True:
-            ids = torch.randint(0, VOCAB, (SEQ + 1,), generator=gen)
-            yield {"input": ids[:-1]}, ids[1:]
-
-
-class TrainState(Stateful):
-    """What torchtitan's Trainer saves as ``train_state``."""
-
-    def __init__(self) -> None:
-        self.step, self.ntokens_seen = 0, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step, self.ntokens_seen = state_dict["step"], state_dict["ntokens_seen"]
-
-
 def build_unsharded(model_config: Callable[[], Decoder.Config], state: dict[str, torch.Tensor]) -> Decoder:
     with torch.device("meta"):
         model = model_config().build()
@@ -159,8 +131,8 @@ def write(out: Path, model_config: Callable[[], Decoder.Config], hf_config: dict
     optimizers = optimizer_config.build(model_parts=[model])
     lr_schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(optimizers=optimizers, training_steps=STEPS)
     loss_fn = CrossEntropyLoss.Config().build(compile_config=None)
-    dataloader = ParallelAwareDataloader(RandomTokens(seed=1 + rank), dp_rank=rank, dp_world_size=world,
-                                         batch_size=BATCH)
+    dataloader = ParallelAwareDataloader(RandomTokens(seed=1 + rank, vocab=VOCAB, seq=SEQ), dp_rank=rank,
+                                         dp_world_size=world, batch_size=BATCH)
     train_state = TrainState()
     checkpointer = CheckpointManager.Config(enable=True, folder=str(out), last_save_model_only=False).build(
         dataloader=dataloader, model_parts=[model], optimizers=optimizers, lr_schedulers=lr_schedulers,

@@ -36,12 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from rank_exit import exit_now
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.stateful import Stateful
+from titan_common import RandomTokens, TrainState, exit_now
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torch.utils.data import IterableDataset
 from torchtitan.components.checkpoint import MODEL, CheckpointManager
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.loss import IGNORE_INDEX, build_cross_entropy_loss
@@ -82,32 +80,6 @@ def hf_config() -> dict[str, Any]:
     }
 
 
-class RandomTokens(IterableDataset):
-    """(``{"input": tokens[:-1]}``, ``tokens[1:]``) samples, as torchtitan's text datasets yield them."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed)
-        while True:
-            ids = torch.randint(0, VOCAB, (SEQ + 1,), generator=gen)
-            yield {"input": ids[:-1]}, ids[1:]
-
-
-class TrainState(Stateful):
-    """What torchtitan's Trainer saves as ``train_state``."""
-
-    def __init__(self) -> None:
-        self.step, self.ntokens_seen = 0, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step, self.ntokens_seen = state_dict["step"], state_dict["ntokens_seen"]
-
-
 def job_config(out: Path) -> JobConfig:
     job = JobConfig()
     job.job.dump_folder = str(out)
@@ -143,8 +115,8 @@ def write(out: Path) -> None:
     optimizers = build_optimizers([model], job.optimizer, parallel_dims)
     lr_schedulers = build_lr_schedulers(optimizers, job.lr_scheduler, job.training.steps)
     loss_fn = build_cross_entropy_loss(job)
-    dataloader = ParallelAwareDataloader(RandomTokens(seed=1 + rank), dp_rank=rank, dp_world_size=world,
-                                         batch_size=BATCH)
+    dataloader = ParallelAwareDataloader(RandomTokens(seed=1 + rank, vocab=VOCAB, seq=SEQ), dp_rank=rank,
+                                         dp_world_size=world, batch_size=BATCH)
     train_state = TrainState()
     checkpointer = CheckpointManager(dataloader=dataloader, model_parts=[model], optimizers=optimizers,
                                      lr_schedulers=lr_schedulers, states={"train_state": train_state},

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rank_exit import exit_now
+from titan_common import exit_now
 from titan_llama import DIM, LAYERS, MAX_SEQ_LEN, N_HEADS, N_KV_HEADS, VOCAB, write
 from torchtitan.models.common import CosSinRoPE, Embedding, Linear
 from torchtitan.models.common.attention import ScaledDotProductAttention
